@@ -1,0 +1,154 @@
+"""Every configuration key of the toolkit, with its default, meaning and unit.
+
+Scripts never read this module's ``_C`` directly: they call :func:`get_cfg_defaults` (a clone),
+merge a YAML file and ``KEY VALUE`` overrides on top (see ``config/loader.py``), then freeze it.
+Key names follow the original Glomeruli_segmentation toolkit so that its configs carry over.
+
+Conventions: sizes are pixels; a "reduction" is an integer downscale factor applied to the
+full-resolution (level 0) slide; colours are RGB; an empty string or list means "not set".
+"""
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# -----------------------------------------------------------------------------
+# MODEL
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+# Architecture name: "UneXt101", "UneXt50", or any segmentation_models_pytorch architecture
+# ("Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", ...).
+_C.MODEL.ARCHITECTURE = "UneXt101"
+# Encoder (backbone) name, as timm (UneXt) or smp spells it.
+_C.MODEL.ENCODER_NAME = "resnext101_32x16d"
+# Encoder weights: a tag ("ssl", "imagenet", ...), the path of a local .pth/.safetensors
+# file, or "" / null for random initialisation.
+_C.MODEL.ENCODER_WEIGHTS = "ssl"
+# Device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+_C.MODEL.DEVICE = "auto"
+# Number of output channels (1 for binary segmentation).
+_C.MODEL.NUM_CLASSES = 1
+# Seed of every random number generator (Python, numpy, torch).
+_C.MODEL.SEED = 2020
+
+# -----------------------------------------------------------------------------
+# INPUT
+# -----------------------------------------------------------------------------
+_C.INPUT = CN()
+# Side of a training tile, in pixels of the downscaled slide.
+_C.INPUT.SIZE_TRAIN = 256
+# Downscale factor from the full-resolution slide to training tiles (integer >= 1).
+_C.INPUT.SIZE_REDUCTION_TRAIN = 16
+# Background filter: a pixel is "tissue" when its HSV saturation (0..255, OpenCV) exceeds
+# this value.
+_C.INPUT.SATURATION_THRESHOLD = 40
+# Background filter: a tile is kept when it has more than PIXEL_THRESHOLD * size // 256
+# tissue pixels and its pixel sum exceeds the same number (so black padding is dropped).
+# A negative value keeps every tile.
+_C.INPUT.PIXEL_THRESHOLD = 200
+# Side of an inference tile, in pixels of the downscaled slide (used by test_net.py).
+_C.INPUT.SIZE_TEST = 256
+# Downscale factor used at inference (integer >= 1; used by test_net.py).
+_C.INPUT.SIZE_REDUCTION_TEST = 16
+# Probability of each augmentation in the training pipeline (0..1).
+_C.INPUT.PROB = 0.5
+# Per-channel RGB mean in 0..1 used to normalise tiles. Empty: use the mean measured by
+# tiles_creator.py (stats_<size>_red<r>.json in DATASETS.TRAIN_FOLDER).
+_C.INPUT.PIXEL_MEAN = []
+# Per-channel RGB standard deviation in 0..1. Empty: use the tiler's measured value.
+_C.INPUT.PIXEL_STD = []
+
+# -----------------------------------------------------------------------------
+# DATASETS
+# -----------------------------------------------------------------------------
+_C.DATASETS = CN()
+# Input format: "wsi_rle" (whole slides + an RLE CSV) or "pairs" (image/mask file pairs).
+_C.DATASETS.FORMAT = "wsi_rle"
+# Folder of whole-slide images named <id>.tiff (also .tif, .svs, .ome.tif, .ome.tiff).
+_C.DATASETS.WSI_FOLDER = "datasets/hubmap/train"
+# Folder where tiles_creator.py writes tiles and their stats; training reads it.
+_C.DATASETS.TRAIN_FOLDER = "datasets/tiles"
+# CSV of masks. wsi_rle: columns "id" and "encoding" (Kaggle HuBMAP RLE at full resolution).
+# pairs: optional; an "id" column restricts which pairs are used.
+_C.DATASETS.LABELS_CSV = "datasets/hubmap/train.csv"
+# pairs: folder holding an images/ and a masks/ subfolder with matching file names (stems).
+_C.DATASETS.PAIRS_FOLDER = ""
+# pairs: name of the images subfolder of PAIRS_FOLDER.
+_C.DATASETS.PAIRS_IMAGES = "images"
+# pairs: name of the masks subfolder of PAIRS_FOLDER.
+_C.DATASETS.PAIRS_MASKS = "masks"
+# pairs: which mask channel holds the label: -1 = the maximum over all channels (works for
+# grayscale and for any single-colour mask), 0/1/2 = the R/G/B channel.
+_C.DATASETS.MASK_CHANNEL = -1
+# pairs: a mask pixel is foreground when its (selected) value is greater than this
+# (0 for 0/1 masks, 127 for 0/255 or "mask < 128 -> 0, else 1").
+_C.DATASETS.MASK_THRESHOLD = 0
+# pairs: swap foreground and background after thresholding.
+_C.DATASETS.MASK_INVERT = False
+
+# -----------------------------------------------------------------------------
+# TILER (tiles_creator.py)
+# -----------------------------------------------------------------------------
+_C.TILER = CN()
+# Worker threads for slide decoding and PNG encoding; 0 = one per CPU core.
+_C.TILER.NUM_WORKERS = 0
+# PNG compression level of written tiles (0 = none, 9 = smallest; 1 is fastest).
+_C.TILER.PNG_COMPRESSION = 1
+
+# -----------------------------------------------------------------------------
+# DATALOADER
+# -----------------------------------------------------------------------------
+_C.DATALOADER = CN()
+# Worker processes of the training/validation data loaders.
+_C.DATALOADER.NUM_WORKERS = 2
+
+# -----------------------------------------------------------------------------
+# SOLVER
+# -----------------------------------------------------------------------------
+_C.SOLVER = CN()
+# Loss name, as registered in utils/losses.py (e.g. "symmetric_lovasz", "bce").
+_C.SOLVER.LOSS_FUNCTION_NAME = "symmetric_lovasz"
+# Epochs per fold.
+_C.SOLVER.MAX_EPOCHS = 100
+# Number of cross-validation folds (grouped by slide id).
+_C.SOLVER.N_FOLDS = 4
+# Learning rate of the encoder (the lower end of the discriminative slice).
+_C.SOLVER.BASE_LR_MIN = 5e-6
+# Learning rate of the decoder and head (the upper end of the slice).
+_C.SOLVER.BASE_LR_MAX = 5e-4
+# Training batch size (tiles per step).
+_C.SOLVER.IMS_PER_BATCH = 32
+
+# -----------------------------------------------------------------------------
+# TEST (test_net.py)
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# Inference batch size (tiles per forward pass).
+_C.TEST.IMS_PER_BATCH = 16
+# Folder of trained checkpoints; every checkpoint in it joins the ensemble.
+_C.TEST.MODEL_WEIGHTS_FOLDER = "output/models"
+# Side of the sliding-window tile, in pixels of the downscaled slide.
+_C.TEST.SIZE = 256
+# Downscale factor of the sliding window (integer >= 1).
+_C.TEST.REDUCE = 16
+# Probability threshold (0..1) that turns the predicted probability into the mask.
+_C.TEST.TH = 0.45
+# Background filter at inference: saturation threshold (0..255), as INPUT.SATURATION_THRESHOLD.
+_C.TEST.S_TH = 40
+# Background filter at inference: pixel threshold per 256 px of tile side, as
+# INPUT.PIXEL_THRESHOLD.
+_C.TEST.P_TH = 200
+# Folder of slides to predict.
+_C.TEST.WSI_FOLDER = "datasets/hubmap/test"
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# Folder of training and inference outputs (checkpoints, logs, predictions).
+_C.OUTPUT_DIR = "output"
+# Allow a run to replace the outputs of an earlier run with different settings.
+_C.OVERWRITE = False
+
+
+def get_cfg_defaults() -> CN:
+    """A fresh, mutable copy of the defaults."""
+    return _C.clone()

@@ -1,0 +1,212 @@
+"""Merging YAML files and ``KEY VALUE`` overrides into the defaults, strictly.
+
+yacs is strict about unknown keys but refuses ``null`` for string keys and ``1`` for float keys;
+this loader keeps the strictness and adds the few conversions a user expects:
+
+* ``null`` for a string key means ``""`` (not set), and for a list key ``[]``;
+* an integer for a float key is converted (``TEST.TH 1``);
+* a YAML file may start with ``_BASE_: other.yaml`` (relative to itself), as in detectron2.
+
+Every error is a :class:`ConfigError` naming the file or option and the key.
+"""
+from __future__ import annotations
+
+import ast
+import os
+from typing import Iterable, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from config.defaults import get_cfg_defaults
+
+__all__ = ["ConfigError", "load_cfg", "merge_dict", "merge_opts", "validate_cfg"]
+
+BASE_KEY = "_BASE_"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and where it came from."""
+
+
+def _coerce(value, default, key: str, source: str):
+    """Convert ``value`` to the type of ``default`` where that is unambiguous, else raise."""
+    if value is None:
+        if isinstance(default, str):
+            return ""
+        if isinstance(default, (list, tuple)):
+            return type(default)()
+        raise ConfigError(f"{source}: {key} cannot be null (expected {type(default).__name__})")
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return type(default)(value)
+        raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+    raise ConfigError(f"{source}: {key} has an unsupported type {type(default).__name__}")
+
+
+def merge_dict(cfg: CN, values: dict, source: str, prefix: str = "") -> None:
+    """Merge a nested dict into ``cfg``; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys, got {type(values).__name__}")
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in cfg:
+            raise ConfigError(f"{source}: unknown config key {key}")
+        current = cfg[name]
+        if isinstance(current, CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} is a section; give it keys, not {value!r}")
+            merge_dict(current, value, source, prefix=f"{key}.")
+        else:
+            cfg[name] = _coerce(value, current, key, source)
+
+
+def _read_yaml(path: str, seen: tuple = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: _BASE_ chain loops back to itself")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+    merged = _read_yaml(base_path, seen + (path,))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(target: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+def _parse_value(text: str):
+    """Parse an override value the way YAML would, falling back to a plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def merge_opts(cfg: CN, opts: Sequence[str]) -> None:
+    """Merge ``["KEY", "VALUE", ...]`` command-line overrides into ``cfg``."""
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(
+            f"command line: overrides must be KEY VALUE pairs; {opts[-1]!r} has no value"
+        )
+    for key, text in zip(opts[0::2], opts[1::2]):
+        node = cfg
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            if part not in node or not isinstance(node[part], CN):
+                raise ConfigError(f"command line: unknown config key {key}")
+            node = node[part]
+        leaf = parts[-1]
+        if leaf not in node:
+            raise ConfigError(f"command line: unknown config key {key}")
+        if isinstance(node[leaf], CN):
+            raise ConfigError(f"command line: {key} is a section, not a key")
+        value = _parse_value(text)
+        if isinstance(node[leaf], str) and not isinstance(value, str) and value is not None:
+            value = text  # "MODEL.ENCODER_NAME 123" is still a name
+        node[leaf] = _coerce(value, node[leaf], key, "command line")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_cfg(cfg: CN) -> None:
+    """Reject impossible values, naming the key."""
+    i, d, t = cfg.INPUT, cfg.DATASETS, cfg.TEST
+    _check(i.SIZE_TRAIN > 0, f"INPUT.SIZE_TRAIN must be > 0, got {i.SIZE_TRAIN}")
+    _check(i.SIZE_TEST > 0, f"INPUT.SIZE_TEST must be > 0, got {i.SIZE_TEST}")
+    _check(t.SIZE > 0, f"TEST.SIZE must be > 0, got {t.SIZE}")
+    for key, value in (
+        ("INPUT.SIZE_REDUCTION_TRAIN", i.SIZE_REDUCTION_TRAIN),
+        ("INPUT.SIZE_REDUCTION_TEST", i.SIZE_REDUCTION_TEST),
+        ("TEST.REDUCE", t.REDUCE),
+    ):
+        _check(value >= 1, f"{key} must be an integer >= 1, got {value}")
+    for key, value in (("INPUT.SATURATION_THRESHOLD", i.SATURATION_THRESHOLD), ("TEST.S_TH", t.S_TH)):
+        _check(0 <= value <= 255, f"{key} must be within 0..255, got {value}")
+    _check(0.0 <= i.PROB <= 1.0, f"INPUT.PROB must be within 0..1, got {i.PROB}")
+    _check(0.0 <= t.TH <= 1.0, f"TEST.TH must be within 0..1, got {t.TH}")
+    for key, value in (("INPUT.PIXEL_MEAN", i.PIXEL_MEAN), ("INPUT.PIXEL_STD", i.PIXEL_STD)):
+        _check(len(value) in (0, 3), f"{key} must be empty or have 3 values (RGB), got {list(value)}")
+        _check(
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+            f"{key} must hold numbers, got {list(value)}",
+        )
+    _check(all(v > 0 for v in i.PIXEL_STD), f"INPUT.PIXEL_STD must be > 0, got {list(i.PIXEL_STD)}")
+    formats = ("wsi_rle", "pairs")
+    _check(d.FORMAT in formats, f"DATASETS.FORMAT must be one of {formats}, got {d.FORMAT!r}")
+    _check(-1 <= d.MASK_CHANNEL <= 3, f"DATASETS.MASK_CHANNEL must be -1, 0, 1, 2 or 3, got {d.MASK_CHANNEL}")
+    _check(d.MASK_THRESHOLD >= 0, f"DATASETS.MASK_THRESHOLD must be >= 0, got {d.MASK_THRESHOLD}")
+    _check(cfg.TILER.NUM_WORKERS >= 0, f"TILER.NUM_WORKERS must be >= 0, got {cfg.TILER.NUM_WORKERS}")
+    _check(
+        0 <= cfg.TILER.PNG_COMPRESSION <= 9,
+        f"TILER.PNG_COMPRESSION must be within 0..9, got {cfg.TILER.PNG_COMPRESSION}",
+    )
+    _check(cfg.DATALOADER.NUM_WORKERS >= 0, f"DATALOADER.NUM_WORKERS must be >= 0, got {cfg.DATALOADER.NUM_WORKERS}")
+    s = cfg.SOLVER
+    _check(s.N_FOLDS >= 1, f"SOLVER.N_FOLDS must be >= 1, got {s.N_FOLDS}")
+    _check(s.MAX_EPOCHS >= 1, f"SOLVER.MAX_EPOCHS must be >= 1, got {s.MAX_EPOCHS}")
+    _check(s.IMS_PER_BATCH >= 1, f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}")
+    _check(t.IMS_PER_BATCH >= 1, f"TEST.IMS_PER_BATCH must be >= 1, got {t.IMS_PER_BATCH}")
+    _check(
+        0 < s.BASE_LR_MIN <= s.BASE_LR_MAX,
+        f"SOLVER.BASE_LR_MIN must be > 0 and <= SOLVER.BASE_LR_MAX, got {s.BASE_LR_MIN} and {s.BASE_LR_MAX}",
+    )
+    _check(cfg.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be >= 1, got {cfg.MODEL.NUM_CLASSES}")
+    device = cfg.MODEL.DEVICE
+    _check(
+        device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),
+        f"MODEL.DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}",
+    )
+
+
+def load_cfg(config_file: Optional[str] = None, opts: Optional[Iterable[str]] = None) -> CN:
+    """Defaults, then ``config_file`` (if any), then ``opts``; validated and frozen."""
+    cfg = get_cfg_defaults()
+    if config_file:
+        merge_dict(cfg, _read_yaml(config_file), source=config_file)
+    merge_opts(cfg, list(opts or []))
+    validate_cfg(cfg)
+    cfg.freeze()
+    return cfg

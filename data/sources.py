@@ -1,0 +1,230 @@
+"""What to tile: slide + RLE jobs (``wsi_rle``) and image/mask pair jobs (``pairs``).
+
+Everything here checks its input up front and raises one clear error naming the file, the
+id or the config key, so that no output is written for a data set that cannot be read.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from data.wsi import SLIDE_EXTENSIONS, SlideError
+
+__all__ = [
+    "TileJob",
+    "validate_id",
+    "read_labels_csv",
+    "read_id_list",
+    "find_slide",
+    "wsi_jobs",
+    "pairs_jobs",
+    "load_pair_mask",
+    "IMAGE_EXTENSIONS",
+]
+
+logger = logging.getLogger(__name__)
+
+RLE_COLUMNS = ("encoding", "rle", "predicted")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """One slide or image to tile. ``rle`` is set in wsi_rle mode, ``mask_path`` in pairs."""
+
+    id: str
+    image_path: str
+    rle: Optional[str] = None
+    mask_path: Optional[str] = None
+
+
+def validate_id(value, source: str) -> str:
+    """An id names a file inside its folder: no separators, no '..', not absolute."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{source}: empty id")
+    if value != value.strip():
+        raise ValueError(f"{source}: id {value!r} has leading or trailing spaces")
+    if (
+        "/" in value
+        or "\\" in value
+        or "\x00" in value
+        or value in (".", "..")
+        or os.path.isabs(value)
+    ):
+        raise ValueError(f"{source}: id {value!r} is not a plain file name")
+    return value
+
+
+def _read_csv(path: str, what: str) -> pd.DataFrame:
+    if not path:
+        raise ValueError(f"DATASETS.LABELS_CSV is not set; it must name the {what} CSV")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} CSV not found (DATASETS.LABELS_CSV)")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable CSV ({exc})") from None
+
+
+def _check_ids(ids: Sequence[str], path: str) -> List[str]:
+    ids = [validate_id(v, f"{path} row {k + 2}") for k, v in enumerate(ids)]
+    seen, duplicates = set(), []
+    for v in ids:
+        if v in seen:
+            duplicates.append(v)
+        seen.add(v)
+    if duplicates:
+        raise ValueError(f"{path}: duplicate ids {sorted(set(duplicates))[:5]}")
+    return ids
+
+
+def read_labels_csv(path: str) -> Dict[str, str]:
+    """``{id: rle}`` from a CSV with an ``id`` column and an ``encoding`` (or ``rle``,
+    ``predicted``) column, in file order."""
+    frame = _read_csv(path, "labels")
+    if "id" not in frame.columns:
+        raise ValueError(f"{path}: no 'id' column (columns: {list(frame.columns)})")
+    column = next((c for c in RLE_COLUMNS if c in frame.columns), None)
+    if column is None:
+        raise ValueError(
+            f"{path}: no mask column; expected one of {list(RLE_COLUMNS)} "
+            f"(columns: {list(frame.columns)})"
+        )
+    ids = _check_ids(frame["id"].tolist(), path)
+    return dict(zip(ids, frame[column].tolist()))
+
+
+def read_id_list(path: str) -> List[str]:
+    """The ``id`` column of a CSV (pairs mode: which pairs to use)."""
+    frame = _read_csv(path, "id list")
+    if "id" not in frame.columns:
+        raise ValueError(f"{path}: no 'id' column (columns: {list(frame.columns)})")
+    return _check_ids(frame["id"].tolist(), path)
+
+
+def find_slide(folder: str, slide_id: str) -> Optional[str]:
+    """The slide file ``folder/<id><ext>`` for the first extension that exists."""
+    for ext in SLIDE_EXTENSIONS:
+        path = os.path.join(folder, slide_id + ext)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _slide_id(name: str) -> Optional[str]:
+    lower = name.lower()
+    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def _require_folder(folder: str, key: str) -> None:
+    if not folder:
+        raise ValueError(f"{key} is not set")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: folder not found ({key})")
+
+
+def wsi_jobs(wsi_folder: str, labels_csv: str) -> List[TileJob]:
+    """One job per CSV row; every row must have a slide file in ``wsi_folder``."""
+    _require_folder(wsi_folder, "DATASETS.WSI_FOLDER")
+    labels = read_labels_csv(labels_csv)
+    if not labels:
+        raise ValueError(f"{labels_csv}: no rows")
+    jobs, missing = [], []
+    for slide_id, rle in labels.items():
+        path = find_slide(wsi_folder, slide_id)
+        if path is None:
+            missing.append(slide_id)
+        else:
+            jobs.append(TileJob(slide_id, path, rle=rle))
+    if missing:
+        raise FileNotFoundError(
+            f"{wsi_folder}: no slide file for {len(missing)} id(s) of {labels_csv}: "
+            f"{missing[:5]} (looked for {', '.join(SLIDE_EXTENSIONS)})"
+        )
+    unlabelled = sorted(
+        sid for sid in (_slide_id(n) for n in os.listdir(wsi_folder)) if sid and sid not in labels
+    )
+    if unlabelled:
+        logger.warning(
+            "%s: %d slide(s) have no row in %s and are not tiled: %s",
+            wsi_folder, len(unlabelled), labels_csv, unlabelled[:5],
+        )
+    return jobs
+
+
+def _files_by_stem(folder: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*"))):
+        name = os.path.basename(path)
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in IMAGE_EXTENSIONS or not os.path.isfile(path):
+            continue
+        if stem in out:
+            raise ValueError(f"{folder}: two files for id {stem!r}: {os.path.basename(out[stem])} and {name}")
+        out[stem] = path
+    return out
+
+
+def pairs_jobs(pairs_folder: str, images: str, masks: str, labels_csv: str = "") -> List[TileJob]:
+    """One job per image in ``pairs_folder/images`` with a same-stem file in ``masks``."""
+    _require_folder(pairs_folder, "DATASETS.PAIRS_FOLDER")
+    image_dir, mask_dir = os.path.join(pairs_folder, images), os.path.join(pairs_folder, masks)
+    _require_folder(image_dir, "DATASETS.PAIRS_IMAGES")
+    _require_folder(mask_dir, "DATASETS.PAIRS_MASKS")
+    image_files, mask_files = _files_by_stem(image_dir), _files_by_stem(mask_dir)
+    if labels_csv:
+        wanted = read_id_list(labels_csv)
+        absent = [i for i in wanted if i not in image_files]
+        if absent:
+            raise FileNotFoundError(f"{image_dir}: no image for {len(absent)} id(s) of {labels_csv}: {absent[:5]}")
+    else:
+        wanted = sorted(image_files)
+    if not wanted:
+        raise FileNotFoundError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    no_mask = [i for i in wanted if i not in mask_files]
+    if no_mask:
+        raise FileNotFoundError(f"{mask_dir}: no mask for {len(no_mask)} image(s): {no_mask[:5]}")
+    return [
+        TileJob(validate_id(i, image_dir), image_files[i], mask_path=mask_files[i]) for i in wanted
+    ]
+
+
+def load_pair_mask(path: str, channel: int = -1, threshold: int = 0, invert: bool = False) -> np.ndarray:
+    """Read a mask file and binarise it: ``(H, W)`` uint8 of 0/1.
+
+    ``channel``: -1 = the maximum over the colour channels, 0/1/2 = R/G/B, 3 = alpha.
+    A pixel is foreground when its value is greater than ``threshold``; ``invert`` swaps.
+    """
+    if not os.path.isfile(path):
+        raise SlideError(f"{path}: mask file not found")
+    mask = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise SlideError(f"{path}: not a readable mask image or corrupt")
+    if mask.dtype not in (np.uint8, np.uint16):
+        raise SlideError(f"{path}: unsupported mask bit depth {mask.dtype}")
+    if mask.ndim == 3:
+        colour = mask[..., 2::-1] if mask.shape[2] >= 3 else mask  # BGR(A) -> RGB
+        if channel == -1:
+            mask = colour.max(axis=2)
+        elif channel == 3:
+            if mask.shape[2] < 4:
+                raise SlideError(f"{path}: DATASETS.MASK_CHANNEL 3 (alpha) but the mask has no alpha")
+            mask = mask[..., 3]
+        elif channel < colour.shape[2]:
+            mask = colour[..., channel]
+        else:
+            raise SlideError(f"{path}: DATASETS.MASK_CHANNEL {channel} but the mask has {mask.shape[2]} channels")
+    fg = mask > threshold
+    if invert:
+        fg = ~fg
+    return fg.astype(np.uint8)

@@ -1,0 +1,375 @@
+"""``create_tiles(cfg)``: slides or image pairs -> PNG tile pairs + stats, resumable.
+
+Output, inside ``DATASETS.TRAIN_FOLDER``, for tiles of ``S`` px at reduction ``R``::
+
+    images_S_redR/<id>_<i>redR.png    RGB tiles
+    masks_S_redR/<id>_<i>redR.png     0/1 single-channel masks
+    stats_S_redR.json                 RGB mean/std (0..1) of the kept tiles, counts
+    config_S_redR.yaml                the merged config of the run
+    log.txt                           the log of every run (appended)
+    .tiles_S_redR/                    settings + one record per finished slide (resume)
+
+Every file is written atomically. A slide counts as done only when its record exists, so a
+run killed at any point and started again ends with the same files as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+from yacs.config import CfgNode as CN
+
+from data.sources import TileJob, load_pair_mask, pairs_jobs, wsi_jobs
+from data.tiling import ArrayMask, RLEMask, TileGrid, is_tissue, iter_tile_rows, mask_band, pixel_limit
+from data.wsi import ArraySlide, Slide, SlideError, open_slide, read_image
+from utils.io import atomic_write_bytes, atomic_write_json, read_json
+from utils.rle import parse_rle
+from utils.setup import save_config
+
+__all__ = ["TilerOutput", "create_tiles", "tile_slide", "tiles_variant", "stats_path"]
+
+logger = logging.getLogger(__name__)
+
+
+def tiles_variant(size: int, reduce: int) -> str:
+    """The ``<size>_red<reduce>`` suffix of the tile folders."""
+    return f"{size}_red{reduce}"
+
+
+def stats_path(train_folder: str, size: int, reduce: int) -> str:
+    return os.path.join(train_folder, f"stats_{tiles_variant(size, reduce)}.json")
+
+
+def tile_name(slide_id: str, index: int, reduce: int) -> str:
+    return f"{slide_id}_{index}red{reduce}.png"
+
+
+def _settings(cfg: CN) -> Dict[str, object]:
+    """The config values that decide tile content; a folder holds tiles of one setting."""
+    settings = {
+        "DATASETS.FORMAT": cfg.DATASETS.FORMAT,
+        "INPUT.SIZE_TRAIN": cfg.INPUT.SIZE_TRAIN,
+        "INPUT.SIZE_REDUCTION_TRAIN": cfg.INPUT.SIZE_REDUCTION_TRAIN,
+        "INPUT.SATURATION_THRESHOLD": cfg.INPUT.SATURATION_THRESHOLD,
+        "INPUT.PIXEL_THRESHOLD": cfg.INPUT.PIXEL_THRESHOLD,
+    }
+    if cfg.DATASETS.FORMAT == "pairs":
+        settings.update(
+            {
+                "DATASETS.MASK_CHANNEL": cfg.DATASETS.MASK_CHANNEL,
+                "DATASETS.MASK_THRESHOLD": cfg.DATASETS.MASK_THRESHOLD,
+                "DATASETS.MASK_INVERT": cfg.DATASETS.MASK_INVERT,
+            }
+        )
+    return settings
+
+
+@dataclass
+class SlideRecord:
+    """What one finished slide contributed; saved as JSON for resume and stats."""
+
+    id: str
+    source: str
+    fingerprint: str
+    n_tiles: int = 0
+    kept: List[int] = field(default_factory=list)
+    pixel_sum: List[int] = field(default_factory=lambda: [0, 0, 0])
+    pixel_sumsq: List[int] = field(default_factory=lambda: [0, 0, 0])
+    n_pixels: int = 0
+    mask_pixels: int = 0
+
+
+def _fingerprint(job: TileJob) -> str:
+    """Changes when the input of a job changes (file size/mtime, RLE text)."""
+    h = hashlib.sha1()
+    for path in (job.image_path, job.mask_path):
+        if path:
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    if job.rle is not None:
+        h.update(job.rle.encode())
+    return h.hexdigest()
+
+
+class TilerOutput:
+    """The tile folders of one ``<size>_red<reduce>`` variant and their resume state."""
+
+    def __init__(self, train_folder: str, size: int, reduce: int, png_compression: int = 1):
+        self.root = train_folder
+        self.size, self.reduce = size, reduce
+        variant = tiles_variant(size, reduce)
+        self.images = os.path.join(train_folder, f"images_{variant}")
+        self.masks = os.path.join(train_folder, f"masks_{variant}")
+        self.state = os.path.join(train_folder, f".tiles_{variant}")
+        self.stats = stats_path(train_folder, size, reduce)
+        self.config = os.path.join(train_folder, f"config_{variant}.yaml")
+        self._png = [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression)]
+
+    # --- preparation -----------------------------------------------------------------
+    def prepare(self, settings: Dict[str, object], overwrite: bool) -> None:
+        """Create the folders; refuse tiles made with other settings unless ``overwrite``."""
+        settings_file = os.path.join(self.state, "settings.json")
+        existing = None
+        if os.path.isfile(settings_file):
+            existing = read_json(settings_file)
+        elif any(os.listdir(d) for d in (self.images, self.masks) if os.path.isdir(d)):
+            existing = "unknown"
+        if existing is not None and existing != settings:
+            if not overwrite:
+                if existing == "unknown":
+                    why = "holds tiles from another tool or run"
+                else:
+                    diff = [
+                        f"{k} {existing.get(k)!r} -> {v!r}"
+                        for k, v in settings.items()
+                        if existing.get(k) != v
+                    ]
+                    why = "was made with other settings (" + ", ".join(diff) + ")"
+                raise FileExistsError(
+                    f"{self.images} {why}; set OVERWRITE True to replace it, or choose another "
+                    "DATASETS.TRAIN_FOLDER"
+                )
+            logger.warning("OVERWRITE: removing earlier tiles in %s and %s", self.images, self.masks)
+            for folder in (self.images, self.masks, self.state):
+                shutil.rmtree(folder, ignore_errors=True)
+            if os.path.exists(self.stats):
+                os.remove(self.stats)
+        for folder in (self.images, self.masks, self.state):
+            os.makedirs(folder, exist_ok=True)
+        for folder in (self.images, self.masks, self.state):
+            for leftover in glob.glob(os.path.join(folder, ".tmp-*")):
+                os.remove(leftover)  # from an interrupted write
+        atomic_write_json(settings_file, settings)
+
+    # --- records ---------------------------------------------------------------------
+    def _record_path(self, slide_id: str) -> str:
+        return os.path.join(self.state, f"{slide_id}.json")
+
+    def done(self, job: TileJob, fingerprint: str) -> Optional[SlideRecord]:
+        path = self._record_path(job.id)
+        if not os.path.isfile(path):
+            return None
+        try:
+            record = SlideRecord(**read_json(path))
+        except (ValueError, TypeError):
+            return None
+        return record if record.fingerprint == fingerprint else None
+
+    def save_record(self, record: SlideRecord) -> None:
+        self.remove_stale(record.id, set(record.kept))
+        atomic_write_json(self._record_path(record.id), record.__dict__)
+
+    def remove_stale(self, slide_id: str, keep: set) -> None:
+        """Delete tiles of ``slide_id`` that are not in ``keep`` (earlier runs, other input)."""
+        pattern = re.compile(rf"^{re.escape(slide_id)}_(\d+)red{self.reduce}\.png$")
+        for folder in (self.images, self.masks):
+            for name in os.listdir(folder):
+                match = pattern.match(name)
+                if match and int(match.group(1)) not in keep:
+                    os.remove(os.path.join(folder, name))
+
+    # --- writing ---------------------------------------------------------------------
+    def write_pair(self, name: str, image: np.ndarray, mask: np.ndarray) -> None:
+        ok_i, png_i = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR), self._png)
+        ok_m, png_m = cv2.imencode(".png", np.ascontiguousarray(mask), self._png)
+        if not (ok_i and ok_m):
+            raise OSError(f"{name}: PNG encoding failed")
+        atomic_write_bytes(os.path.join(self.images, name), png_i.tobytes())
+        atomic_write_bytes(os.path.join(self.masks, name), png_m.tobytes())
+
+
+class _Writer:
+    """PNG encoding and writing on a thread pool, with a bounded number of tiles in flight."""
+
+    def __init__(self, output: TilerOutput, workers: int):
+        self.output = output
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png")
+        self.pending: Deque[Future] = deque()
+        self.limit = 8 * workers
+
+    def submit(self, name: str, image: np.ndarray, mask: np.ndarray) -> None:
+        while len(self.pending) >= self.limit:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self.output.write_pair, name, image, mask))
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def tile_slide(
+    slide: Slide,
+    mask,
+    grid: TileGrid,
+    saturation_threshold: int,
+    pixel_threshold: int,
+    record: SlideRecord,
+    writer: Optional[_Writer] = None,
+    progress: Optional[tqdm] = None,
+) -> SlideRecord:
+    """Tile one slide into ``writer``; fill ``record`` with kept indices and pixel sums."""
+    size, limit = grid.size, pixel_limit(pixel_threshold, grid.size)
+    # Per-channel histograms give exact integer sums and sums of squares, independent of
+    # the order tiles are visited in (so a resumed run has identical stats).
+    histogram = np.zeros((3, 256), dtype=np.int64)
+    record.n_tiles = grid.n_tiles
+    for tile_row, band in iter_tile_rows(slide, grid):
+        masks = None
+        for col in range(grid.n_cols):
+            tile = band[:, col * size:(col + 1) * size]
+            if not is_tissue(tile, saturation_threshold, limit):
+                continue
+            if masks is None:
+                masks = mask_band(mask, grid, tile_row)
+            tile_mask = masks[:, col * size:(col + 1) * size]
+            index = tile_row * grid.n_cols + col
+            for channel in range(3):
+                histogram[channel] += np.bincount(tile[..., channel].ravel(), minlength=256)
+            record.kept.append(index)
+            record.mask_pixels += int(tile_mask.sum(dtype=np.int64))
+            if writer is not None:
+                writer.submit(tile_name(record.id, index, grid.reduce), tile, tile_mask)
+        if progress is not None:
+            progress.update(1)
+    values = np.arange(256, dtype=np.int64)
+    record.pixel_sum = (histogram @ values).tolist()
+    record.pixel_sumsq = (histogram @ (values * values)).tolist()
+    record.n_pixels = len(record.kept) * size * size
+    return record
+
+
+def _open_job(job: TileJob, cfg: CN, workers: int) -> Tuple[Slide, object]:
+    if job.rle is not None:
+        slide = open_slide(job.image_path, workers=workers)
+        try:
+            runs = parse_rle(job.rle, slide.shape, name=job.id)
+        except ValueError:
+            slide.close()
+            raise
+        return slide, RLEMask(runs, slide.shape)
+    image = read_image(job.image_path)
+    d = cfg.DATASETS
+    mask = load_pair_mask(job.mask_path, d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT)
+    if mask.shape != image.shape[:2]:
+        raise SlideError(
+            f"{job.mask_path}: mask is {mask.shape[1]} x {mask.shape[0]} but image "
+            f"{job.image_path} is {image.shape[1]} x {image.shape[0]} (W x H)"
+        )
+    return ArraySlide(image, job.image_path), ArrayMask(mask)
+
+
+def _jobs(cfg: CN) -> List[TileJob]:
+    d = cfg.DATASETS
+    if d.FORMAT == "pairs":
+        return pairs_jobs(d.PAIRS_FOLDER, d.PAIRS_IMAGES, d.PAIRS_MASKS, d.LABELS_CSV)
+    return wsi_jobs(d.WSI_FOLDER, d.LABELS_CSV)
+
+
+def _validate_wsi(jobs: List[TileJob], workers: int) -> None:
+    """Open every slide and parse every RLE before writing anything."""
+    for job in jobs:
+        with open_slide(job.image_path, workers=workers) as slide:
+            parse_rle(job.rle, slide.shape, name=job.id)
+
+
+def _stats(records: List[SlideRecord], size: int, reduce: int) -> Dict[str, object]:
+    n = sum(r.n_pixels for r in records)
+    total = np.sum([r.pixel_sum for r in records], axis=0, dtype=np.float64)
+    total_sq = np.sum([r.pixel_sumsq for r in records], axis=0, dtype=np.float64)
+    if n:
+        mean = total / n / 255.0
+        std = np.sqrt(np.maximum(total_sq / n / 255.0**2 - mean**2, 0.0))
+    else:
+        mean = std = np.full(3, float("nan"))
+    return {
+        "size": size,
+        "reduce": reduce,
+        "mean": [round(float(v), 8) for v in mean],
+        "std": [round(float(v), 8) for v in std],
+        "n_slides": len(records),
+        "n_tiles": int(sum(len(r.kept) for r in records)),
+        "n_grid_tiles": int(sum(r.n_tiles for r in records)),
+        "mask_fraction": round(float(sum(r.mask_pixels for r in records) / n), 8) if n else 0.0,
+        "slides": {r.id: {"kept": len(r.kept), "tiles": r.n_tiles} for r in records},
+    }
+
+
+def create_tiles(cfg: CN) -> Dict[str, object]:
+    """Tile every slide (or pair) of the config; return the stats written to disk."""
+    start = time.time()
+    size, reduce = cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN
+    workers = cfg.TILER.NUM_WORKERS or os.cpu_count() or 1
+    jobs = _jobs(cfg)
+    if cfg.DATASETS.FORMAT == "wsi_rle":
+        _validate_wsi(jobs, workers)
+    output = TilerOutput(cfg.DATASETS.TRAIN_FOLDER, size, reduce, cfg.TILER.PNG_COMPRESSION)
+    output.prepare(_settings(cfg), cfg.OVERWRITE)
+    save_config(cfg, output.config)
+    logger.info(
+        "Tiling %d %s at %d px, reduction %d -> %s", len(jobs),
+        "slides" if cfg.DATASETS.FORMAT == "wsi_rle" else "image pairs", size, reduce, output.root,
+    )
+    records, skipped = [], 0
+    writer = _Writer(output, workers)
+    try:
+        for n, job in enumerate(jobs, 1):
+            fingerprint = _fingerprint(job)
+            record = output.done(job, fingerprint)
+            if record is not None:
+                skipped += 1
+                records.append(record)
+                continue
+            slide, mask = _open_job(job, cfg, workers)
+            record = SlideRecord(job.id, os.path.abspath(job.image_path), fingerprint)
+            with slide:
+                grid = TileGrid(*slide.shape, size, reduce)
+                bar = tqdm(total=grid.n_rows, desc=f"[{n}/{len(jobs)}] {job.id}", unit="row",
+                           leave=False, dynamic_ncols=True)
+                try:
+                    tile_slide(slide, mask, grid, cfg.INPUT.SATURATION_THRESHOLD,
+                               cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar)
+                    writer.drain()
+                except BaseException:
+                    writer.close()
+                    output.remove_stale(job.id, set())  # no half-written slide
+                    raise
+                finally:
+                    bar.close()
+            output.save_record(record)
+            records.append(record)
+            logger.info(
+                "%s: %s -> %d of %d tiles kept", job.id, slide.describe(), len(record.kept), record.n_tiles
+            )
+    finally:
+        writer.close()
+    stats = _stats(records, size, reduce)
+    atomic_write_json(output.stats, stats)
+    elapsed = time.time() - start
+    if skipped:
+        logger.info("%d of %d already tiled (resumed); OVERWRITE True redoes them", skipped, len(jobs))
+    logger.info(
+        "Done in %.1f s: %d tiles from %d %s; mean %s std %s (0..1 RGB)",
+        elapsed, stats["n_tiles"], len(jobs), "slides" if cfg.DATASETS.FORMAT == "wsi_rle" else "images",
+        [round(v, 4) for v in stats["mean"]], [round(v, 4) for v in stats["std"]],
+    )
+    logger.info("Images: %s", output.images)
+    logger.info("Masks:  %s", output.masks)
+    logger.info("Stats:  %s", output.stats)
+    return stats

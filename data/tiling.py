@@ -1,0 +1,246 @@
+"""Tile grids, the background test and streamed downscaling: the tiler's pure core.
+
+The convention is the original toolkit's (see ``../shared/data/README.md``):
+
+1. the full-resolution slide (and mask) is zero-padded to a multiple of ``reduce * size`` in
+   each axis, ``pad // 2`` before and the rest after;
+2. it is downscaled by ``reduce`` (image ``cv2.INTER_AREA``, mask ``cv2.INTER_NEAREST``);
+3. ``size x size`` tiles are cut in row-major order: tile ``i`` is at tile row ``i // n_cols``,
+   tile column ``i % n_cols``;
+4. a tile is dropped when ``(S > saturation_threshold).sum() <= limit`` or
+   ``tile.sum() <= limit``, with ``limit = pixel_threshold * size // 256`` and S the HSV
+   saturation (0..255, OpenCV).
+
+:func:`iter_tile_rows` produces the downscaled slide one tile row at a time from full-width
+strips, so neither the slide nor the padded image is ever held whole; on level 0 with an
+integer factor it equals the whole-image computation exactly (INTER_AREA by an integer factor
+is a block mean, so it can be computed block row by block row).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Tuple
+
+import cv2
+import numpy as np
+
+from data.wsi import Slide
+from utils.rle import check_shape, decode_window
+
+__all__ = [
+    "centered_padding",
+    "TileGrid",
+    "pixel_limit",
+    "is_tissue",
+    "RLEMask",
+    "ArrayMask",
+    "iter_tile_rows",
+    "mask_band",
+]
+
+
+def centered_padding(length: int, multiple: int) -> Tuple[int, int]:
+    """Zero padding ``(before, after)`` that brings ``length`` to a multiple of ``multiple``.
+
+    >>> centered_padding(31278, 4096)
+    (745, 745)
+    """
+    if length <= 0 or multiple <= 0:
+        raise ValueError(f"length and multiple must be > 0, got {length} and {multiple}")
+    pad = (multiple - length % multiple) % multiple
+    return pad // 2, pad - pad // 2
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tile grid of a ``(height, width)`` slide at ``size`` px tiles and ``reduce`` x.
+
+    ``pad_top``/``pad_left`` are in level-0 pixels; tile ``(row, col)`` covers level-0 rows
+    ``row * reduce * size - pad_top`` ... (negative = padding).
+    """
+
+    height: int
+    width: int
+    size: int
+    reduce: int
+
+    def __post_init__(self):
+        check_shape((self.height, self.width), "slide")
+        if self.size <= 0:
+            raise ValueError(f"tile size must be > 0, got {self.size}")
+        if self.reduce < 1 or int(self.reduce) != self.reduce:
+            raise ValueError(f"reduction must be an integer >= 1, got {self.reduce}")
+
+    @property
+    def span(self) -> int:
+        """Side of one tile in level-0 pixels."""
+        return self.size * self.reduce
+
+    @property
+    def pad_top(self) -> int:
+        return centered_padding(self.height, self.span)[0]
+
+    @property
+    def pad_left(self) -> int:
+        return centered_padding(self.width, self.span)[0]
+
+    @property
+    def n_rows(self) -> int:
+        return -(-self.height // self.span)
+
+    @property
+    def n_cols(self) -> int:
+        return -(-self.width // self.span)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.n_rows * self.n_cols
+
+    def tile_origin(self, index: int) -> Tuple[int, int]:
+        """Level-0 ``(row, col)`` of the top-left pixel of tile ``index`` (may be negative)."""
+        row, col = divmod(int(index), self.n_cols)
+        return row * self.span - self.pad_top, col * self.span - self.pad_left
+
+
+def pixel_limit(pixel_threshold: int, size: int) -> int:
+    """The original's per-tile pixel threshold, scaled by tile size: ``p * size // 256``."""
+    return pixel_threshold * size // 256
+
+
+def is_tissue(tile: np.ndarray, saturation_threshold: int, limit: int) -> bool:
+    """The original background test on an RGB uint8 tile: True means keep the tile."""
+    saturation = cv2.cvtColor(np.ascontiguousarray(tile), cv2.COLOR_RGB2HSV)[..., 1]
+    if int((saturation > saturation_threshold).sum()) <= limit:
+        return False
+    return int(tile.sum(dtype=np.int64)) > limit
+
+
+class RLEMask:
+    """A full-resolution mask given as parsed RLE runs (see ``utils.rle.parse_rle``)."""
+
+    def __init__(self, runs: np.ndarray, shape: Tuple[int, int]):
+        self.runs = runs
+        self.shape = check_shape(shape)
+
+    def window(self, rows: Tuple[int, int], cols: Tuple[int, int], step: int = 1) -> np.ndarray:
+        """Rows ``rows[0]:rows[1]:step``, cols likewise (outside the mask reads 0)."""
+        return decode_window(self.runs, self.shape, rows, cols, step)
+
+
+class ArrayMask:
+    """An in-memory ``(height, width)`` 0/1 mask with the same ``window`` interface."""
+
+    def __init__(self, mask: np.ndarray):
+        mask = np.asarray(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+        self.mask = (mask != 0).astype(np.uint8)
+        self.shape = mask.shape
+
+    def window(self, rows: Tuple[int, int], cols: Tuple[int, int], step: int = 1) -> np.ndarray:
+        r = np.arange(rows[0], rows[1], step)
+        c = np.arange(cols[0], cols[1], step)
+        out = np.zeros((len(r), len(c)), dtype=np.uint8)
+        rv = (r >= 0) & (r < self.shape[0])
+        cv = (c >= 0) & (c < self.shape[1])
+        if rv.any() and cv.any():
+            out[np.ix_(rv, cv)] = self.mask[np.ix_(r[rv], c[cv])]
+        return out
+
+
+def _streamed_rows(
+    slide: Slide, level: int, factor: int, pad_top: int, pad_left: int, out_rows: int, out_cols: int
+) -> Iterator[np.ndarray]:
+    """Consecutive rows of ``cv2.resize(padded_level, INTER_AREA)`` by the integer ``factor``.
+
+    ``padded_level`` is ``level`` of the slide with ``pad_top`` zero rows above and
+    ``pad_left`` zero columns on the left, cropped or zero-extended to
+    ``(out_rows * factor, out_cols * factor)``. Yields arrays of ``(n, out_cols, 3)``.
+    """
+    lh, lw = slide.levels[level].shape
+    padded_w = out_cols * factor
+    x_count = max(0, min(lw, padded_w - pad_left))
+    emitted = 0
+    zero_blocks, carry_rows = divmod(pad_top, factor)
+    if zero_blocks:
+        n = min(zero_blocks, out_rows)
+        yield np.zeros((n, out_cols, 3), dtype=np.uint8)
+        emitted += n
+    carry = np.zeros((carry_rows, padded_w, 3), dtype=np.uint8)
+    for _, strip in slide.iter_strips(level):
+        if emitted >= out_rows:
+            break
+        n = carry.shape[0] + strip.shape[0]
+        buf = np.zeros((n, padded_w, 3), dtype=np.uint8)
+        buf[: carry.shape[0]] = carry
+        buf[carry.shape[0]:, pad_left:pad_left + x_count] = strip[:, :x_count]
+        usable = (n // factor) * factor
+        if usable:
+            rows = buf[:usable]
+            if factor > 1:
+                rows = cv2.resize(rows, (out_cols, usable // factor), interpolation=cv2.INTER_AREA)
+            take = min(rows.shape[0], out_rows - emitted)
+            yield rows[:take]
+            emitted += take
+        carry = buf[usable:].copy()
+    if carry.shape[0] and emitted < out_rows:
+        buf = np.zeros((factor, padded_w, 3), dtype=np.uint8)
+        buf[: carry.shape[0]] = carry
+        yield cv2.resize(buf, (out_cols, 1), interpolation=cv2.INTER_AREA) if factor > 1 else buf[:1]
+        emitted += 1
+    if emitted < out_rows:
+        yield np.zeros((out_rows - emitted, out_cols, 3), dtype=np.uint8)
+
+
+def iter_tile_rows(slide: Slide, grid: TileGrid) -> Iterator[Tuple[int, np.ndarray]]:
+    """Yield ``(tile_row, band)`` for every tile row of ``grid``, top to bottom.
+
+    ``band`` is ``(size, n_cols * size, 3)`` uint8: the padded slide downscaled by
+    ``grid.reduce``, rows ``tile_row * size`` to ``(tile_row + 1) * size``. The slide is read
+    from the pyramid level nearest below ``grid.reduce``; when the rest of the downscale is an
+    integer (always on level 0) the level is streamed once in strips, else each band is read
+    as a region and resized with ``cv2.INTER_AREA``.
+    """
+    if tuple(slide.shape) != (grid.height, grid.width):
+        raise ValueError(f"grid is for a {grid.height} x {grid.width} slide, got {slide.shape}")
+    size, out_cols = grid.size, grid.n_cols * grid.size
+    level = slide.best_level(grid.reduce)
+    downsample = slide.levels[level].downsample if level else 1.0
+    rest = grid.reduce / downsample
+    if abs(rest - round(rest)) < 1e-3:
+        factor = int(round(rest))
+        rows = _streamed_rows(
+            slide,
+            level,
+            factor,
+            int(round(grid.pad_top / downsample)),
+            int(round(grid.pad_left / downsample)),
+            grid.n_rows * size,
+            out_cols,
+        )
+        band = np.empty((size, out_cols, 3), dtype=np.uint8)
+        filled, tile_row = 0, 0
+        for chunk in rows:
+            start = 0
+            while start < chunk.shape[0]:
+                take = min(size - filled, chunk.shape[0] - start)
+                band[filled:filled + take] = chunk[start:start + take]
+                filled += take
+                start += take
+                if filled == size:
+                    yield tile_row, band
+                    band = np.empty((size, out_cols, 3), dtype=np.uint8)
+                    filled, tile_row = 0, tile_row + 1
+        return
+    for tile_row in range(grid.n_rows):
+        y = tile_row * grid.span - grid.pad_top
+        yield tile_row, slide.read(y, -grid.pad_left, grid.span, grid.n_cols * grid.span, grid.reduce)
+
+
+def mask_band(mask, grid: TileGrid, tile_row: int) -> np.ndarray:
+    """The ``(size, n_cols * size)`` mask rows of ``tile_row``: INTER_NEAREST by ``reduce``
+    of the zero-padded mask, i.e. padded pixel ``(reduce * i, reduce * j)``."""
+    y = tile_row * grid.span - grid.pad_top
+    return mask.window(
+        (y, y + grid.span), (-grid.pad_left, grid.n_cols * grid.span - grid.pad_left), grid.reduce
+    )

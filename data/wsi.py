@@ -1,0 +1,369 @@
+"""The one seam that reads slides and images.
+
+``open_slide(path)`` returns a :class:`Slide` for TIFF, BigTIFF, tiled or stripped, pyramidal
+(SubIFDs, reduced pages, SVS levels) and OME-TIFF files, read lazily with tifffile + zarr (or a
+memory map for uncompressed contiguous data): only the tiles or strips a region touches are
+decoded. Every read returns RGB ``uint8`` arrays of shape ``(rows, cols, 3)``.
+
+Coordinates are always ``(row, col)`` = ``(y, x)``; level-0 coordinates unless a method says
+otherwise. Regions may extend past the slide: the outside reads as 0 (black), which is how
+the tiler's zero padding is expressed.
+
+Anything that is not a readable 8-bit RGB (or grayscale/RGBA) slide raises :class:`SlideError`
+with a message that names the file.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, List, Tuple
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "SlideError",
+    "LevelInfo",
+    "Slide",
+    "ArraySlide",
+    "TiffSlide",
+    "open_slide",
+    "read_image",
+    "SLIDE_EXTENSIONS",
+]
+
+logger = logging.getLogger(__name__)
+
+SLIDE_EXTENSIONS = (".tiff", ".tif", ".svs", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
+# A pyramid level counts as "below" a requested downscale within this relative tolerance
+# (SVS levels are often 4.0003x rather than 4x).
+LEVEL_TOLERANCE = 0.01
+
+
+class SlideError(ValueError):
+    """A slide or image that cannot be read; the message starts with the file path."""
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """One pyramid level: its ``(height, width)`` and downsample relative to level 0."""
+
+    shape: Tuple[int, int]
+    downsample: float
+
+
+def _to_rgb(region: np.ndarray, channels: int) -> np.ndarray:
+    """``(h, w, channels)`` -> ``(h, w, 3)``: grayscale is repeated, alpha is dropped."""
+    if channels == 3:
+        return np.ascontiguousarray(region)
+    if channels == 1:
+        return np.ascontiguousarray(np.repeat(region[..., :1], 3, axis=2))
+    return np.ascontiguousarray(region[..., :3])
+
+
+class Slide:
+    """Base class: a multi-resolution RGB image addressed in level-0 ``(row, col)`` pixels."""
+
+    path: str = "<memory>"
+    levels: List[LevelInfo]
+
+    # --- to implement -------------------------------------------------------------------
+    def _read_raw(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Rows ``y0:y1``, cols ``x0:x1`` of ``level`` (inside the level) as ``(h, w, 3)``."""
+        raise NotImplementedError
+
+    def chunk_rows(self, level: int) -> int:
+        """Rows of one storage chunk (tile or strip) of ``level``: reads aligned to this
+        decode each chunk once."""
+        return 512
+
+    # --- public API ----------------------------------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """``(height, width)`` of level 0."""
+        return self.levels[0].shape
+
+    def best_level(self, downscale: float) -> int:
+        """The pyramid level with the largest downsample that is not above ``downscale``."""
+        best = 0
+        for index, level in enumerate(self.levels):
+            if level.downsample <= downscale * (1 + LEVEL_TOLERANCE):
+                if level.downsample > self.levels[best].downsample:
+                    best = index
+        return best
+
+    def read_level(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """A ``(h, w, 3)`` region of ``level`` in that level's pixels; outside reads as 0."""
+        lh, lw = self.levels[level].shape
+        out_of_bounds = y < 0 or x < 0 or y + h > lh or x + w > lw
+        y0, y1 = max(y, 0), min(y + h, lh)
+        x0, x1 = max(x, 0), min(x + w, lw)
+        if not out_of_bounds:
+            return self._checked_read(level, y0, y1, x0, x1)
+        out = np.zeros((max(h, 0), max(w, 0), 3), dtype=np.uint8)
+        if y1 > y0 and x1 > x0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._checked_read(level, y0, y1, x0, x1)
+        return out
+
+    def read(self, y: int, x: int, h: int, w: int, downscale: float = 1.0) -> np.ndarray:
+        """Read the level-0 region ``(y, x, h, w)`` downscaled by ``downscale``.
+
+        Uses the pyramid level nearest below ``downscale``, then resizes the rest with
+        ``cv2.INTER_AREA``. Returns ``(round(h / downscale), round(w / downscale), 3)``.
+        On level 0 with an integer ``downscale`` dividing ``h`` and ``w`` this equals
+        ``cv2.resize(zero_padded_slide[y:y+h, x:x+w], ..., INTER_AREA)`` exactly.
+        """
+        if downscale <= 0:
+            raise ValueError(f"downscale must be > 0, got {downscale}")
+        out_h, out_w = max(1, round(h / downscale)), max(1, round(w / downscale))
+        level = self.best_level(downscale)
+        lh, lw = self.levels[level].shape
+        fy, fx = self.shape[0] / lh, self.shape[1] / lw
+        ly0, ly1 = round(y / fy), round((y + h) / fy)
+        lx0, lx1 = round(x / fx), round((x + w) / fx)
+        region = self.read_level(level, ly0, lx0, max(1, ly1 - ly0), max(1, lx1 - lx0))
+        if region.shape[:2] != (out_h, out_w):
+            region = cv2.resize(region, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        return region
+
+    def iter_strips(self, level: int = 0, min_rows: int = 512) -> Iterator[Tuple[int, np.ndarray]]:
+        """Yield ``(y0, strip)`` full-width strips of ``level`` from top to bottom.
+
+        Strip heights are a multiple of the storage chunk height, so each chunk is decoded
+        once; the next strip is decoded in a background thread while the caller works.
+        """
+        lh, lw = self.levels[level].shape
+        chunk = max(1, int(self.chunk_rows(level)))
+        step = chunk * max(1, math.ceil(min_rows / chunk))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="strip") as pool:
+            future = pool.submit(self._checked_read, level, 0, min(step, lh), 0, lw)
+            for y0 in range(0, lh, step):
+                strip = future.result()
+                nxt = y0 + step
+                if nxt < lh:
+                    future = pool.submit(self._checked_read, level, nxt, min(nxt + step, lh), 0, lw)
+                yield y0, strip
+
+    def describe(self) -> str:
+        h, w = self.shape
+        downs = ", ".join(f"{lv.downsample:g}" for lv in self.levels)
+        return f"{w} x {h} px (W x H), {len(self.levels)} level(s) at downsample {downs}"
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- internals -----------------------------------------------------------------------
+    def _checked_read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        try:
+            region = self._read_raw(level, y0, y1, x0, x1)
+        except SlideError:
+            raise
+        except Exception as exc:
+            raise SlideError(
+                f"{self.path}: cannot decode rows {y0}:{y1}, cols {x0}:{x1} of level {level} "
+                f"(corrupt or truncated file?): {type(exc).__name__}: {exc}"
+            ) from exc
+        return region
+
+
+class ArraySlide(Slide):
+    """An in-memory image as a one-level slide (pairs mode, tests)."""
+
+    def __init__(self, image: np.ndarray, path: str = "<memory>"):
+        self.path = path
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise SlideError(f"{path}: expected an (H, W), (H, W, 3) or (H, W, 4) image, got {image.shape}")
+        if image.dtype != np.uint8:
+            raise SlideError(f"{path}: unsupported bit depth {image.dtype} (only 8-bit images are supported)")
+        self._image = image
+        self.levels = [LevelInfo((image.shape[0], image.shape[1]), 1.0)]
+
+    def _read_raw(self, level, y0, y1, x0, x1):
+        return _to_rgb(self._image[y0:y1, x0:x1], self._image.shape[2])
+
+
+class TiffSlide(Slide):
+    """A TIFF-family slide read lazily with tifffile (+ zarr, or a memory map)."""
+
+    def __init__(self, path: str, workers: int = 0):
+        import tifffile
+        import zarr
+
+        self.path = str(path)
+        if not os.path.exists(self.path):
+            raise SlideError(f"{self.path}: file not found")
+        if not os.path.isfile(self.path):
+            raise SlideError(f"{self.path}: not a file")
+        workers = workers or os.cpu_count() or 1
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+        except Exception as exc:
+            raise SlideError(f"{self.path}: not a TIFF/SVS slide or corrupt ({exc})") from None
+        try:
+            self._setup(tifffile, zarr, workers)
+        except SlideError:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            raise SlideError(f"{self.path}: unreadable slide ({type(exc).__name__}: {exc})") from None
+
+    def _setup(self, tifffile, zarr, workers: int) -> None:
+        if not self._tif.series:
+            raise SlideError(f"{self.path}: TIFF without any image")
+        series = self._tif.series[0]
+        file_size = os.path.getsize(self.path)
+        self._arrays = []
+        self._index = []
+        self._chunk_rows = []
+        self.levels = []
+        for k, level in enumerate(series.levels):
+            axes, shape = level.axes, tuple(level.shape)
+            if "Y" not in axes or "X" not in axes:
+                raise SlideError(f"{self.path}: not a 2-D image (axes {axes}, shape {shape})")
+            index, kept, channels = [], [], 1
+            for axis, size in zip(axes, shape):
+                if axis in "YX":
+                    index.append(None)
+                    kept.append(axis)
+                elif axis in "SC" and size > 1:
+                    if channels > 1:
+                        raise SlideError(
+                            f"{self.path}: {size} x {channels} channels: multi-channel images "
+                            "are not supported (expected RGB brightfield)"
+                        )
+                    channels = size
+                    index.append(slice(None))
+                    kept.append("C")
+                elif size == 1:
+                    index.append(0)
+                else:
+                    raise SlideError(
+                        f"{self.path}: {size} planes along axis {axis!r} (shape {shape}, axes "
+                        f"{axes}); expected a single 2-D RGB image"
+                    )
+            if k == 0:
+                self._check_pixels(level, channels, tifffile)
+            add_axis = "C" not in kept
+            if add_axis:
+                kept.append("C")
+            self._channels = channels
+            perm = tuple(kept.index(a) for a in "YXC")
+            page = level.keyframe
+            self._check_truncation(level, file_size)
+            offset = level.dataoffset
+            if offset is not None and page.compression == 1:
+                array = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
+                rows = 512
+            else:
+                array = zarr.open(series.aszarr(level=k, maxworkers=workers), mode="r")
+                rows = int(array.chunks[axes.index("Y")])
+            self._arrays.append(array)
+            self._index.append((tuple(index), perm, axes.index("Y"), axes.index("X"), add_axis))
+            self._chunk_rows.append(rows)
+            lh, lw = shape[axes.index("Y")], shape[axes.index("X")]
+            if k == 0:
+                h0, w0 = lh, lw
+            self.levels.append(LevelInfo((lh, lw), (h0 / lh + w0 / lw) / 2.0))
+
+    def _check_pixels(self, level, channels: int, tifffile) -> None:
+        page = level.keyframe
+        photometric = page.photometric
+        if photometric == tifffile.PHOTOMETRIC.PALETTE:
+            raise SlideError(f"{self.path}: palette (indexed-colour) images are not supported; save as RGB")
+        if photometric == tifffile.PHOTOMETRIC.SEPARATED:
+            raise SlideError(f"{self.path}: CMYK images are not supported; save as RGB")
+        if channels not in (1, 3, 4):
+            raise SlideError(
+                f"{self.path}: {channels} channels: multi-channel (fluorescence) images are not "
+                "supported (expected RGB brightfield)"
+            )
+        if level.dtype != np.uint8:
+            raise SlideError(
+                f"{self.path}: unsupported bit depth {level.dtype} (only 8-bit RGB slides are "
+                "supported; convert it to 8 bits per channel)"
+            )
+        if channels == 4:
+            logger.warning("%s: RGBA slide; the alpha channel is ignored", self.path)
+        elif channels == 1:
+            logger.warning("%s: grayscale slide; it is read as RGB with equal channels", self.path)
+
+    def _check_truncation(self, level, file_size: int) -> None:
+        for page in level.pages:
+            if page is None:
+                continue
+            offsets = getattr(page, "dataoffsets", ()) or ()
+            counts = getattr(page, "databytecounts", ()) or ()
+            ends = [o + c for o, c in zip(offsets, counts) if c]
+            if ends and max(ends) > file_size:
+                raise SlideError(
+                    f"{self.path}: truncated file: image data ends at byte {max(ends)} but the "
+                    f"file has {file_size} bytes"
+                )
+
+    def chunk_rows(self, level: int) -> int:
+        return self._chunk_rows[level]
+
+    def _read_raw(self, level, y0, y1, x0, x1):
+        index, perm, y_axis, x_axis, add_axis = self._index[level]
+        index = list(index)
+        index[y_axis] = slice(y0, y1)
+        index[x_axis] = slice(x0, x1)
+        region = np.asarray(self._arrays[level][tuple(index)])
+        if add_axis:
+            region = region[..., None]
+        region = np.transpose(region, perm)
+        return _to_rgb(region, self._channels)
+
+    def close(self) -> None:
+        tif = getattr(self, "_tif", None)
+        if tif is not None:
+            tif.close()
+            self._tif = None
+
+
+def open_slide(path: str, workers: int = 0) -> Slide:
+    """Open a TIFF-family slide (``.tif``, ``.tiff``, ``.svs``, OME-TIFF, BigTIFF)."""
+    return TiffSlide(path, workers=workers)
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read a whole image file (PNG, JPEG, TIFF, ...) as ``(H, W, 3)`` RGB uint8.
+
+    Grayscale and RGBA are converted to RGB (with a logged warning); other bit depths and
+    channel counts raise :class:`SlideError`.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise SlideError(f"{path}: file not found")
+    if path.lower().endswith(SLIDE_EXTENSIONS):
+        with open_slide(path) as slide:
+            h, w = slide.shape
+            return slide.read_level(0, 0, 0, h, w)
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise SlideError(f"{path}: not a readable image or corrupt")
+    if image.dtype != np.uint8:
+        raise SlideError(f"{path}: unsupported bit depth {image.dtype} (only 8-bit images are supported)")
+    if image.ndim == 2:
+        logger.warning("%s: grayscale image; read as RGB with equal channels", path)
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        logger.warning("%s: RGBA image; the alpha channel is ignored", path)
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    raise SlideError(f"{path}: {image.shape[2]} channels; expected RGB")
+

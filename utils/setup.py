@@ -1,0 +1,151 @@
+"""Shared start-up of the entry scripts: arguments, config, logging, seeding, error reporting.
+
+Every script is ``launch(main, description)``: it parses ``--config-file FILE.yaml``, trailing
+``KEY VALUE`` overrides and ``--debug``, builds the frozen config, calls ``main(cfg, args)`` and
+turns any failure into one ``ERROR: ...`` line and a non-zero exit (the traceback only with
+``--debug``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+from yacs.config import CfgNode as CN
+
+from config import ConfigError, load_cfg
+from utils.io import atomic_write_text
+
+__all__ = [
+    "default_argument_parser",
+    "setup_logging",
+    "add_log_file",
+    "save_config",
+    "seed_everything",
+    "launch",
+]
+
+LOG_FORMAT = "[%(asctime)s %(name)s] %(levelname)s: %(message)s"
+CONSOLE_FORMAT = "[%(asctime)s] %(message)s"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console handler that prints above progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def default_argument_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Config: the defaults are config/defaults.py (every key commented). A YAML file\n"
+            "given with --config-file overrides them, and trailing KEY VALUE pairs override\n"
+            "both, e.g.  INPUT.SIZE_TRAIN 512 DATASETS.TRAIN_FOLDER out/tiles"
+        ),
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="YAML config to merge")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error"
+    )
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        metavar="KEY VALUE",
+        help="config overrides, e.g. SOLVER.MAX_EPOCHS 5",
+    )
+    return parser
+
+
+def setup_logging(debug: bool = False) -> logging.Logger:
+    """Console logging for the whole process (idempotent)."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(CONSOLE_FORMAT, datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+    for noisy in ("tifffile", "PIL", "matplotlib", "asyncio", "numcodecs", "zarr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return root
+
+
+def add_log_file(folder: str, name: str = "log.txt") -> str:
+    """Also log to ``folder/name`` (appended, so earlier runs' logs are kept)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.abspath(os.path.join(folder, name))
+    root = logging.getLogger()
+    for h in root.handlers:
+        if isinstance(h, logging.FileHandler) and h.baseFilename == path:
+            return path
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    return path
+
+
+def save_config(cfg: CN, path: str) -> None:
+    """Write the merged config as YAML (atomically); it can be fed back with --config-file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, cfg.dump())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a requirement
+        return
+    torch.manual_seed(seed)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    text = " ".join(text.split())
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        if exc.filename and str(exc.filename) not in text:
+            text = f"{exc.filename}: {text}"
+    return text
+
+
+def launch(
+    main: Callable[[CN, argparse.Namespace], object],
+    description: str,
+    argv: Optional[Sequence[str]] = None,
+) -> int:
+    """Parse, configure and run ``main``; return the process exit code."""
+    parser = default_argument_parser(description)
+    args = parser.parse_args(argv)
+    setup_logging(args.debug)
+    log = logging.getLogger("glomeruli")
+    try:
+        cfg = load_cfg(args.config_file or None, args.opts)
+    except ConfigError as exc:
+        if args.debug:
+            log.exception("config error")
+        log.error("ERROR: %s", _one_line(exc))
+        return EXIT_USAGE
+    try:
+        main(cfg, args)
+    except KeyboardInterrupt:
+        log.error("ERROR: interrupted; rerun the same command to resume")
+        return 130
+    except Exception as exc:  # one clear line; the traceback only on request
+        if args.debug:
+            log.exception("failed")
+        log.error("ERROR: %s", _one_line(exc))
+        return EXIT_ERROR
+    return 0
