@@ -194,6 +194,28 @@ class ArraySlide(Slide):
         return _to_rgb(self._image[y0:y1, x0:x1], self._image.shape[2])
 
 
+class _LogCapture(logging.Handler):
+    """Collects the errors a library logs (tifffile reports bad IFDs by logging them)."""
+
+    def __init__(self, name: str):
+        super().__init__(level=logging.ERROR)
+        self.messages: List[str] = []
+        self._logger = logging.getLogger(name)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_LogCapture":
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagate
+
+
 class TiffSlide(Slide):
     """A TIFF-family slide read lazily with tifffile (+ zarr, or a memory map)."""
 
@@ -207,11 +229,22 @@ class TiffSlide(Slide):
         if not os.path.isfile(self.path):
             raise SlideError(f"{self.path}: not a file")
         workers = workers or os.cpu_count() or 1
+        problems = _LogCapture("tifffile")
+        with problems:
+            try:
+                self._tif = tifffile.TiffFile(self.path)
+            except Exception as exc:
+                raise SlideError(f"{self.path}: not a TIFF/SVS slide or corrupt ({exc})") from None
+            try:
+                len(self._tif.pages)  # walks every IFD: a truncated file shows here
+                self._tif.series
+            except Exception:
+                pass  # reported below, or by _setup
         try:
-            self._tif = tifffile.TiffFile(self.path)
-        except Exception as exc:
-            raise SlideError(f"{self.path}: not a TIFF/SVS slide or corrupt ({exc})") from None
-        try:
+            if problems.messages:
+                raise SlideError(
+                    f"{self.path}: corrupt or truncated TIFF ({problems.messages[0]})"
+                )
             self._setup(tifffile, zarr, workers)
         except SlideError:
             self.close()
@@ -233,27 +266,33 @@ class TiffSlide(Slide):
             axes, shape = level.axes, tuple(level.shape)
             if "Y" not in axes or "X" not in axes:
                 raise SlideError(f"{self.path}: not a 2-D image (axes {axes}, shape {shape})")
-            index, kept, channels = [], [], 1
-            for axis, size in zip(axes, shape):
+            # Channels are the S or C axis; failing that (HuBMAP's (1, 1, 3, H, W) pages), the
+            # one other non-singleton axis when it has 3 or 4 entries.
+            extra = [i for i, (a, n) in enumerate(zip(axes, shape)) if a not in "YX" and n > 1]
+            named = [i for i in extra if axes[i] in "SC"]
+            if len(named) > 1 or (len(extra) > 1 and not named):
+                raise SlideError(
+                    f"{self.path}: shape {shape} (axes {axes}): more than one non-spatial axis; "
+                    "expected a single 2-D RGB image"
+                )
+            channel_axis = named[0] if named else (extra[0] if extra and shape[extra[0]] in (3, 4) else None)
+            for i in extra:
+                if i != channel_axis:
+                    raise SlideError(
+                        f"{self.path}: {shape[i]} planes along axis {axes[i]!r} (shape {shape}, "
+                        f"axes {axes}); expected a single 2-D RGB image"
+                    )
+            index, kept = [], []
+            for i, axis in enumerate(axes):
                 if axis in "YX":
                     index.append(None)
                     kept.append(axis)
-                elif axis in "SC" and size > 1:
-                    if channels > 1:
-                        raise SlideError(
-                            f"{self.path}: {size} x {channels} channels: multi-channel images "
-                            "are not supported (expected RGB brightfield)"
-                        )
-                    channels = size
+                elif i == channel_axis:
                     index.append(slice(None))
                     kept.append("C")
-                elif size == 1:
-                    index.append(0)
                 else:
-                    raise SlideError(
-                        f"{self.path}: {size} planes along axis {axis!r} (shape {shape}, axes "
-                        f"{axes}); expected a single 2-D RGB image"
-                    )
+                    index.append(0)
+            channels = shape[channel_axis] if channel_axis is not None else 1
             if k == 0:
                 self._check_pixels(level, channels, tifffile)
             add_axis = "C" not in kept
@@ -285,6 +324,11 @@ class TiffSlide(Slide):
             raise SlideError(f"{self.path}: palette (indexed-colour) images are not supported; save as RGB")
         if photometric == tifffile.PHOTOMETRIC.SEPARATED:
             raise SlideError(f"{self.path}: CMYK images are not supported; save as RGB")
+        if channels == 4 and photometric != tifffile.PHOTOMETRIC.RGB:
+            raise SlideError(
+                f"{self.path}: 4 channels that are not RGB + alpha: multi-channel "
+                "(fluorescence) images are not supported (expected RGB brightfield)"
+            )
         if channels not in (1, 3, 4):
             raise SlideError(
                 f"{self.path}: {channels} channels: multi-channel (fluorescence) images are not "
