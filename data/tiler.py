@@ -153,6 +153,19 @@ class TilerOutput:
                 os.remove(leftover)  # from an interrupted write
         atomic_write_json(settings_file, settings)
 
+    def rollback_if_empty(self) -> None:
+        """After a failed run: if no slide was ever finished here, leave no trace."""
+        if os.path.isdir(self.state) and any(
+            n.endswith(".json") and n != "settings.json" for n in os.listdir(self.state)
+        ):
+            return
+        for folder in (self.images, self.masks, self.state):
+            if os.path.isdir(folder) and not [n for n in os.listdir(folder) if n != "settings.json"]:
+                shutil.rmtree(folder)
+        for path in (self.config, self.stats):
+            if os.path.exists(path):
+                os.remove(path)
+
     # --- records ---------------------------------------------------------------------
     def _record_path(self, slide_id: str) -> str:
         return os.path.join(self.state, f"{slide_id}.json")
@@ -282,11 +295,28 @@ def _jobs(cfg: CN) -> List[TileJob]:
     return wsi_jobs(d.WSI_FOLDER, d.LABELS_CSV)
 
 
-def _validate_wsi(jobs: List[TileJob], workers: int) -> None:
-    """Open every slide and parse every RLE before writing anything."""
+def _validate(jobs: List[TileJob], workers: int) -> None:
+    """Check every input before writing anything: slides open and their RLE parses; pair
+    images and masks are readable images of the same size (headers only)."""
+    from PIL import Image, UnidentifiedImageError
+
     for job in jobs:
-        with open_slide(job.image_path, workers=workers) as slide:
-            parse_rle(job.rle, slide.shape, name=job.id)
+        if job.rle is not None:
+            with open_slide(job.image_path, workers=workers) as slide:
+                parse_rle(job.rle, slide.shape, name=job.id)
+            continue
+        sizes = []
+        for path in (job.image_path, job.mask_path):
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise SlideError(f"{path}: not a readable image ({exc})") from None
+        if sizes[0] != sizes[1]:
+            raise SlideError(
+                f"{job.mask_path}: mask is {sizes[1][0]} x {sizes[1][1]} but image "
+                f"{job.image_path} is {sizes[0][0]} x {sizes[0][1]} (W x H)"
+            )
 
 
 def _stats(records: List[SlideRecord], size: int, reduce: int) -> Dict[str, object]:
@@ -311,62 +341,68 @@ def _stats(records: List[SlideRecord], size: int, reduce: int) -> Dict[str, obje
     }
 
 
+def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, workers: int,
+              fingerprint: str, label: str) -> SlideRecord:
+    """Tile one job; on any failure its tiles written so far are removed."""
+    size, reduce = cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN
+    slide, mask = _open_job(job, cfg, workers)
+    record = SlideRecord(job.id, os.path.abspath(job.image_path), fingerprint)
+    with slide:
+        grid = TileGrid(*slide.shape, size, reduce)
+        bar = tqdm(total=grid.n_rows, desc=label, unit="row", leave=False, dynamic_ncols=True)
+        try:
+            tile_slide(slide, mask, grid, cfg.INPUT.SATURATION_THRESHOLD,
+                       cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar)
+            writer.drain()
+        except BaseException:
+            writer.close()
+            output.remove_stale(job.id, set())  # no half-written slide
+            raise
+        finally:
+            bar.close()
+        description = slide.describe()
+    output.save_record(record)
+    logger.info("%s: %s -> %d of %d tiles kept", job.id, description, len(record.kept), record.n_tiles)
+    return record
+
+
 def create_tiles(cfg: CN) -> Dict[str, object]:
     """Tile every slide (or pair) of the config; return the stats written to disk."""
     start = time.time()
     size, reduce = cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN
     workers = cfg.TILER.NUM_WORKERS or os.cpu_count() or 1
+    what = "slides" if cfg.DATASETS.FORMAT == "wsi_rle" else "image pairs"
     jobs = _jobs(cfg)
-    if cfg.DATASETS.FORMAT == "wsi_rle":
-        _validate_wsi(jobs, workers)
+    _validate(jobs, workers)
     output = TilerOutput(cfg.DATASETS.TRAIN_FOLDER, size, reduce, cfg.TILER.PNG_COMPRESSION)
     output.prepare(_settings(cfg), cfg.OVERWRITE)
-    save_config(cfg, output.config)
-    logger.info(
-        "Tiling %d %s at %d px, reduction %d -> %s", len(jobs),
-        "slides" if cfg.DATASETS.FORMAT == "wsi_rle" else "image pairs", size, reduce, output.root,
-    )
+    logger.info("Tiling %d %s at %d px, reduction %d -> %s", len(jobs), what, size, reduce, output.root)
     records, skipped = [], 0
     writer = _Writer(output, workers)
     try:
+        save_config(cfg, output.config)
         for n, job in enumerate(jobs, 1):
             fingerprint = _fingerprint(job)
             record = output.done(job, fingerprint)
             if record is not None:
                 skipped += 1
-                records.append(record)
-                continue
-            slide, mask = _open_job(job, cfg, workers)
-            record = SlideRecord(job.id, os.path.abspath(job.image_path), fingerprint)
-            with slide:
-                grid = TileGrid(*slide.shape, size, reduce)
-                bar = tqdm(total=grid.n_rows, desc=f"[{n}/{len(jobs)}] {job.id}", unit="row",
-                           leave=False, dynamic_ncols=True)
-                try:
-                    tile_slide(slide, mask, grid, cfg.INPUT.SATURATION_THRESHOLD,
-                               cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar)
-                    writer.drain()
-                except BaseException:
-                    writer.close()
-                    output.remove_stale(job.id, set())  # no half-written slide
-                    raise
-                finally:
-                    bar.close()
-            output.save_record(record)
+            else:
+                record = _tile_job(job, cfg, output, writer, workers, fingerprint,
+                                   f"[{n}/{len(jobs)}] {job.id}")
             records.append(record)
-            logger.info(
-                "%s: %s -> %d of %d tiles kept", job.id, slide.describe(), len(record.kept), record.n_tiles
-            )
+        stats = _stats(records, size, reduce)
+        atomic_write_json(output.stats, stats)
+    except BaseException:
+        output.rollback_if_empty()
+        raise
     finally:
         writer.close()
-    stats = _stats(records, size, reduce)
-    atomic_write_json(output.stats, stats)
-    elapsed = time.time() - start
     if skipped:
-        logger.info("%d of %d already tiled (resumed); OVERWRITE True redoes them", skipped, len(jobs))
+        logger.info("%d of %d %s already tiled (resumed); OVERWRITE True redoes them",
+                    skipped, len(jobs), what)
     logger.info(
-        "Done in %.1f s: %d tiles from %d %s; mean %s std %s (0..1 RGB)",
-        elapsed, stats["n_tiles"], len(jobs), "slides" if cfg.DATASETS.FORMAT == "wsi_rle" else "images",
+        "Done in %.1f s: %d of %d tiles kept from %d %s; mean %s std %s (0..1 RGB)",
+        time.time() - start, stats["n_tiles"], stats["n_grid_tiles"], len(jobs), what,
         [round(v, 4) for v in stats["mean"]], [round(v, 4) for v in stats["std"]],
     )
     logger.info("Images: %s", output.images)
