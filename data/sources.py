@@ -5,6 +5,7 @@ id or the config key, so that no output is written for a data set that cannot be
 """
 from __future__ import annotations
 
+import csv
 import glob
 import logging
 import os
@@ -13,7 +14,6 @@ from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
-import pandas as pd
 
 from data.wsi import SLIDE_EXTENSIONS, SlideError
 
@@ -62,15 +62,25 @@ def validate_id(value, source: str) -> str:
     return value
 
 
-def _read_csv(path: str, what: str) -> pd.DataFrame:
+def _read_csv(path: str, what: str) -> Dict[str, List[str]]:
+    """The columns of a CSV file as ``{name: values}`` (the csv module: no pandas start-up)."""
     if not path:
         raise ValueError(f"DATASETS.LABELS_CSV is not set; it must name the {what} CSV")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: {what} CSV not found (DATASETS.LABELS_CSV)")
+    csv.field_size_limit(1 << 31)  # a slide's RLE is megabytes long
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:
+        with open(path, "r", encoding="utf-8-sig", newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (csv.Error, UnicodeDecodeError, OSError) as exc:
         raise ValueError(f"{path}: not a readable CSV ({exc})") from None
+    if not rows:
+        raise ValueError(f"{path}: empty CSV")
+    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if any(c.strip() for c in r)]
+    for n, row in enumerate(body):
+        if len(row) != len(header):
+            raise ValueError(f"{path} row {n + 2}: {len(row)} fields, expected {len(header)} ({header})")
+    return {name: [row[i] for row in body] for i, name in enumerate(header)}
 
 
 def _check_ids(ids: Sequence[str], path: str) -> List[str]:
@@ -88,25 +98,24 @@ def _check_ids(ids: Sequence[str], path: str) -> List[str]:
 def read_labels_csv(path: str) -> Dict[str, str]:
     """``{id: rle}`` from a CSV with an ``id`` column and an ``encoding`` (or ``rle``,
     ``predicted``) column, in file order."""
-    frame = _read_csv(path, "labels")
-    if "id" not in frame.columns:
-        raise ValueError(f"{path}: no 'id' column (columns: {list(frame.columns)})")
-    column = next((c for c in RLE_COLUMNS if c in frame.columns), None)
+    columns = _read_csv(path, "labels")
+    if "id" not in columns:
+        raise ValueError(f"{path}: no 'id' column (columns: {list(columns)})")
+    column = next((c for c in RLE_COLUMNS if c in columns), None)
     if column is None:
         raise ValueError(
-            f"{path}: no mask column; expected one of {list(RLE_COLUMNS)} "
-            f"(columns: {list(frame.columns)})"
+            f"{path}: no mask column; expected one of {list(RLE_COLUMNS)} (columns: {list(columns)})"
         )
-    ids = _check_ids(frame["id"].tolist(), path)
-    return dict(zip(ids, frame[column].tolist()))
+    ids = _check_ids(columns["id"], path)
+    return dict(zip(ids, columns[column]))
 
 
 def read_id_list(path: str) -> List[str]:
     """The ``id`` column of a CSV (pairs mode: which pairs to use)."""
-    frame = _read_csv(path, "id list")
-    if "id" not in frame.columns:
-        raise ValueError(f"{path}: no 'id' column (columns: {list(frame.columns)})")
-    return _check_ids(frame["id"].tolist(), path)
+    columns = _read_csv(path, "id list")
+    if "id" not in columns:
+        raise ValueError(f"{path}: no 'id' column (columns: {list(columns)})")
+    return _check_ids(columns["id"], path)
 
 
 def find_slide(folder: str, slide_id: str) -> Optional[str]:

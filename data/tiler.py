@@ -32,7 +32,7 @@ from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
 from data.sources import TileJob, load_pair_mask, pairs_jobs, wsi_jobs
-from data.tiling import ArrayMask, RLEMask, TileGrid, is_tissue, iter_tile_rows, mask_band, pixel_limit
+from data.tiling import ArrayMask, RLEMask, TileGrid, iter_tile_rows, mask_band, pixel_limit, tissue_columns
 from data.wsi import ArraySlide, Slide, SlideError, open_slide, read_image
 from utils.io import atomic_write_bytes, atomic_write_json, read_json
 from utils.rle import parse_rle
@@ -244,17 +244,15 @@ def tile_slide(
     histogram = np.zeros((3, 256), dtype=np.int64)
     record.n_tiles = grid.n_tiles
     for tile_row, band in iter_tile_rows(slide, grid):
-        masks = None
-        for col in range(grid.n_cols):
-            tile = band[:, col * size:(col + 1) * size]
-            if not is_tissue(tile, saturation_threshold, limit):
-                continue
-            if masks is None:
-                masks = mask_band(mask, grid, tile_row)
-            tile_mask = masks[:, col * size:(col + 1) * size]
+        keep = np.flatnonzero(tissue_columns(band, size, saturation_threshold, limit))
+        masks = mask_band(mask, grid, tile_row) if keep.size else None
+        for col in keep.tolist():
+            tile = np.ascontiguousarray(band[:, col * size:(col + 1) * size])
+            tile_mask = np.ascontiguousarray(masks[:, col * size:(col + 1) * size])
             index = tile_row * grid.n_cols + col
             for channel in range(3):
-                histogram[channel] += np.bincount(tile[..., channel].ravel(), minlength=256)
+                counts = cv2.calcHist([tile], [channel], None, [256], [0, 256])
+                histogram[channel] += counts[:, 0].astype(np.int64)
             record.kept.append(index)
             record.mask_pixels += int(tile_mask.sum(dtype=np.int64))
             if writer is not None:

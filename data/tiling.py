@@ -32,6 +32,7 @@ __all__ = [
     "TileGrid",
     "pixel_limit",
     "is_tissue",
+    "tissue_columns",
     "RLEMask",
     "ArrayMask",
     "iter_tile_rows",
@@ -115,6 +116,18 @@ def is_tissue(tile: np.ndarray, saturation_threshold: int, limit: int) -> bool:
     return int(tile.sum(dtype=np.int64)) > limit
 
 
+def tissue_columns(band: np.ndarray, size: int, saturation_threshold: int, limit: int) -> np.ndarray:
+    """:func:`is_tissue` for every tile of a ``(size, n_cols * size, 3)`` band at once.
+
+    Returns a boolean array of ``n_cols``: True where the tile is kept.
+    """
+    n_cols = band.shape[1] // size
+    saturation = cv2.cvtColor(np.ascontiguousarray(band), cv2.COLOR_RGB2HSV)[..., 1]
+    counts = (saturation > saturation_threshold).reshape(size, n_cols, size).sum(axis=(0, 2))
+    sums = band.reshape(size, n_cols, size * 3).sum(axis=(0, 2), dtype=np.int64)
+    return (counts > limit) & (sums > limit)
+
+
 class RLEMask:
     """A full-resolution mask given as parsed RLE runs (see ``utils.rle.parse_rle``)."""
 
@@ -148,6 +161,54 @@ class ArrayMask:
         return out
 
 
+class _RowDownscaler:
+    """INTER_AREA by an integer ``factor`` of whole blocks of rows of a zero-padded level.
+
+    Output column ``j`` averages padded columns ``[j * factor, (j + 1) * factor)``, i.e. level
+    columns ``[j * factor - pad_left, ...)``. Blocks fully inside the level are resized
+    straight from the caller's rows (a view, no copy); only the one block that straddles each
+    edge is assembled with its zero padding. Block-local, so exactly equal to resizing the
+    whole padded image.
+    """
+
+    def __init__(self, width: int, factor: int, pad_left: int, out_cols: int):
+        self.width, self.factor, self.pad_left, self.out_cols = width, factor, pad_left, out_cols
+        self.j_lo = -(-pad_left // factor)  # first output column made only of level pixels
+        self.j_hi = min(out_cols, (width + pad_left) // factor)  # one past the last such
+
+    def _resize(self, rows: np.ndarray, n_cols: int) -> np.ndarray:
+        if self.factor == 1:
+            return rows
+        return cv2.resize(rows, (n_cols, rows.shape[0] // self.factor), interpolation=cv2.INTER_AREA)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """``rows``: ``(n * factor, width, 3)`` level rows -> ``(n, out_cols, 3)``."""
+        r, pad_left = self.factor, self.pad_left
+        n = rows.shape[0] // r
+        out = np.zeros((n, self.out_cols, 3), dtype=np.uint8)
+        j_lo, j_hi = self.j_lo, self.j_hi
+        if j_hi <= j_lo:  # narrower than two blocks: pad the whole thing
+            padded = np.zeros((rows.shape[0], self.out_cols * r, 3), dtype=np.uint8)
+            count = max(0, min(self.width, self.out_cols * r - pad_left))
+            padded[:, pad_left:pad_left + count] = rows[:, :count]
+            return self._resize(padded, self.out_cols)
+        out[:, j_lo:j_hi] = self._resize(rows[:, j_lo * r - pad_left:j_hi * r - pad_left], j_hi - j_lo)
+        if j_lo > 0:  # the block straddling the left edge
+            inside = j_lo * r - pad_left
+            if inside:
+                block = np.zeros((rows.shape[0], r, 3), dtype=np.uint8)
+                block[:, r - inside:] = rows[:, :inside]
+                out[:, j_lo - 1:j_lo] = self._resize(block, 1)
+        if j_hi < self.out_cols:  # the block straddling the right edge
+            start = j_hi * r - pad_left
+            inside = min(self.width - start, r)
+            if inside > 0:
+                block = np.zeros((rows.shape[0], r, 3), dtype=np.uint8)
+                block[:, :inside] = rows[:, start:start + inside]
+                out[:, j_hi:j_hi + 1] = self._resize(block, 1)
+        return out
+
+
 def _streamed_rows(
     slide: Slide, level: int, factor: int, pad_top: int, pad_left: int, out_rows: int, out_cols: int
 ) -> Iterator[np.ndarray]:
@@ -158,38 +219,40 @@ def _streamed_rows(
     ``(out_rows * factor, out_cols * factor)``. Yields arrays of ``(n, out_cols, 3)``.
     """
     lh, lw = slide.levels[level].shape
-    padded_w = out_cols * factor
-    x_count = max(0, min(lw, padded_w - pad_left))
+    r = factor
+    downscale = _RowDownscaler(lw, r, pad_left, out_cols)
     emitted = 0
-    zero_blocks, carry_rows = divmod(pad_top, factor)
+
+    def emit(rows: np.ndarray):
+        nonlocal emitted
+        take = min(rows.shape[0], out_rows - emitted)
+        emitted += take
+        return rows[:take]
+
+    zero_blocks, carry_rows = divmod(pad_top, r)
     if zero_blocks:
-        n = min(zero_blocks, out_rows)
-        yield np.zeros((n, out_cols, 3), dtype=np.uint8)
-        emitted += n
-    carry = np.zeros((carry_rows, padded_w, 3), dtype=np.uint8)
+        yield emit(np.zeros((zero_blocks, out_cols, 3), dtype=np.uint8))
+    carry = np.zeros((carry_rows, lw, 3), dtype=np.uint8)  # rows waiting to fill a block
     for _, strip in slide.iter_strips(level):
         if emitted >= out_rows:
             break
-        n = carry.shape[0] + strip.shape[0]
-        buf = np.zeros((n, padded_w, 3), dtype=np.uint8)
-        buf[: carry.shape[0]] = carry
-        buf[carry.shape[0]:, pad_left:pad_left + x_count] = strip[:, :x_count]
-        usable = (n // factor) * factor
+        if carry.shape[0]:
+            need = r - carry.shape[0]
+            if strip.shape[0] < need:
+                carry = np.concatenate((carry, strip))
+                continue
+            yield emit(downscale(np.concatenate((carry, strip[:need]))))
+            strip = strip[need:]
+        usable = (strip.shape[0] // r) * r
         if usable:
-            rows = buf[:usable]
-            if factor > 1:
-                rows = cv2.resize(rows, (out_cols, usable // factor), interpolation=cv2.INTER_AREA)
-            take = min(rows.shape[0], out_rows - emitted)
-            yield rows[:take]
-            emitted += take
-        carry = buf[usable:].copy()
+            yield emit(downscale(strip[:usable]))
+        carry = strip[usable:].copy()
     if carry.shape[0] and emitted < out_rows:
-        buf = np.zeros((factor, padded_w, 3), dtype=np.uint8)
-        buf[: carry.shape[0]] = carry
-        yield cv2.resize(buf, (out_cols, 1), interpolation=cv2.INTER_AREA) if factor > 1 else buf[:1]
-        emitted += 1
+        block = np.zeros((r, lw, 3), dtype=np.uint8)
+        block[: carry.shape[0]] = carry
+        yield emit(downscale(block))
     if emitted < out_rows:
-        yield np.zeros((out_rows - emitted, out_cols, 3), dtype=np.uint8)
+        yield emit(np.zeros((out_rows - emitted, out_cols, 3), dtype=np.uint8))
 
 
 def iter_tile_rows(slide: Slide, grid: TileGrid) -> Iterator[Tuple[int, np.ndarray]]:
