@@ -233,7 +233,7 @@ def _streamed_rows(
     if zero_blocks:
         yield emit(np.zeros((zero_blocks, out_cols, 3), dtype=np.uint8))
     carry = np.zeros((carry_rows, lw, 3), dtype=np.uint8)  # rows waiting to fill a block
-    for _, strip in slide.iter_strips(level):
+    for _, strip in slide.iter_strips(level, reuse_buffer=True):
         if emitted >= out_rows:
             break
         if carry.shape[0]:

@@ -129,11 +129,16 @@ class Slide:
             region = cv2.resize(region, (out_w, out_h), interpolation=cv2.INTER_AREA)
         return region
 
-    def iter_strips(self, level: int = 0, min_rows: int = 512) -> Iterator[Tuple[int, np.ndarray]]:
+    def iter_strips(
+        self, level: int = 0, min_rows: int = 512, reuse_buffer: bool = False
+    ) -> Iterator[Tuple[int, np.ndarray]]:
         """Yield ``(y0, strip)`` full-width strips of ``level`` from top to bottom.
 
         Strip heights are a multiple of the storage chunk height, so each chunk is decoded
         once; the next strip is decoded in a background thread while the caller works.
+        ``reuse_buffer=True`` lets a reader fill the same array again for the next strip
+        (no page faults for every strip): the caller must be done with a strip before it
+        asks for the next one.
         """
         lh, lw = self.levels[level].shape
         chunk = max(1, int(self.chunk_rows(level)))
@@ -258,7 +263,9 @@ class TiffSlide(Slide):
             raise SlideError(f"{self.path}: TIFF without any image")
         series = self._tif.series[0]
         file_size = os.path.getsize(self.path)
+        self._workers = workers
         self._arrays = []
+        self._direct = []  # per level: the page whose tiles/strips can be decoded directly
         self._index = []
         self._chunk_rows = []
         self.levels = []
@@ -309,6 +316,11 @@ class TiffSlide(Slide):
             else:
                 array = zarr.open(series.aszarr(level=k, maxworkers=workers), mode="r")
                 rows = int(array.chunks[axes.index("Y")])
+            self._direct.append(
+                page if level.dataoffset is None and len(level.pages) == 1
+                and axes in ("YXS", "YX") and getattr(page, "chunked", (0, 0, 0))[-1] == 1
+                else None
+            )
             self._arrays.append(array)
             self._index.append((tuple(index), perm, axes.index("Y"), axes.index("X"), add_axis))
             self._chunk_rows.append(rows)
@@ -359,6 +371,70 @@ class TiffSlide(Slide):
 
     def chunk_rows(self, level: int) -> int:
         return self._chunk_rows[level]
+
+    def iter_strips(
+        self, level: int = 0, min_rows: int = 512, reuse_buffer: bool = False
+    ) -> Iterator[Tuple[int, np.ndarray]]:
+        """As :meth:`Slide.iter_strips`; for a tiled or stripped page, its tiles are decoded
+        directly with tifffile on a thread pool (faster than going through zarr), the next
+        strip's tiles while the caller works on this one."""
+        page = self._direct[level]
+        if page is None:
+            yield from super().iter_strips(level, min_rows)
+            return
+        lh, lw = self.levels[level].shape
+        seg_h, seg_w = int(page.chunks[0]), int(page.chunks[1])
+        n_down, n_across = int(page.chunked[0]), int(page.chunked[1])
+        samples = int(page.samplesperpixel)
+        per_strip = max(1, math.ceil(min_rows / seg_h))
+        kwargs = {"_fullsize": True}
+        if page.jpegtables is not None:
+            kwargs["jpegtables"] = page.jpegtables
+        if getattr(page, "jpegheader", None) is not None:
+            kwargs["jpegheader"] = page.jpegheader
+        decode, fh = page.decode, self._tif.filehandle
+        offsets, counts = page.dataoffsets, page.databytecounts
+
+        def decode_one(index: int, data: bytes):
+            try:
+                return decode(data, index, **kwargs)[0]
+            except Exception as exc:
+                raise SlideError(
+                    f"{self.path}: cannot decode tile {index} of level {level} (corrupt or "
+                    f"truncated file?): {type(exc).__name__}: {exc}"
+                ) from exc
+
+        with ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="decode") as pool:
+
+            def submit(first: int):
+                last = min(first + per_strip, n_down)
+                futures = []
+                for index in range(first * n_across, last * n_across):
+                    if counts[index]:
+                        fh.seek(offsets[index])
+                        futures.append((index, pool.submit(decode_one, index, fh.read(counts[index]))))
+                return first, last, futures
+
+            pending = submit(0)
+            buffer = None
+            while pending is not None:
+                first, last, futures = pending
+                pending = submit(last) if last < n_down else None
+                y0, y1 = first * seg_h, min(last * seg_h, lh)
+                if buffer is None or not reuse_buffer:
+                    buffer = np.empty((per_strip * seg_h, lw, samples), dtype=np.uint8)
+                strip = buffer[: y1 - y0]
+                if len(futures) < (last - first) * n_across:
+                    strip[:] = 0  # sparse file: tiles without data read as 0
+                for index, future in futures:
+                    segment = future.result()
+                    row, col = divmod(index, n_across)
+                    top, left = row * seg_h - y0, col * seg_w
+                    h, w = min(seg_h, y1 - y0 - top), min(seg_w, lw - left)
+                    strip[top:top + h, left:left + w] = segment.reshape(
+                        seg_h, seg_w, samples
+                    )[:h, :w]
+                yield y0, _to_rgb(strip, samples)
 
     def _read_raw(self, level, y0, y1, x0, x1):
         index, perm, y_axis, x_axis, add_axis = self._index[level]

@@ -150,12 +150,13 @@ def main(argv=None):
         ours_cmd = [sys.executable, os.path.join(REPO, "tiles_creator.py"),
                     "DATASETS.WSI_FOLDER", wsi, "DATASETS.LABELS_CSV", csv,
                     "DATASETS.TRAIN_FOLDER", ours_out, "INPUT.SIZE_TRAIN", str(args.size),
-                    "INPUT.SIZE_REDUCTION_TRAIN", str(reduce), "OVERWRITE", "True"]
+                    "INPUT.SIZE_REDUCTION_TRAIN", str(reduce)]
         ours, ref = [], []
         for _ in range(args.runs):
             shutil.rmtree(ref_out, ignore_errors=True)
             ref.append(_measure([sys.executable, "-m", "tests.bench.bench_tiles", "--reference",
                                  slide, csv, ref_out, str(args.size), str(reduce)]))
+            shutil.rmtree(ours_out, ignore_errors=True)  # both write into a fresh folder
             ours.append(_measure(ours_cmd))
         stats = json.load(open(os.path.join(ours_out, f"stats_{args.size}_red{reduce}.json")))
         row = {
@@ -177,7 +178,10 @@ def main(argv=None):
         pyr_cmd = list(ours_cmd)
         pyr_cmd[pyr_cmd.index(wsi)] = pyramid_wsi
         pyr_cmd[pyr_cmd.index(ours_out)] = pyr_out
-        pyr = [_measure(pyr_cmd) for _ in range(args.runs)]
+        pyr = []
+        for _ in range(args.runs):
+            shutil.rmtree(pyr_out, ignore_errors=True)
+            pyr.append(_measure(pyr_cmd))
         from data.wsi import open_slide
 
         with open_slide(pyramid) as s:
