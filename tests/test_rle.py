@@ -111,3 +111,25 @@ def test_bad_shapes_and_types():
         parse_rle("1 1", (10**9, 10**9), "s")
     with pytest.raises(ValueError, match="expected a string"):
         parse_rle(12, (3, 4), "s")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.one_of(
+        st.text(max_size=60),
+        st.lists(st.integers(-5, 10**20), max_size=12).map(lambda v: " ".join(map(str, v))),
+    ),
+    height=st.integers(1, 50),
+    width=st.integers(1, 50),
+)
+def test_fuzz_parse_only_raises_value_error(text, height, width):
+    try:
+        runs = parse_rle(text, (height, width), "fuzz")
+    except ValueError as exc:
+        assert "fuzz" in str(exc)
+        return
+    mask = rle_decode(runs, (height, width))
+    assert rle_decode(rle_encode(mask), (height, width)).tolist() == mask.tolist()

@@ -44,6 +44,8 @@ def test_real_slides_sizes_levels_and_regions(name):
         # strips cover every row once and equal the full read
         rows = [strip for _, strip in slide.iter_strips(0)]
         assert (np.concatenate(rows) == full).all()
+        rows = [strip.copy() for _, strip in slide.iter_strips(0, min_rows=100, reuse_buffer=True)]
+        assert (np.concatenate(rows) == full).all()
 
 
 @requires_shared

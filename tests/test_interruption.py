@@ -1,0 +1,73 @@
+"""A tiler killed with SIGKILL and started again ends with the files of an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, requires_shared, run_script
+from tests.slides import mosaic_region, write_slide
+from utils.rle import rle_encode
+
+pytestmark = requires_shared
+
+
+def _tree(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name == "log.txt" or name.endswith(".yaml"):
+                continue
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+def test_kill_9_then_rerun_gives_identical_tiles(tmp_path):
+    import numpy as np
+
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    ids = ["s1", "s2", "s3"]
+    lines = ["id,encoding"]
+    for n, slide_id in enumerate(ids):
+        h, w = 2600 + 300 * n, 3100
+        write_slide(str(wsi / f"{slide_id}.tiff"), (h, w),
+                    lambda a, b, c, d, s, n=n: mosaic_region(a + 1000 * n, b + 1000 * n, c, d, s),
+                    tile=256, compression=("jpeg", 90))
+        yy, xx = np.mgrid[:h, :w]
+        lines.append(f"{slide_id},{rle_encode(((yy // 97 + xx // 131) % 5 == 0).astype(np.uint8))}")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    args = ["DATASETS.WSI_FOLDER", wsi, "DATASETS.LABELS_CSV", tmp_path / "train.csv",
+            "INPUT.SIZE_TRAIN", 64, "INPUT.SIZE_REDUCTION_TRAIN", 1, "TILER.PNG_COMPRESSION", 9]
+
+    reference = tmp_path / "reference"
+    assert run_script("tiles_creator.py", *args, "DATASETS.TRAIN_FOLDER", reference).returncode == 0
+    expected = _tree(reference)
+
+    interrupted = tmp_path / "interrupted"
+    images = interrupted / "images_64_red1"
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tiles_creator.py"), *map(str, args),
+         "DATASETS.TRAIN_FOLDER", str(interrupted)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    # kill once the second slide is under way: one slide finished, one half-written
+    while time.time() < deadline and proc.poll() is None:
+        if images.is_dir() and any(n.startswith("s2_") for n in os.listdir(images)):
+            break
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.fail("the tiler finished before it could be interrupted; make the input larger")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _tree(interrupted)
+    assert partial != expected  # it really was interrupted
+
+    result = run_script("tiles_creator.py", *args, "DATASETS.TRAIN_FOLDER", interrupted)
+    assert result.returncode == 0, result.stderr
+    assert "already tiled" in result.stderr  # s1 was not redone
+    assert _tree(interrupted) == expected
