@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data.tiling import (ArrayMask, RLEMask, TileGrid, centered_padding, is_tissue, iter_tile_rows,
-                         mask_band, pixel_limit)
+                         mask_band, pixel_limit, tissue_columns)
 from data.wsi import ArraySlide, open_slide
 from tests.conftest import requires_shared
 from tests.reference import reference_tiles
@@ -158,3 +158,43 @@ def test_real_rle_reproduces_the_original_tiles_at_true_size(tmp_path):
         got = _streamed(slide, RLEMask(runs, (height, width)), grid)
     _assert_same(got, reference)
     assert sum(int(m.sum()) for _, m in got.values()) > 0
+
+
+def test_streaming_edge_cases_match_the_reference():
+    """Random small geometries: slides smaller than a tile, odd strips, every padding split."""
+    rng = np.random.default_rng(0)
+
+    class OddStrips(ArraySlide):
+        def chunk_rows(self, level):
+            return int(rng.integers(1, 7))
+
+    for _ in range(150):
+        h, w = (int(v) for v in rng.integers(1, 120, 2))
+        size, reduce = int(rng.integers(1, 20)), int(rng.integers(1, 9))
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        mask = (rng.random((h, w)) < 0.3).astype(np.uint8)
+        expected, n_tiles = reference_tiles(image, mask, size, reduce, p_th=-1)  # keep all
+        grid = TileGrid(h, w, size, reduce)
+        got = {}
+        for row, band in iter_tile_rows(OddStrips(image), grid):
+            masks = mask_band(ArrayMask(mask), grid, row)
+            assert band.shape == (size, grid.n_cols * size, 3)
+            for col in range(grid.n_cols):
+                got[row * grid.n_cols + col] = (band[:, col * size:(col + 1) * size],
+                                                masks[:, col * size:(col + 1) * size])
+        assert len(got) == n_tiles
+        _assert_same(got, expected)
+
+
+@requires_shared
+def test_band_tissue_test_equals_the_per_tile_test():
+    image = mosaic_region(0, 512, 0, 2048, background_every=2)
+    image[:, :300] = 0
+    for size in (64, 128, 256):
+        for row in range(512 // size):
+            band = image[row * size:(row + 1) * size]
+            columns = tissue_columns(band, size, 40, pixel_limit(200, size))
+            single = [is_tissue(band[:, c * size:(c + 1) * size], 40, pixel_limit(200, size))
+                      for c in range(2048 // size)]
+            assert columns.tolist() == single
+            assert 0 < sum(single) < len(single)
