@@ -107,6 +107,12 @@ _C.DATALOADER.NUM_WORKERS = 2
 _C.SOLVER = CN()
 # Loss name, as registered in utils/losses.py (e.g. "symmetric_lovasz", "bce").
 _C.SOLVER.LOSS_FUNCTION_NAME = "symmetric_lovasz"
+# Focal loss: weight of the foreground class (0..1; negative disables the weighting).
+_C.SOLVER.FOCAL_ALPHA = 0.25
+# Focal loss: focusing exponent gamma (>= 0).
+_C.SOLVER.FOCAL_GAMMA = 2.0
+# Soft Dice loss: smoothing added to numerator and denominator (pixels).
+_C.SOLVER.DICE_SMOOTH = 1.0
 # Epochs per fold.
 _C.SOLVER.MAX_EPOCHS = 100
 # Number of cross-validation folds (grouped by slide id).
