@@ -1,0 +1,202 @@
+"""``build_model``: any architecture by name, with encoder weights from a tag or a local file.
+
+Architectures: the UneXt family (``UneXt101``, ``UneXt50``, ``UneXt`` = any timm encoder named
+by ``MODEL.ENCODER_NAME``) and every segmentation_models_pytorch architecture (``Unet``,
+``UnetPlusPlus``, ``FPN``, ``DeepLabV3Plus``, ``Linknet``, ``PSPNet``, ``MAnet``, ``PAN``,
+``Segformer``, ``UPerNet``, ...).
+
+``MODEL.ENCODER_WEIGHTS``: ``""`` (random), a tag (``ssl``, ``swsl``, ``imagenet`` or any timm
+pretrained tag / smp weights name), or the path of a local ``.pth``/``.safetensors`` file.
+Weights that cannot be obtained raise :class:`WeightsError`, never a silent random start.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from model.registry import Registry
+
+__all__ = ["MODELS", "WeightsError", "model_spec", "build_model", "param_groups", "architectures"]
+
+logger = logging.getLogger(__name__)
+
+MODELS = Registry("MODEL.ARCHITECTURE")
+# Friendly tags -> timm pretrained tags.
+TIMM_TAGS = {"ssl": "fb_ssl_yfcc100m_ft_in1k", "swsl": "fb_swsl_ig1b_ft_in1k"}
+WEIGHT_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that were asked for but cannot be loaded."""
+
+
+def model_spec(cfg_or_model) -> Dict[str, object]:
+    """The model keys of a config as plain types (what a checkpoint stores)."""
+    m = getattr(cfg_or_model, "MODEL", cfg_or_model)
+    return {
+        "ARCHITECTURE": str(m["ARCHITECTURE"]),
+        "ENCODER_NAME": str(m["ENCODER_NAME"]),
+        "ENCODER_WEIGHTS": str(m.get("ENCODER_WEIGHTS", "") or ""),
+        "NUM_CLASSES": int(m["NUM_CLASSES"]),
+    }
+
+
+def _is_file(weights: str) -> bool:
+    return weights.lower().endswith(WEIGHT_FILE_EXTENSIONS) or os.sep in weights or os.path.exists(weights)
+
+
+def _offline_hint(what: str, name: str) -> str:
+    return (
+        f"MODEL.ENCODER_WEIGHTS: could not obtain the pretrained weights {what} ({name}). "
+        "Without internet access, download them on another machine and set "
+        "MODEL.ENCODER_WEIGHTS to the local .pth/.safetensors file, or set it to \"\" to train "
+        "from random weights"
+    )
+
+
+def _load_weights_file(path: str) -> Dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: MODEL.ENCODER_WEIGHTS file not found")
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: not a state_dict")
+    return state
+
+
+def _load_into(module: nn.Module, state: Dict[str, torch.Tensor], path: str, what: str) -> None:
+    own = module.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
+    if not matched or len(missing) > 0.1 * len(own):
+        raise WeightsError(
+            f"{path}: does not fit the {what} ({len(matched)} of {len(own)} tensors match; "
+            f"missing e.g. {missing[:3]})"
+        )
+    module.load_state_dict(matched, strict=False)
+    if missing:
+        logger.warning("%s: %d %s tensors not in the file kept their initial values", path, len(missing), what)
+
+
+def timm_encoder(name: str, weights: str = "") -> nn.Module:
+    """A timm ``features_only`` encoder with weights from a tag, a file, or none."""
+    import timm
+
+    kwargs = dict(features_only=True, out_indices=(0, 1, 2, 3, 4))
+    if not weights:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if _is_file(weights):
+        encoder = timm.create_model(name, pretrained=False, **kwargs)
+        state = _load_weights_file(weights)
+        _load_into(encoder, {k.replace("encoder.", "", 1): v for k, v in state.items()}, weights,
+                   f"{name} encoder")
+        return encoder
+    tag = TIMM_TAGS.get(weights, "" if weights == "imagenet" else weights)
+    full = f"{name}.{tag}" if tag else name
+    if not timm.list_pretrained(full if tag else f"{name}*"):
+        available = [n.split(".", 1)[-1] for n in timm.list_pretrained(f"{name}.*")]
+        raise WeightsError(
+            f"MODEL.ENCODER_WEIGHTS {weights!r}: timm has no such weights for {name}; "
+            f"available tags: {available or 'none'} (or a local file path)"
+        )
+    logger.info("Loading pretrained encoder weights timm %s (offline? set MODEL.ENCODER_WEIGHTS to a local file)", full)
+    try:
+        return timm.create_model(full, pretrained=True, **kwargs)
+    except Exception as exc:
+        raise WeightsError(_offline_hint(f"timm {full}", type(exc).__name__)) from None
+
+
+def _unext(spec, encoder_name: str, weights: str) -> nn.Module:
+    from model.unext import UneXt
+
+    return UneXt(timm_encoder(encoder_name, weights), num_classes=spec["NUM_CLASSES"])
+
+
+@MODELS.register("UneXt101")
+def build_unext101(spec) -> nn.Module:
+    """UneXt on resnext101_32x16d ('ssl' = timm's fb_ssl_yfcc100m_ft_in1k)."""
+    return _unext(spec, spec["ENCODER_NAME"] or "resnext101_32x16d", spec["ENCODER_WEIGHTS"])
+
+
+@MODELS.register("UneXt50")
+def build_unext50(spec) -> nn.Module:
+    """UneXt on resnext50_32x4d."""
+    name = spec["ENCODER_NAME"]
+    return _unext(spec, name if name and name != "resnext101_32x16d" else "resnext50_32x4d", spec["ENCODER_WEIGHTS"])
+
+
+@MODELS.register("UneXt")
+def build_unext(spec) -> nn.Module:
+    """UneXt on any timm encoder named by MODEL.ENCODER_NAME."""
+    return _unext(spec, spec["ENCODER_NAME"], spec["ENCODER_WEIGHTS"])
+
+
+def _smp_architectures() -> Dict[str, str]:
+    from segmentation_models_pytorch import MODEL_ARCHITECTURES_MAPPING
+
+    return {name.lower(): name for name in MODEL_ARCHITECTURES_MAPPING}
+
+
+def architectures() -> List[str]:
+    import segmentation_models_pytorch as smp
+
+    smp_names = [cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()]
+    return MODELS.names() + sorted(smp_names)
+
+
+def _build_smp(spec) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    arch, encoder, weights = spec["ARCHITECTURE"], spec["ENCODER_NAME"], spec["ENCODER_WEIGHTS"]
+    file = weights if weights and _is_file(weights) else None
+    try:
+        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None if file or not weights else weights,
+                                 classes=spec["NUM_CLASSES"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"MODEL: cannot build {arch} with encoder {encoder!r}: {exc}") from None
+    except Exception as exc:
+        raise WeightsError(_offline_hint(f"smp {encoder} {weights!r}", type(exc).__name__)) from None
+    if file:
+        state = _load_weights_file(file)
+        _load_into(model.encoder, {k.replace("encoder.", "", 1): v for k, v in state.items()}, file,
+                   f"{encoder} encoder")
+    return model
+
+
+def build_model(cfg_or_spec, weights: Optional[bool] = True) -> nn.Module:
+    """Build the model of a config (or a checkpoint's spec).
+
+    ``weights=False`` skips the encoder's pretrained weights (a checkpoint brings its own).
+    """
+    spec = model_spec(cfg_or_spec)
+    if not weights:
+        spec["ENCODER_WEIGHTS"] = ""
+    arch = spec["ARCHITECTURE"]
+    if arch in MODELS:
+        return MODELS.get(arch)(spec)
+    if arch.lower() in _smp_architectures():
+        return _build_smp(spec)
+    raise ValueError(f"MODEL.ARCHITECTURE: unknown architecture {arch!r}; valid: {', '.join(architectures())}")
+
+
+def param_groups(model: nn.Module) -> List[List[nn.Parameter]]:
+    """``[encoder parameters, everything else]``: discriminative learning rates with
+    ``slice(BASE_LR_MIN, BASE_LR_MAX)``."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return [list(model.parameters())]
+    ids = {id(p) for p in encoder.parameters()}
+    return [list(encoder.parameters()), [p for p in model.parameters() if id(p) not in ids]]

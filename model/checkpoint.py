@@ -1,0 +1,110 @@
+"""Checkpoints that carry everything inference needs, as plain types (safe to load).
+
+A checkpoint is a dict saved with ``torch.save``::
+
+    {"format": "glomeruli/1",
+     "model": {"ARCHITECTURE", "ENCODER_NAME", "ENCODER_WEIGHTS", "NUM_CLASSES"},
+     "input": {"size", "reduce", "mean", "std"},   # tile size/reduction, RGB 0..1 stats
+     "threshold": float, "fold": int, "metrics": {...},
+     "state_dict": {...}}
+
+It is loaded with ``torch.load(weights_only=True)``: a file carrying code is refused. The
+original toolkit's bare UneXt101 ``state_dict`` files load too (:func:`load_model_weights`).
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+
+from model.build import build_model
+from model.unext import convert_original_state_dict, is_original_state_dict
+from utils.io import atomic_write_bytes
+
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint",
+           "load_model_weights"]
+
+FORMAT = "glomeruli/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def save_checkpoint(path: str, model: nn.Module, info: Dict[str, object]) -> None:
+    """Save ``model``'s weights with ``info`` (plain types only), atomically."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, **info, "state_dict": state}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _torch_load(path: str):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+            raise CheckpointError(
+                f"{path}: refused: the file holds Python objects beyond tensors and plain values "
+                "(it could run code when loaded); only checkpoints written by this toolkit or "
+                "plain state_dicts are accepted"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                              f"{type(exc).__name__}") from None
+
+
+def load_checkpoint(path: str) -> Dict[str, object]:
+    """Load and check a toolkit checkpoint."""
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of this toolkit (no {FORMAT!r} format tag)")
+    for key in ("model", "input"):
+        if not isinstance(ckpt.get(key), dict):
+            raise CheckpointError(f"{path}: checkpoint has no {key!r} section")
+    return ckpt
+
+
+def model_from_checkpoint(path: str) -> Tuple[nn.Module, Dict[str, object]]:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    ckpt = load_checkpoint(path)
+    try:
+        model = build_model(ckpt["model"], weights=False)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    load_model_weights(model, ckpt["state_dict"], path)
+    return model, ckpt
+
+
+def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Load a full-model ``state_dict`` (ours, or the original toolkit's UneXt) strictly."""
+    if is_original_state_dict(state_dict):
+        state_dict = convert_original_state_dict(state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: weights do not fit {type(model).__name__}: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(wrong)} of another shape (e.g. {wrong[:2]}); is it another architecture or encoder?"
+        )
+    model.load_state_dict(state_dict)
+
+
+def load_weights_file(model: nn.Module, path: str) -> None:
+    """Initialise ``model`` from a file: a toolkit checkpoint or a bare state_dict."""
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a state_dict")
+    load_model_weights(model, obj, path)

@@ -1,0 +1,172 @@
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from config import get_cfg_defaults
+from model.build import WeightsError, architectures, build_model, param_groups
+from model.checkpoint import CheckpointError, load_checkpoint, load_weights_file, model_from_checkpoint, save_checkpoint
+from model.unext import UneXt
+
+TINY_TIMM = "resnet18"  # random init, small
+TINY_SMP = "resnet18"
+
+
+def _cfg(arch, encoder, weights=""):
+    cfg = get_cfg_defaults()
+    cfg.MODEL.ARCHITECTURE, cfg.MODEL.ENCODER_NAME, cfg.MODEL.ENCODER_WEIGHTS = arch, encoder, weights
+    return cfg
+
+
+SMP_ARCHS = ["Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", "DeepLabV3", "Linknet", "PSPNet", "MAnet", "PAN",
+             "UPerNet", "Segformer"]
+
+
+@pytest.mark.parametrize("arch, encoder", [("UneXt", TINY_TIMM), ("UneXt50", "resnet18"), ("UneXt101", "resnet18")]
+                         + [(a, TINY_SMP) for a in SMP_ARCHS])
+def test_every_model_forward_backward_same_size(arch, encoder):
+    torch.manual_seed(0)
+    model = build_model(_cfg(arch, encoder))
+    side = 128 if arch == "PAN" else 64  # PAN's pyramid pooling cannot run below 128 px
+    x = torch.randn(1, 3, side, side)
+    # smp's DeepLabV3(+), PSPNet, PAN and UPerNet batch-normalise a 1x1 pooled map, which training mode
+    # cannot do for a batch of one: they take the 1x3x64x64 pass in eval mode, and a batch
+    # of two in training mode.
+    one_by_one_bn = arch in ("DeepLabV3", "DeepLabV3Plus", "PSPNet", "PAN", "UPerNet")
+    model.train(not one_by_one_bn)
+    y = model(x)
+    assert y.shape == (1, 1, side, side)
+    y.float().mean().backward()
+    if one_by_one_bn:
+        model.train()
+        assert model(torch.randn(2, 3, side, side)).shape == (2, 1, side, side)
+    groups = param_groups(model)
+    assert len(groups) == 2 and groups[0] and groups[1]
+    assert sum(p.numel() for g in groups for p in g) == sum(p.numel() for p in model.parameters())
+
+
+def test_registered_names_cover_the_original_and_smp():
+    names = architectures()
+    for name in ("UneXt101", "UneXt50", "Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", "Segformer", "UPerNet"):
+        assert name in names
+    with pytest.raises(ValueError, match="valid: .*UneXt101.*"):
+        build_model(_cfg("UNet3000", "resnet18"))
+
+
+def test_unext101_default_encoder_and_ssl_tag_names():
+    # Building resnext101_32x16d is heavy; check the names it resolves to instead.
+    from model.build import TIMM_TAGS
+
+    assert TIMM_TAGS["ssl"] == "fb_ssl_yfcc100m_ft_in1k"
+    assert "resnext101_32x16d.fb_ssl_yfcc100m_ft_in1k" in timm.list_pretrained("resnext101_32x16d.*")
+    assert get_cfg_defaults().MODEL.ENCODER_NAME == "resnext101_32x16d"
+
+
+def test_pretrained_weights_offline_give_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError) as info:
+        build_model(_cfg("UneXt", "resnet18", "imagenet"))
+    message = str(info.value)
+    assert "MODEL.ENCODER_WEIGHTS" in message and "local" in message and "resnet18" in message
+    with pytest.raises(WeightsError, match="no such weights"):
+        build_model(_cfg("UneXt", "resnet18", "no_such_tag"))
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    source = timm.create_model("resnet18", pretrained=False)
+    for suffix in (".pth", ".safetensors"):
+        path = str(tmp_path / f"w{suffix}")
+        if suffix == ".pth":
+            torch.save(source.state_dict(), path)
+        else:
+            from safetensors.torch import save_file
+            save_file(source.state_dict(), path)
+        model = build_model(_cfg("UneXt", "resnet18", path))
+        assert torch.equal(model.encoder.conv1.weight, source.conv1.weight)
+        assert torch.equal(model.encoder.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+        smp_model = build_model(_cfg("Unet", "resnet18", path))
+        assert torch.equal(smp_model.encoder.conv1.weight, source.conv1.weight)
+    with pytest.raises(WeightsError, match="file not found"):
+        build_model(_cfg("UneXt", "resnet18", str(tmp_path / "absent.pth")))
+    torch.save({"x": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="does not fit"):
+        build_model(_cfg("UneXt", "resnet18", str(tmp_path / "other.pth")))
+
+
+class _OriginalUneXt(nn.Module):
+    """The original toolkit's module naming: enc0 (conv1, bn1, relu), enc1 (maxpool, layer1),
+    enc2..enc4 (torchvision-style layer2..layer4), then the decoder of ours."""
+
+    def __init__(self, resnet: nn.Module, decoder: UneXt):
+        super().__init__()
+        self.enc0 = nn.Sequential(resnet.conv1, resnet.bn1, nn.ReLU(inplace=True))
+        self.enc1 = nn.Sequential(nn.MaxPool2d(kernel_size=3, stride=2, padding=1), resnet.layer1)
+        self.enc2, self.enc3, self.enc4 = resnet.layer2, resnet.layer3, resnet.layer4
+        for name in ("aspp", "drop_aspp", "dec4", "dec3", "dec2", "dec1", "fpn", "drop", "final_conv"):
+            setattr(self, name, getattr(decoder, name))
+
+
+def test_original_unext_state_dict_maps_onto_ours(tmp_path):
+    torch.manual_seed(1)
+    resnet = timm.create_model("resnet18", pretrained=False)
+    decoder = build_model(_cfg("UneXt", "resnet18"))
+    original = _OriginalUneXt(resnet, decoder)
+    state = original.state_dict()
+    assert any(k.startswith("enc0.0.") for k in state) and any(k.startswith("enc1.1.") for k in state)
+    path = str(tmp_path / "original.pth")
+    torch.save({"module." + k: v for k, v in state.items()}, path)  # as saved from DataParallel
+    fresh = build_model(_cfg("UneXt", "resnet18"))
+    load_weights_file(fresh, path)
+    assert torch.equal(fresh.encoder.layer3[0].conv1.weight, resnet.layer3[0].conv1.weight)
+    assert torch.equal(fresh.encoder.bn1.running_mean, resnet.bn1.running_mean)
+    x = torch.randn(2, 3, 64, 64)
+    fresh.eval()
+    decoder.eval()
+    # the same weights -> the same function as the original-named model
+    reference = build_model(_cfg("UneXt", "resnet18"))
+    reference.encoder.load_state_dict({k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")})
+    for name in ("aspp", "dec4", "dec3", "dec2", "dec1", "fpn", "final_conv"):
+        getattr(reference, name).load_state_dict(getattr(decoder, name).state_dict())
+    reference.eval()
+    assert torch.allclose(fresh(x), reference(x), atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = build_model(_cfg("UneXt", "resnet18"))
+    info = {"model": {"ARCHITECTURE": "UneXt", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1},
+            "input": {"size": 64, "reduce": 4, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]},
+            "threshold": 0.4, "fold": 0, "metrics": {"dice": 0.8}}
+    path = str(tmp_path / "m.pth")
+    save_checkpoint(path, model, info)
+    loaded, ckpt = model_from_checkpoint(path)
+    assert ckpt["threshold"] == 0.4 and ckpt["input"]["reduce"] == 4
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    loaded.eval()
+    assert torch.equal(model(x), loaded(x))
+    # truncated file
+    data = open(path, "rb").read()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(str(tmp_path / "cut.pth"))
+    # another architecture under the same file
+    other = build_model(_cfg("Unet", "resnet18"))
+    save_checkpoint(str(tmp_path / "o.pth"), other, info)
+    with pytest.raises(CheckpointError, match="do not fit UneXt"):
+        model_from_checkpoint(str(tmp_path / "o.pth"))
+    # a pickle that would run code is refused
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"format": "glomeruli/1", "x": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(str(evil))
+    assert not (tmp_path / "pwned").exists()
