@@ -123,6 +123,11 @@ _C.SOLVER.BASE_LR_MIN = 5e-6
 _C.SOLVER.BASE_LR_MAX = 5e-4
 # Training batch size (tiles per step).
 _C.SOLVER.IMS_PER_BATCH = 32
+# Folds to train (e.g. [0, 2]); empty: all N_FOLDS folds.
+_C.SOLVER.FOLDS = []
+# Continue an interrupted training: finished folds are kept, an unfinished fold restarts
+# after its last saved epoch.
+_C.SOLVER.RESUME = False
 
 # -----------------------------------------------------------------------------
 # TEST (test_net.py)

@@ -79,6 +79,12 @@ def setup_logging(debug: bool = False) -> logging.Logger:
         root.addHandler(handler)
     for noisy in ("tifffile", "PIL", "matplotlib", "asyncio", "numcodecs", "zarr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Deprecation notices of third-party internals (torch.jit, weight_norm used by fastai)
+    # say nothing actionable to a user of the scripts.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*weight_norm.*")
     return root
 
 

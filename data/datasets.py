@@ -1,0 +1,131 @@
+"""Tile-pair datasets read from the tiler's output, and K-fold splits grouped by slide.
+
+Both tiler modes write the same layout (``images_<S>_red<R>/<id>_<i>red<R>.png`` and
+``masks_...``), so one dataset serves both; the group of a tile is its slide id (wsi_rle) or
+image id (pairs), so no slide is in both training and validation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.tiler import stats_path, tiles_variant
+
+__all__ = ["TILE_NAME", "TileSet", "list_tiles", "tile_group", "kfold_groups", "read_stats", "TileDataset"]
+
+TILE_NAME = re.compile(r"^(?P<id>.+)_(?P<index>\d+)red(?P<reduce>\d+)\.png$")
+
+
+def tile_group(name: str) -> str:
+    """The slide (or image) id of a tile file name ``<id>_<i>red<r>.png``."""
+    match = TILE_NAME.match(name)
+    if not match:
+        raise ValueError(f"{name}: not a tile name <id>_<i>red<r>.png")
+    return match.group("id")
+
+
+class TileSet:
+    """The tiles of one ``<size>_red<reduce>`` variant in ``train_folder``."""
+
+    def __init__(self, train_folder: str, size: int, reduce: int):
+        variant = tiles_variant(size, reduce)
+        self.images = os.path.join(train_folder, f"images_{variant}")
+        self.masks = os.path.join(train_folder, f"masks_{variant}")
+        self.stats_file = stats_path(train_folder, size, reduce)
+        if not os.path.isdir(self.images) or not os.path.isdir(self.masks):
+            raise FileNotFoundError(
+                f"{self.images}: no tiles; run tiles_creator.py with the same DATASETS.TRAIN_FOLDER, "
+                f"INPUT.SIZE_TRAIN {size} and INPUT.SIZE_REDUCTION_TRAIN {reduce} first"
+            )
+        self.names = list_tiles(self.images)
+        if not self.names:
+            raise FileNotFoundError(f"{self.images}: no tiles")
+        missing = [n for n in self.names if not os.path.isfile(os.path.join(self.masks, n))]
+        if missing:
+            raise FileNotFoundError(f"{self.masks}: no mask for {len(missing)} tile(s), e.g. {missing[:3]}")
+        self.groups = [tile_group(n) for n in self.names]
+
+
+def list_tiles(folder: str) -> List[str]:
+    return sorted(n for n in os.listdir(folder) if TILE_NAME.match(n))
+
+
+def kfold_groups(groups: Sequence[str], n_folds: int) -> Dict[str, int]:
+    """Assign each group (slide id) to a fold, balancing tile counts; deterministic.
+
+    Groups are taken largest first (ties by name) and each goes to the fold with the fewest
+    tiles so far (ties: lowest fold).
+    """
+    counts: Dict[str, int] = {}
+    for g in groups:
+        counts[g] = counts.get(g, 0) + 1
+    if n_folds < 2:
+        raise ValueError(f"SOLVER.N_FOLDS must be >= 2 for cross-validation, got {n_folds}")
+    if n_folds > len(counts):
+        raise ValueError(
+            f"SOLVER.N_FOLDS {n_folds} is more than the {len(counts)} slides/images in the data; "
+            "each fold needs at least one"
+        )
+    load = [0] * n_folds
+    fold_of = {}
+    for group in sorted(counts, key=lambda g: (-counts[g], g)):
+        fold = min(range(n_folds), key=lambda f: (load[f], f))
+        fold_of[group] = fold
+        load[fold] += counts[group]
+    return fold_of
+
+
+def read_stats(tiles: TileSet, mean: Sequence[float] = (), std: Sequence[float] = ()) -> Tuple[List[float], List[float]]:
+    """Normalisation stats: the config's when set, else the tiler's stats file."""
+    if len(mean) == 3 and len(std) == 3:
+        return [float(v) for v in mean], [float(v) for v in std]
+    if not os.path.isfile(tiles.stats_file):
+        raise FileNotFoundError(
+            f"{tiles.stats_file}: tiler stats not found; rerun tiles_creator.py or set "
+            "INPUT.PIXEL_MEAN and INPUT.PIXEL_STD"
+        )
+    with open(tiles.stats_file, "r", encoding="utf-8") as fh:
+        stats = json.load(fh)
+    mean = list(mean) if len(mean) == 3 else stats["mean"]
+    std = list(std) if len(std) == 3 else stats["std"]
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+class TileDataset(Dataset):
+    """``(image, mask)`` pairs: image ``(3, S, S)`` float32 normalised, mask ``(1, S, S)`` 0/1."""
+
+    def __init__(self, tiles: TileSet, names: Sequence[str], mean, std, transform=None):
+        self.tiles = tiles
+        self.names = list(names)
+        self.mean = np.asarray(mean, dtype=np.float32) * 255.0
+        self.std = np.asarray(std, dtype=np.float32) * 255.0
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The raw RGB uint8 tile and 0/1 mask of item ``i``."""
+        name = self.names[i]
+        image = cv2.imread(os.path.join(self.tiles.images, name), cv2.IMREAD_COLOR)
+        mask = cv2.imread(os.path.join(self.tiles.masks, name), cv2.IMREAD_GRAYSCALE)
+        if image is None or mask is None:
+            raise ValueError(f"{os.path.join(self.tiles.images, name)}: unreadable tile or mask")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (mask > 0).astype(np.uint8)
+
+    def normalize(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(((image.astype(np.float32) - self.mean) / self.std).transpose(2, 0, 1).copy())
+
+    def __getitem__(self, i: int):
+        image, mask = self.load(i)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return self.normalize(image), torch.from_numpy(mask[None].astype(np.float32))

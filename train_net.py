@@ -1,0 +1,26 @@
+"""Train the segmentation model on the tiles, one checkpoint per cross-validation fold.
+
+    python train_net.py [--config-file FILE.yaml] [KEY VALUE ...]
+
+Reads the tiles of DATASETS.TRAIN_FOLDER (INPUT.SIZE_TRAIN px at INPUT.SIZE_REDUCTION_TRAIN x,
+as written by tiles_creator.py), splits them into SOLVER.N_FOLDS folds grouped by slide and
+trains MODEL.ARCHITECTURE on each (fastai, one-cycle schedule). Writes to OUTPUT_DIR the
+checkpoints, per-fold curves, threshold study and validation pictures, summary.json, the merged
+config and log.txt. SOLVER.RESUME True continues an interrupted run.
+"""
+import os
+import sys
+
+from model.training import train
+from utils.setup import add_log_file, launch, save_config, seed_everything
+
+
+def main(cfg, args):
+    add_log_file(cfg.OUTPUT_DIR)
+    save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    seed_everything(cfg.MODEL.SEED)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(launch(main, __doc__))

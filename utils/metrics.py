@@ -1,0 +1,59 @@
+"""Dice metrics: soft Dice, thresholded Dice over a sweep of thresholds (pure torch/numpy)."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["THRESHOLDS", "DiceAccumulator", "dice_from_counts"]
+
+# Thresholds of the Dice-vs-threshold study (probabilities).
+THRESHOLDS = np.round(np.arange(0.10, 0.91, 0.05), 2)
+
+
+def dice_from_counts(intersection: float, total: float) -> float:
+    """``2 |P n G| / (|P| + |G|)``; two empty masks score 1."""
+    return 1.0 if total == 0 else 2.0 * intersection / total
+
+
+class DiceAccumulator:
+    """Pooled Dice over many batches: soft, and hard at every threshold of ``thresholds``."""
+
+    def __init__(self, thresholds: Sequence[float] = THRESHOLDS):
+        self.thresholds = torch.as_tensor(np.asarray(thresholds, dtype=np.float32))
+        self.reset()
+
+    def reset(self) -> None:
+        self.soft_inter = 0.0
+        self.soft_total = 0.0
+        self.inter = torch.zeros(len(self.thresholds), dtype=torch.float64)
+        self.total = torch.zeros(len(self.thresholds), dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        prob = torch.sigmoid(logits.float()).reshape(-1)
+        target = target.float().reshape(-1)
+        self.soft_inter += float((prob * target).sum())
+        self.soft_total += float(prob.sum() + target.sum())
+        target_sum = float(target.sum())
+        th = self.thresholds.to(prob.device)
+        # pixels above each threshold: count through a histogram of probabilities
+        for k, t in enumerate(th):
+            pred = prob > t
+            self.inter[k] += float((pred & (target > 0.5)).sum())
+            self.total[k] += float(pred.sum()) + target_sum
+
+    @property
+    def soft(self) -> float:
+        return dice_from_counts(self.soft_inter, self.soft_total)
+
+    def per_threshold(self) -> Dict[float, float]:
+        return {float(t): dice_from_counts(float(i), float(s))
+                for t, i, s in zip(self.thresholds, self.inter, self.total)}
+
+    def best(self):
+        """``(threshold, dice)`` of the best threshold (the lowest on ties)."""
+        table = self.per_threshold()
+        th = max(table, key=lambda t: (table[t], -t))
+        return th, table[th]
