@@ -8,6 +8,7 @@ trains MODEL.ARCHITECTURE on each (fastai, one-cycle schedule). Writes to OUTPUT
 checkpoints, per-fold curves, threshold study and validation pictures, summary.json, the merged
 config and log.txt. SOLVER.RESUME True continues an interrupted run.
 """
+import logging
 import os
 import sys
 
@@ -16,8 +17,11 @@ from utils.setup import add_log_file, launch, save_config, seed_everything
 
 
 def main(cfg, args):
-    add_log_file(cfg.OUTPUT_DIR)
-    save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+        add_log_file(cfg.OUTPUT_DIR)
+        save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    else:
+        logging.getLogger().setLevel(logging.WARNING)
     seed_everything(cfg.MODEL.SEED)
     return train(cfg)
 

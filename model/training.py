@@ -58,6 +58,26 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _patch_fastai_distributed() -> None:
+    """fastai 2.8's ``DistributedDL._broadcast`` moves the index list to CUDA (NCCL only takes
+    CUDA tensors); with the gloo backend (CPU) it must stay on the CPU."""
+    import torch.distributed as dist
+    from fastai.distributed import DistributedDL
+
+    def _broadcast(self, t, rank):
+        t = torch.tensor(t, dtype=torch.long)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.broadcast(t, rank)
+        return t.cpu().tolist()
+
+    DistributedDL._broadcast = _broadcast
+
+
 def _fastai_metrics():
     from fastai.learner import Metric
 
@@ -70,12 +90,16 @@ def _fastai_metrics():
 
         def reset(self):
             self.acc.reset()
+            self.reduced = False
 
         def accumulate(self, learn):
             self.acc.update(learn.pred, learn.yb[0])
 
         @property
         def value(self):
+            if not self.reduced:  # under torchrun: pool the counts of every rank, once
+                self.acc.all_reduce()
+                self.reduced = True
             return self.acc.soft if self.kind == "soft" else self.acc.best()[1]
 
         @property
@@ -103,6 +127,9 @@ def _callbacks(fold: int, state_file: str, start_epoch: int, append: bool):
         order = CSVLogger.order
 
         def before_fit(self):
+            self.file = None
+            if _rank() != 0:
+                return
             path = os.path.join(self.path, f"fold_{fold}", "history.csv")
             rows = []
             if append and os.path.isfile(path):
@@ -116,14 +143,15 @@ def _callbacks(fold: int, state_file: str, start_epoch: int, append: bool):
             self.old_logger, self.learn.logger = self.logger, self._write_line
 
         def _write_line(self, log):
-            if len(log) >= len(self.recorder.metric_names) - 1:  # a full, not a skipped, epoch
+            if self.file is not None and len(log) >= len(self.recorder.metric_names) - 1:  # a full epoch
                 self.file.write(",".join(str(t) for t in log) + "\n")
                 self.file.flush()
             self.old_logger(log)
 
         def after_fit(self):
-            self.file.close()
-            self.learn.logger = self.old_logger
+            if self.file is not None:
+                self.file.close()
+                self.learn.logger = self.old_logger
 
     class BestModel(SaveModelCallback):
         def after_epoch(self):
@@ -256,9 +284,17 @@ def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mea
         learn.load("last", with_opt=True, device=device)
         logger.info("Fold %d: resuming after epoch %d of %d", fold, start_epoch, cfg.SOLVER.MAX_EPOCHS)
     if start_epoch < cfg.SOLVER.MAX_EPOCHS:
-        learn.fit_one_cycle(cfg.SOLVER.MAX_EPOCHS, lr_max=slice(cfg.SOLVER.BASE_LR_MIN, cfg.SOLVER.BASE_LR_MAX),
-                            start_epoch=start_epoch)
+        schedule = dict(lr_max=slice(cfg.SOLVER.BASE_LR_MIN, cfg.SOLVER.BASE_LR_MAX), start_epoch=start_epoch)
+        if _world_size() > 1:  # torchrun: DistributedDataParallel through fastai + accelerate
+            _patch_fastai_distributed()
+            # SyncBatchNorm is CUDA-only; gloo on CPU
+            with learn.distrib_ctx(sync_bn=device.type == "cuda", cpu=device.type == "cpu"):
+                learn.fit_one_cycle(cfg.SOLVER.MAX_EPOCHS, **schedule)
+        else:
+            learn.fit_one_cycle(cfg.SOLVER.MAX_EPOCHS, **schedule)
     learn.load("best", device=device, with_opt=False)
+    if _rank() != 0:  # the other ranks only helped to train
+        return {"fold": fold, "checkpoint": ckpt_path}
     acc, per_tile = _evaluate(learn.model, valid_ds, device, cfg.SOLVER.IMS_PER_BATCH)
     threshold, dice = acc.best()
     table = acc.per_threshold()
@@ -319,9 +355,12 @@ def train(cfg: CN) -> Dict[str, object]:
             logger.info("Fold %d: finished earlier (%s), skipped", fold, path)
             continue
         result = _train_fold(cfg, fold, tiles, fold_of, mean, std, device)
-        if _rank() == 0:
-            atomic_write_json(summary_file, result)
+        if _rank() != 0:
+            continue
+        atomic_write_json(summary_file, result)
         results.append(result)
+    if _rank() != 0:
+        return {}
     inter = np.sum([r["counts"]["inter"] for r in results], axis=0)
     total = np.sum([r["counts"]["total"] for r in results], axis=0)
     oof = {float(t): dice_from_counts(i, s) for t, i, s in zip(THRESHOLDS, inter, total)}

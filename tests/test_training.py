@@ -115,3 +115,19 @@ def test_resume_continues_from_the_saved_epoch(aidpath_tiles, tmp_path):
     rows = list(csv.DictReader(open(out / "fold_1" / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(3))  # no epoch lost or repeated
     assert (out / "model_UneXt_resnet18_fold_1.pth").exists()
+
+
+def test_two_process_ddp_on_cpu(aidpath_tiles, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): one short epoch, rank 0 writes the checkpoint."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(REPO, "train_net.py"),
+           *map(str, _train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 1, "SOLVER.FOLDS", "[0]"))]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, info = model_from_checkpoint(str(out / "model_UneXt_resnet18_fold_0.pth"))
+    assert info["fold"] == 0 and 0 <= info["metrics"]["dice_th"] <= 1
+    rows = list(csv.DictReader(open(out / "fold_0" / "history.csv")))
+    assert len(rows) == 1  # written once, by rank 0
+    assert result.stderr.count("out-of-fold Dice") == 1  # only rank 0 reports

@@ -44,6 +44,19 @@ class DiceAccumulator:
             self.inter[k] += float((pred & (target > 0.5)).sum())
             self.total[k] += float(pred.sum()) + target_sum
 
+    def all_reduce(self) -> None:
+        """Sum the counts of every process (torch.distributed), so all ranks agree."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        counts = torch.cat([torch.tensor([self.soft_inter, self.soft_total], dtype=torch.float64),
+                            self.inter, self.total])
+        dist.all_reduce(counts)
+        self.soft_inter, self.soft_total = float(counts[0]), float(counts[1])
+        n = len(self.thresholds)
+        self.inter, self.total = counts[2:2 + n].clone(), counts[2 + n:].clone()
+
     @property
     def soft(self) -> float:
         return dice_from_counts(self.soft_inter, self.soft_total)
