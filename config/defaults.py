@@ -128,6 +128,8 @@ _C.SOLVER.FOLDS = []
 # Continue an interrupted training: finished folds are kept, an unfinished fold restarts
 # after its last saved epoch.
 _C.SOLVER.RESUME = False
+# Save the resume state (weights + optimizer) every this many epochs (and after the last).
+_C.SOLVER.CHECKPOINT_PERIOD = 1
 
 # -----------------------------------------------------------------------------
 # TEST (test_net.py)

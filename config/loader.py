@@ -187,6 +187,7 @@ def validate_cfg(cfg: CN) -> None:
     s = cfg.SOLVER
     _check(s.N_FOLDS >= 2, f"SOLVER.N_FOLDS must be >= 2 (cross-validation), got {s.N_FOLDS}")
     _check(s.MAX_EPOCHS >= 1, f"SOLVER.MAX_EPOCHS must be >= 1, got {s.MAX_EPOCHS}")
+    _check(s.CHECKPOINT_PERIOD >= 1, f"SOLVER.CHECKPOINT_PERIOD must be >= 1, got {s.CHECKPOINT_PERIOD}")
     _check(s.IMS_PER_BATCH >= 1, f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}")
     _check(t.IMS_PER_BATCH >= 1, f"TEST.IMS_PER_BATCH must be >= 1, got {t.IMS_PER_BATCH}")
     _check(

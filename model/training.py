@@ -35,7 +35,7 @@ from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, dice_from_counts
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
 
-__all__ = ["train", "checkpoint_name", "resolve_device"]
+__all__ = ["train", "checkpoint_name", "resolve_device", "make_learner", "make_dataloaders"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _fastai_metrics():
     return [DiceMetric("soft"), DiceMetric("th")]
 
 
-def _callbacks(fold: int, state_file: str, start_epoch: int, append: bool):
+def _callbacks(fold: int, state_file: str, start_epoch: int, append: bool, period: int = 1):
     """CSV history, best-model tracking and the per-epoch resume state.
 
     fastai's ``fit(start_epoch=k)`` skips epochs by cancelling them, but its Recorder still
@@ -166,6 +166,8 @@ def _callbacks(fold: int, state_file: str, start_epoch: int, append: bool):
         def after_epoch(self):
             if self.epoch < start_epoch or _rank() != 0:
                 return
+            if (self.epoch + 1) % period and self.epoch + 1 < self.n_epoch:
+                return
             self.learn.save("last", with_opt=True)
             atomic_write_json(state_file, {"epoch": int(self.epoch), "best": float(best.best)})
 
@@ -187,7 +189,19 @@ def _seed_transform(transform):
     return apply
 
 
-def _dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
+def make_learner(cfg: CN, dls, model, path: str, model_dir: str, cbs, device):
+    """The fastai Learner of train_net: loss, Dice metrics, encoder/decoder parameter groups,
+    mixed precision on CUDA."""
+    from fastai.learner import Learner
+
+    learn = Learner(dls, model, loss_func=build_loss(cfg), metrics=_fastai_metrics(), splitter=param_groups,
+                    path=path, model_dir=model_dir, cbs=cbs)
+    if device.type == "cuda":
+        learn.to_fp16()
+    return learn
+
+
+def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
 
@@ -195,9 +209,10 @@ def _dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
     train_ds = TileDataset(tiles, train_names, mean, std, transform)
     valid_ds = TileDataset(tiles, valid_names, mean, std, None)
     bs, workers = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS
-    train_dl = DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs,
-                          num_workers=workers, device=device)
-    valid_dl = DataLoader(valid_ds, bs=bs, shuffle=False, num_workers=workers, device=device)
+    # persistent workers: no new worker processes every epoch
+    extra = dict(num_workers=workers, persistent_workers=workers > 0, device=device)
+    train_dl = DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, **extra)
+    valid_dl = DataLoader(valid_ds, bs=bs, shuffle=False, **extra)
     return DataLoaders(train_dl, valid_dl, device=device), valid_ds
 
 
@@ -249,7 +264,6 @@ def _read_history(path: str) -> Dict[str, List[float]]:
 
 def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mean, std, device) -> Dict[str, object]:
     import fastai.callback.schedule  # noqa: F401 - adds fit_one_cycle
-    from fastai.learner import Learner
 
     out = cfg.OUTPUT_DIR
     fold_dir = os.path.join(out, f"fold_{fold}")
@@ -261,7 +275,7 @@ def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mea
                 ", ".join(sorted({g for g in tiles.groups if fold_of[g] == fold}))[:200])
     torch.manual_seed(cfg.MODEL.SEED + fold)
     np.random.seed((cfg.MODEL.SEED + fold) % 2**32)
-    dls, valid_ds = _dataloaders(cfg, tiles, train_names, valid_names, mean, std, device)
+    dls, valid_ds = make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device)
     model = build_model(cfg)
     state_file = os.path.join(fold_dir, "state.json")
     resume = cfg.SOLVER.RESUME and os.path.isfile(state_file) and os.path.isfile(os.path.join(fold_dir, "last.pth"))
@@ -270,15 +284,11 @@ def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mea
         with open(state_file) as fh:
             state = json.load(fh)
     start_epoch = int(state["epoch"]) + 1 if resume else 0
-    history, best, epoch_state = _callbacks(fold, state_file, start_epoch, append=resume)
+    history, best, epoch_state = _callbacks(fold, state_file, start_epoch, append=resume,
+                                            period=cfg.SOLVER.CHECKPOINT_PERIOD)
     if state.get("best") is not None:
         best.best = float(state["best"])
-    learn = Learner(
-        dls, model, loss_func=build_loss(cfg), metrics=_fastai_metrics(), splitter=param_groups,
-        path=out, model_dir=f"fold_{fold}", cbs=[history, best, epoch_state],
-    )
-    if device.type == "cuda":
-        learn.to_fp16()
+    learn = make_learner(cfg, dls, model, out, f"fold_{fold}", [history, best, epoch_state], device)
     if resume:
         learn.create_opt()
         learn.load("last", with_opt=True, device=device)

@@ -1,0 +1,96 @@
+"""A short check of the CUDA path (not a test: CI has no GPU).
+
+    python -m tests.gpu_check [--arch UneXt --encoder resnet34 --size 256 --batch 16 --steps 30]
+
+Trains a few mixed-precision (fp16 autocast + GradScaler, as fastai's to_fp16) steps on random
+tiles, saves and reloads a checkpoint, checks the reloaded model gives the same output, runs
+an inference batch, and prints training and inference throughput (tiles/s) and peak memory.
+Exits with an error when no CUDA device is present.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="UneXt")
+    parser.add_argument("--encoder", default="resnet34")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: this check needs a GPU")
+
+    from config import get_cfg_defaults
+    from model.build import build_model
+    from model.checkpoint import model_from_checkpoint, save_checkpoint
+    from model.training import resolve_device
+    from utils.losses import build_loss
+
+    device = resolve_device("auto")
+    cfg = get_cfg_defaults()
+    cfg.MODEL.ARCHITECTURE, cfg.MODEL.ENCODER_NAME, cfg.MODEL.ENCODER_WEIGHTS = args.arch, args.encoder, ""
+    cfg.SOLVER.LOSS_FUNCTION_NAME = "sym_lovasz_focal_dice"
+    model = build_model(cfg).to(device)
+    loss_fn = build_loss(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = (torch.rand(args.batch, 1, args.size, args.size, device=device) > 0.7).float()
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    model.train()
+    losses = []
+    for step in range(args.steps + 3):
+        if step == 3:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            logits = model(x)
+            assert logits.dtype == torch.float16
+            loss = loss_fn(logits, y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(float(loss))
+    torch.cuda.synchronize()
+    train_rate = args.steps * args.batch / (time.perf_counter() - start)
+    assert all(torch.isfinite(torch.tensor(losses))), "non-finite loss in fp16 training"
+    print(f"fp16 training: {train_rate:.1f} tiles/s ({args.arch}/{args.encoder}, {args.size} px, batch {args.batch}); "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+
+    path = os.path.join(tempfile.mkdtemp(), "gpu_check.pth")
+    info = {"model": {"ARCHITECTURE": args.arch, "ENCODER_NAME": args.encoder, "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1},
+            "input": {"size": args.size, "reduce": 1, "mean": [0.5] * 3, "std": [0.25] * 3},
+            "threshold": 0.5, "fold": 0, "metrics": {}}
+    save_checkpoint(path, model, info)
+    reloaded, _ = model_from_checkpoint(path)
+    reloaded = reloaded.to(device).eval()
+    model.eval()
+    with torch.no_grad():
+        same = torch.allclose(model(x[:2]).float(), reloaded(x[:2]).float(), atol=1e-4)
+    print(f"checkpoint save/load: {'identical outputs' if same else 'OUTPUTS DIFFER'}")
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        for i in range(args.steps + 3):
+            if i == 3:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            prob = torch.sigmoid(reloaded(x))
+        torch.cuda.synchronize()
+    infer_rate = args.steps * args.batch / (time.perf_counter() - start)
+    print(f"fp16 inference: {infer_rate:.1f} tiles/s; output {tuple(prob.shape)}; "
+          f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
