@@ -23,6 +23,9 @@ _C.MODEL.ENCODER_NAME = "resnext101_32x16d"
 # Encoder weights: a tag ("ssl", "imagenet", ...), the path of a local .pth/.safetensors
 # file, or "" / null for random initialisation.
 _C.MODEL.ENCODER_WEIGHTS = "ssl"
+# Whole-model weights to start training from: a checkpoint of this toolkit or the original
+# toolkit's UneXt101 state_dict (its enc0..enc4 keys are mapped); "" = none.
+_C.MODEL.WEIGHTS = ""
 # Device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
 _C.MODEL.DEVICE = "auto"
 # Number of output channels (1 for binary segmentation).

@@ -29,7 +29,7 @@ from yacs.config import CfgNode as CN
 from data.datasets import TileDataset, TileSet, kfold_groups, read_stats
 from data.transforms import build_train_transform
 from model.build import build_model, model_spec, param_groups
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_weights_file, save_checkpoint
 from utils.io import atomic_write_json, atomic_write_text
 from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, dice_from_counts
@@ -276,7 +276,10 @@ def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mea
     torch.manual_seed(cfg.MODEL.SEED + fold)
     np.random.seed((cfg.MODEL.SEED + fold) % 2**32)
     dls, valid_ds = make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device)
-    model = build_model(cfg)
+    model = build_model(cfg, weights=not cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.WEIGHTS:
+        load_weights_file(model, cfg.MODEL.WEIGHTS)
+        logger.info("Fold %d: initialised from %s", fold, cfg.MODEL.WEIGHTS)
     state_file = os.path.join(fold_dir, "state.json")
     resume = cfg.SOLVER.RESUME and os.path.isfile(state_file) and os.path.isfile(os.path.join(fold_dir, "last.pth"))
     state = {}

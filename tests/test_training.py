@@ -131,3 +131,16 @@ def test_two_process_ddp_on_cpu(aidpath_tiles, tmp_path):
     rows = list(csv.DictReader(open(out / "fold_0" / "history.csv")))
     assert len(rows) == 1  # written once, by rank 0
     assert result.stderr.count("out-of-fold Dice") == 1  # only rank 0 reports
+
+
+def test_same_seed_same_run(aidpath_tiles, tmp_path):
+    """Two runs with the same MODEL.SEED train identically (augmentation included)."""
+    histories = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = run_script("train_net.py", *_train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 2,
+                                                          "SOLVER.FOLDS", "[0]", "INPUT.PROB", 1.0))
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = list(csv.DictReader(open(out / "fold_0" / "history.csv")))
+        histories.append([(r["train_loss"], r["valid_loss"]) for r in rows])
+    assert histories[0] == histories[1] and len(histories[0]) == 2
