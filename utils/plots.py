@@ -70,4 +70,5 @@ def plot_triplets(items: Sequence, path: str, title: str = "") -> None:
             ax.set_title(label, fontsize=8)
             ax.axis("off")
     fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3 * rows)))
     _save(fig, path)
