@@ -84,46 +84,45 @@ def _fastai_run(cfg, tiles, names, mean, std, n_batches):
     return timer.seen / timer.elapsed
 
 
-def _plain_run(cfg, tiles, names, mean, std, n_batches):
+def _loader(cfg, tiles, names, mean, std):
     ds = TileDataset(tiles, names, mean, std, build_train_transform(cfg.INPUT.PROB))
-    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.SOLVER.IMS_PER_BATCH, shuffle=True, drop_last=True,
-                                     num_workers=cfg.DATALOADER.NUM_WORKERS)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.SOLVER.IMS_PER_BATCH, shuffle=True, drop_last=True,
+                                       num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+
+def _rate(dl, n_batches, step=None):
+    """Tiles/s over ``n_batches`` batches (epochs repeat as needed); the first one warms up."""
+    seen, start, i = 0, None, 0
+    while i < n_batches:
+        for x, y in dl:
+            if step is not None:
+                step(x, y)
+            if start is None:
+                start = time.perf_counter()
+            else:
+                seen += x.shape[0]
+            i += 1
+            if i >= n_batches:
+                break
+    return seen / (time.perf_counter() - start)
+
+
+def _plain_run(cfg, tiles, names, mean, std, n_batches):
     model = build_model(cfg)
     loss_fn = build_loss(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.SOLVER.BASE_LR_MAX, weight_decay=0.01, betas=(0.9, 0.99))
     model.train()
-    seen, start, i = 0, None, 0
-    while i < n_batches:
-        for x, y in dl:
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            if start is None:
-                start = time.perf_counter()
-            else:
-                seen += x.shape[0]
-            i += 1
-            if i >= n_batches:
-                break
-    return seen / (time.perf_counter() - start)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return _rate(_loader(cfg, tiles, names, mean, std), n_batches, step)
 
 
 def _loader_run(cfg, tiles, names, mean, std, n_batches):
-    ds = TileDataset(tiles, names, mean, std, build_train_transform(cfg.INPUT.PROB))
-    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.SOLVER.IMS_PER_BATCH, shuffle=True, drop_last=True,
-                                     num_workers=cfg.DATALOADER.NUM_WORKERS)
-    seen, start, i = 0, None, 0
-    while i < n_batches:
-        for x, _ in dl:
-            if start is None:
-                start = time.perf_counter()
-            else:
-                seen += x.shape[0]
-            i += 1
-            if i >= n_batches:
-                break
-    return seen / (time.perf_counter() - start)
+    return _rate(_loader(cfg, tiles, names, mean, std), n_batches)
 
 
 def main(argv=None):
