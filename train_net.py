@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 
-from model.training import train
-from utils.setup import add_log_file, launch, save_config, seed_everything
+from utils.setup import add_log_file, launch, save_config, seed_everything  # first: warning filters
+from model.training import train  # noqa: E402
 
 
 def main(cfg, args):

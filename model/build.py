@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from model.registry import Registry
 
-__all__ = ["MODELS", "WeightsError", "model_spec", "build_model", "param_groups", "architectures"]
+__all__ = ["MODELS", "WeightsError", "model_spec", "build_model", "check_architecture", "param_groups",
+           "architectures"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,12 @@ def _build_smp(spec) -> nn.Module:
     return model
 
 
+def check_architecture(arch: str) -> None:
+    """Raise the error that lists the valid names when ``arch`` is not one."""
+    if arch not in MODELS and arch.lower() not in _smp_architectures():
+        raise ValueError(f"MODEL.ARCHITECTURE: unknown architecture {arch!r}; valid: {', '.join(architectures())}")
+
+
 def build_model(cfg_or_spec, weights: Optional[bool] = True) -> nn.Module:
     """Build the model of a config (or a checkpoint's spec).
 
@@ -185,11 +192,8 @@ def build_model(cfg_or_spec, weights: Optional[bool] = True) -> nn.Module:
     if not weights:
         spec["ENCODER_WEIGHTS"] = ""
     arch = spec["ARCHITECTURE"]
-    if arch in MODELS:
-        return MODELS.get(arch)(spec)
-    if arch.lower() in _smp_architectures():
-        return _build_smp(spec)
-    raise ValueError(f"MODEL.ARCHITECTURE: unknown architecture {arch!r}; valid: {', '.join(architectures())}")
+    check_architecture(arch)
+    return MODELS.get(arch)(spec) if arch in MODELS else _build_smp(spec)
 
 
 def param_groups(model: nn.Module) -> List[List[nn.Parameter]]:

@@ -28,7 +28,7 @@ from yacs.config import CfgNode as CN
 
 from data.datasets import TileDataset, TileSet, kfold_groups, read_stats
 from data.transforms import build_train_transform
-from model.build import build_model, model_spec, param_groups
+from model.build import build_model, check_architecture, model_spec, param_groups
 from model.checkpoint import load_weights_file, save_checkpoint
 from utils.io import atomic_write_json, atomic_write_text
 from utils.losses import build_loss
@@ -267,7 +267,6 @@ def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mea
 
     out = cfg.OUTPUT_DIR
     fold_dir = os.path.join(out, f"fold_{fold}")
-    os.makedirs(fold_dir, exist_ok=True)
     ckpt_path = os.path.join(out, checkpoint_name(cfg, fold))
     train_names = [n for n, g in zip(tiles.names, tiles.groups) if fold_of[g] != fold]
     valid_names = [n for n, g in zip(tiles.names, tiles.groups) if fold_of[g] == fold]
@@ -280,6 +279,7 @@ def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mea
     if cfg.MODEL.WEIGHTS:
         load_weights_file(model, cfg.MODEL.WEIGHTS)
         logger.info("Fold %d: initialised from %s", fold, cfg.MODEL.WEIGHTS)
+    os.makedirs(fold_dir, exist_ok=True)  # only once the model could be built
     state_file = os.path.join(fold_dir, "state.json")
     resume = cfg.SOLVER.RESUME and os.path.isfile(state_file) and os.path.isfile(os.path.join(fold_dir, "last.pth"))
     state = {}
@@ -342,7 +342,8 @@ def train(cfg: CN) -> Dict[str, object]:
     """Train the configured folds; return (and write) the summary."""
     start = time.time()
     device = resolve_device(cfg.MODEL.DEVICE)
-    build_loss(cfg)  # a wrong loss name fails before any work
+    build_loss(cfg)  # a wrong loss or architecture name fails before any work
+    check_architecture(cfg.MODEL.ARCHITECTURE)
     tiles = TileSet(cfg.DATASETS.TRAIN_FOLDER, cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN)
     mean, std = read_stats(tiles, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
     fold_of = kfold_groups(tiles.groups, cfg.SOLVER.N_FOLDS)

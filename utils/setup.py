@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -29,6 +30,11 @@ __all__ = [
     "seed_everything",
     "launch",
 ]
+
+# Deprecation notices of third-party internals (torch.jit, weight_norm used by fastai) say
+# nothing actionable to a user of the scripts; scripts import this module first.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*weight_norm.*")
 
 LOG_FORMAT = "[%(asctime)s %(name)s] %(levelname)s: %(message)s"
 CONSOLE_FORMAT = "[%(asctime)s] %(message)s"
@@ -79,12 +85,7 @@ def setup_logging(debug: bool = False) -> logging.Logger:
         root.addHandler(handler)
     for noisy in ("tifffile", "PIL", "matplotlib", "asyncio", "numcodecs", "zarr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Deprecation notices of third-party internals (torch.jit, weight_norm used by fastai)
-    # say nothing actionable to a user of the scripts.
-    import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*weight_norm.*")
     return root
 
 
