@@ -316,9 +316,11 @@ class TiffSlide(Slide):
             else:
                 array = zarr.open(series.aszarr(level=k, maxworkers=workers), mode="r")
                 rows = int(array.chunks[axes.index("Y")])
+            chunked = tuple(getattr(page, "chunked", (0, 0, 0)))
             self._direct.append(
                 page if level.dataoffset is None and len(level.pages) == 1
-                and axes in ("YXS", "YX") and getattr(page, "chunked", (0, 0, 0))[-1] == 1
+                and axes in ("YXS", "YX") and len(chunked) == 3 and chunked[-1] == 1
+                and len(page.dataoffsets) == len(page.databytecounts) == chunked[0] * chunked[1]
                 else None
             )
             self._arrays.append(array)
@@ -382,6 +384,17 @@ class TiffSlide(Slide):
         if page is None:
             yield from super().iter_strips(level, min_rows)
             return
+        try:
+            yield from self._iter_direct(page, level, min_rows, reuse_buffer)
+        except SlideError:
+            raise
+        except Exception as exc:  # a corrupt tile table, a short read...
+            raise SlideError(
+                f"{self.path}: cannot read level {level} (corrupt or truncated file?): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _iter_direct(self, page, level: int, min_rows: int, reuse_buffer: bool):
         lh, lw = self.levels[level].shape
         seg_h, seg_w = int(page.chunks[0]), int(page.chunks[1])
         n_down, n_across = int(page.chunked[0]), int(page.chunked[1])
