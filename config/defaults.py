@@ -155,6 +155,18 @@ _C.TEST.S_TH = 40
 _C.TEST.P_TH = 200
 # Folder of slides to predict.
 _C.TEST.WSI_FOLDER = "datasets/hubmap/test"
+# Overlap of neighbouring sliding windows, as a fraction of the window (0 <= overlap < 1).
+_C.TEST.OVERLAP = 0.5
+# Blending of overlapping windows: "gaussian" or "constant".
+_C.TEST.BLEND = "gaussian"
+# Average the predictions of the tile and its horizontal and vertical flips.
+_C.TEST.TTA = False
+# Remove predicted objects smaller than this many level-0 pixels (0 = keep all).
+_C.TEST.MIN_AREA = 0
+# Output CSV (id,predicted); "" = OUTPUT_DIR/submission.csv.
+_C.TEST.OUTPUT_CSV = ""
+# CSV of true masks (id,encoding) to score the predictions with; "" = no scoring.
+_C.TEST.LABELS_CSV = ""
 
 # -----------------------------------------------------------------------------
 # Misc

@@ -24,6 +24,8 @@ __all__ = [
     "rle_encode",
     "RLEStripEncoder",
     "rle_area",
+    "runs_intersection",
+    "rle_dice",
 ]
 
 # Largest mask accepted (pixels). Guards against absurd claimed sizes before any allocation.
@@ -313,3 +315,26 @@ def rle_area(runs: np.ndarray) -> int:
     """Number of foreground pixels of parsed runs."""
     runs = np.asarray(runs).reshape(-1, 2)
     return int((runs[:, 1] - runs[:, 0]).sum())
+
+
+def runs_intersection(a: np.ndarray, b: np.ndarray) -> int:
+    """Pixels in both of two parsed RLE masks (sorted, disjoint runs), without any mask."""
+    a = np.asarray(a).reshape(-1, 2).tolist()
+    b = np.asarray(b).reshape(-1, 2).tolist()
+    i = j = total = 0
+    while i < len(a) and j < len(b):
+        start = max(a[i][0], b[j][0])
+        end = min(a[i][1], b[j][1])
+        if end > start:
+            total += end - start
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def rle_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two parsed RLE masks; two empty masks score 1."""
+    total = rle_area(a) + rle_area(b)
+    return 1.0 if total == 0 else 2.0 * runs_intersection(a, b) / total

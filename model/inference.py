@@ -1,0 +1,191 @@
+"""Sliding-window inference over a whole slide, in bounded memory.
+
+The slide is read once, streamed and downscaled by the checkpoints' reduction into the padded
+low-resolution grid of the tiler (``data.tiling.TileGrid``: centred zero padding to a multiple
+of ``reduce * size``). Windows of ``size`` px with a fractional ``overlap`` slide over it;
+background windows (the tiler's saturation test) are skipped; the rest go to every model of
+the ensemble in batches (optionally with flip TTA), and their probabilities are blended into a
+low-resolution canvas with a Gaussian (or constant) weight map. The full-resolution mask is
+never allocated: it is produced column strip by column strip, nearest-neighbour upsampled from
+the thresholded low-resolution mask, straight into the RLE encoder.
+
+Coordinates: ``(row, col)``; low-res pixel ``(i, j)`` covers level-0 rows
+``i * reduce - pad_top ...`` (the tiler's convention).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from data.tiling import TileGrid, iter_tile_rows, pixel_limit, tissue_columns
+from data.wsi import Slide
+from utils.rle import RLEStripEncoder
+
+__all__ = ["blend_weights", "window_starts", "lowres_image", "predict_canvas", "threshold_mask",
+           "remove_small_objects", "mask_to_rle"]
+
+
+def blend_weights(size: int, mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+    """``(size, size)`` float32 weights for blending overlapping windows.
+
+    ``gaussian``: a 2-D Gaussian centred on the window, sigma = ``sigma_scale * size``,
+    normalised to a maximum of 1 and floored at 1e-3 (edges still count a little, so a pixel
+    covered only by window edges is never 0/0). ``constant``: all ones.
+    """
+    if mode == "constant":
+        return np.ones((size, size), dtype=np.float32)
+    if mode != "gaussian":
+        raise ValueError(f"TEST.BLEND must be 'gaussian' or 'constant', got {mode!r}")
+    centre = (size - 1) / 2.0
+    sigma = max(sigma_scale * size, 1e-3)
+    g = np.exp(-0.5 * ((np.arange(size) - centre) / sigma) ** 2)
+    w = np.outer(g, g)
+    w = w / w.max()
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+def window_starts(length: int, size: int, overlap: float) -> List[int]:
+    """Start offsets of windows of ``size`` covering ``[0, length)`` with the given overlap
+    (fraction of the window, ``0 <= overlap < 1``); the last window ends at ``length``.
+
+    >>> window_starts(10, 4, 0.5)
+    [0, 2, 4, 6]
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be >= 0 and < 1, got {overlap}")
+    if size <= 0 or length <= 0:
+        raise ValueError(f"size and length must be > 0, got {size} and {length}")
+    if length <= size:
+        return [0]
+    stride = max(1, int(round(size * (1 - overlap))))
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
+def lowres_image(slide: Slide, grid: TileGrid) -> np.ndarray:
+    """The padded slide downscaled by ``grid.reduce``: ``(n_rows * size, n_cols * size, 3)``."""
+    out = np.zeros((grid.n_rows * grid.size, grid.n_cols * grid.size, 3), dtype=np.uint8)
+    for row, band in iter_tile_rows(slide, grid):
+        out[row * grid.size:(row + 1) * grid.size] = band
+    return out
+
+
+def _batches(items: Sequence, n: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def predict_canvas(
+    image: np.ndarray,
+    predict: Callable[[np.ndarray], np.ndarray],
+    size: int,
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 16,
+    saturation_threshold: int = 40,
+    pixel_threshold: int = 200,
+    progress=None,
+) -> Tuple[np.ndarray, int]:
+    """Blend window predictions over a low-res ``image`` into a probability map.
+
+    ``predict`` maps a ``(n, size, size, 3)`` uint8 batch to ``(n, size, size)`` probabilities.
+    Windows failing the background test are not predicted (probability 0 there).
+    Returns ``(probability map float32 (H, W), number of windows predicted)``.
+    """
+    h, w = image.shape[:2]
+    weights = blend_weights(size, blend)
+    acc = np.zeros((h, w), dtype=np.float32)
+    norm = np.zeros((h, w), dtype=np.float32)
+    limit = pixel_limit(pixel_threshold, size)
+    ys, xs = window_starts(h, size, overlap), window_starts(w, size, overlap)
+    pad_h, pad_w = max(0, size - h), max(0, size - w)
+    if pad_h or pad_w:  # an image smaller than one window: pad it
+        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
+    windows = []
+    for y in ys:
+        band = image[y:y + size]
+        keep = tissue_columns(np.concatenate([band[:, x:x + size] for x in xs], axis=1), size,
+                              saturation_threshold, limit)
+        windows.extend((y, x) for x, k in zip(xs, keep) if k)
+    if progress is not None:
+        progress.reset(total=len(windows))
+    for chunk in _batches(windows, batch_size):
+        batch = np.stack([image[y:y + size, x:x + size] for y, x in chunk])
+        probs = predict(batch)
+        for (y, x), p in zip(chunk, probs):
+            hh, ww = min(size, h - y), min(size, w - x)
+            acc[y:y + hh, x:x + ww] += (p * weights)[:hh, :ww]
+            norm[y:y + hh, x:x + ww] += weights[:hh, :ww]
+        if progress is not None:
+            progress.update(len(chunk))
+    np.divide(acc, norm, out=acc, where=norm > 0)
+    return acc, len(windows)
+
+
+def threshold_mask(prob: np.ndarray, threshold: float) -> np.ndarray:
+    return (prob > threshold).astype(np.uint8)
+
+
+def remove_small_objects(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """Drop 8-connected objects smaller than ``min_area`` pixels (of this mask's resolution)."""
+    if min_area <= 0:
+        return mask
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = np.zeros(n, dtype=np.uint8)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+    return keep[labels]
+
+
+def mask_to_rle(mask_lr: np.ndarray, grid: TileGrid, strip_cols: int = 2048) -> Tuple[str, int]:
+    """Full-resolution RLE of a padded low-res mask, nearest-neighbour upsampled by
+    ``grid.reduce``, built column strip by column strip (never the whole full-res mask).
+
+    Returns ``(rle, foreground pixels)``.
+    """
+    r = grid.reduce
+    rows = (np.arange(grid.height) + grid.pad_top) // r
+    encoder = RLEStripEncoder(grid.height)
+    area = 0
+    for x0 in range(0, grid.width, strip_cols):
+        x1 = min(grid.width, x0 + strip_cols)
+        cols = (np.arange(x0, x1) + grid.pad_left) // r
+        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+        sub = mask_lr[:, c0:c1]
+        if not sub.any():
+            encoder.add(np.zeros((grid.height, x1 - x0), dtype=np.uint8))
+            continue
+        strip = sub[rows][:, cols - c0]
+        area += int(strip.sum())
+        encoder.add(strip)
+    return encoder.encode(), area
+
+
+def torch_predictor(models: Sequence[torch.nn.Module], means, stds, device: torch.device, tta: bool = False):
+    """A ``predict`` for :func:`predict_canvas`: the mean sigmoid of an ensemble (each model
+    with its own normalisation), optionally averaged over horizontal/vertical flips."""
+    params = [(torch.tensor(m, device=device).view(1, 3, 1, 1) * 255, torch.tensor(s, device=device).view(1, 3, 1, 1) * 255)
+              for m, s in zip(means, stds)]
+    flips = [[], [3], [2]] if tta else [[]]
+
+    @torch.no_grad()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
+        total = None
+        for model, (mean, std) in zip(models, params):
+            xn = (x - mean) / std
+            for dims in flips:
+                inp = torch.flip(xn, dims) if dims else xn
+                with torch.autocast(device.type, enabled=device.type == "cuda"):
+                    logits = model(inp)
+                prob = torch.sigmoid(logits.float())
+                prob = torch.flip(prob, dims) if dims else prob
+                total = prob if total is None else total + prob
+        return (total / (len(models) * len(flips)))[:, 0].cpu().numpy()
+
+    return predict
+

@@ -1,0 +1,187 @@
+"""``predict_slides(cfg)``: every slide of ``TEST.WSI_FOLDER`` with the checkpoint ensemble of
+``TEST.MODEL_WEIGHTS_FOLDER`` -> an RLE CSV, pictures and (with labels) Dice, resumable.
+
+Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
+
+    submission.csv                 id,predicted (full-resolution Kaggle RLE; "" = empty)
+    predictions/<id>_mask.png      the predicted mask at the model's scale
+    predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours
+    dice.csv, metrics.json         with TEST.LABELS_CSV: per-slide and pooled Dice
+    .predictions/<id>.json         per-slide result: a rerun skips finished slides
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from typing import Dict, List, Tuple
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+from yacs.config import CfgNode as CN
+
+from data.sources import _slide_id, read_labels_csv
+from data.tiling import TileGrid
+from data.wsi import SLIDE_EXTENSIONS, open_slide
+from model.checkpoint import CheckpointError, model_from_checkpoint
+from model.inference import lowres_image, mask_to_rle, predict_canvas, remove_small_objects, threshold_mask, torch_predictor
+from model.training import resolve_device
+from utils.io import atomic_write_json, atomic_write_text, read_json
+from utils.rle import parse_rle, rle_area, rle_dice, runs_intersection
+
+__all__ = ["load_ensemble", "predict_slides", "list_slides"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_ensemble(folder: str, device: torch.device):
+    """Every checkpoint in ``folder``: models (eval, on ``device``) and their infos.
+    Checkpoints must agree on the reduction and tile size."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: checkpoint folder not found (TEST.MODEL_WEIGHTS_FOLDER)")
+    paths = sorted(glob.glob(os.path.join(folder, "*.pth")))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no .pth checkpoints (TEST.MODEL_WEIGHTS_FOLDER)")
+    models, infos = [], []
+    for path in paths:
+        model, info = model_from_checkpoint(path)
+        models.append(model.to(device).eval())
+        infos.append(info)
+    first = infos[0]["input"]
+    for path, info in zip(paths, infos):
+        if (info["input"]["reduce"], info["input"]["size"]) != (first["reduce"], first["size"]):
+            raise CheckpointError(
+                f"{path}: reduction {info['input']['reduce']} / tile {info['input']['size']} px, but "
+                f"{paths[0]} has {first['reduce']} / {first['size']}: checkpoints of one ensemble "
+                "must share scale and tile size"
+            )
+    return models, infos, paths
+
+
+def list_slides(folder: str) -> List[Tuple[str, str]]:
+    """``(id, path)`` of every slide file in ``folder``, sorted by id."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: folder not found (TEST.WSI_FOLDER)")
+    found = []
+    for name in sorted(os.listdir(folder)):
+        slide_id = _slide_id(name)
+        if slide_id and os.path.isfile(os.path.join(folder, name)):
+            found.append((slide_id, os.path.join(folder, name)))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no slides ({', '.join(SLIDE_EXTENSIONS)})")
+    return found
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, truth=None, max_side: int = 2048) -> np.ndarray:
+    scale = min(1.0, max_side / max(image.shape[:2]))
+    size = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[0] * scale)))
+    picture = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    for m, colour in ((truth, (255, 0, 0)), (mask, (0, 255, 0))):
+        if m is None:
+            continue
+        small = cv2.resize(m, size, interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(picture, contours, -1, colour, 2)
+    return picture
+
+
+def _write_png(path: str, image: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    from utils.io import atomic_write_bytes
+
+    atomic_write_bytes(path, data.tobytes())
+
+
+def _predict_one(cfg, slide_id, path, predict, reduce, size, labels, out_dir, progress) -> Dict[str, object]:
+    t = cfg.TEST
+    with open_slide(path) as slide:
+        height, width = slide.shape
+        grid = TileGrid(height, width, size, reduce)
+        image = lowres_image(slide, grid)
+    prob, n_windows = predict_canvas(image, predict, size, t.OVERLAP, t.BLEND, t.IMS_PER_BATCH, t.S_TH, t.P_TH,
+                                     progress)
+    mask = remove_small_objects(threshold_mask(prob, t.TH), int(round(t.MIN_AREA / reduce**2)))
+    del prob
+    rle, area = mask_to_rle(mask, grid)
+    n_objects = max(0, cv2.connectedComponents(mask, connectivity=8)[0] - 1)
+    record = {"id": slide_id, "source": os.path.abspath(path), "predicted": rle, "area": area,
+              "objects": n_objects, "windows": n_windows, "shape": [height, width]}
+    truth_lr = None
+    if slide_id in labels:
+        truth = parse_rle(labels[slide_id], (height, width), slide_id)
+        pred = parse_rle(rle, (height, width), slide_id)
+        record.update(dice=rle_dice(pred, truth), intersection=runs_intersection(pred, truth),
+                      total=rle_area(pred) + rle_area(truth))
+        from data.tiling import RLEMask, mask_band
+
+        truth_mask = RLEMask(truth, (height, width))
+        truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
+    pictures = os.path.join(out_dir, "predictions")
+    os.makedirs(pictures, exist_ok=True)
+    _write_png(os.path.join(pictures, f"{slide_id}_mask.png"), mask * 255)
+    _write_png(os.path.join(pictures, f"{slide_id}_overlay.png"),
+               cv2.cvtColor(_overlay(image, mask, truth_lr), cv2.COLOR_RGB2BGR))
+    return record
+
+
+def predict_slides(cfg: CN) -> Dict[str, object]:
+    start = time.time()
+    t = cfg.TEST
+    device = resolve_device(cfg.MODEL.DEVICE)
+    slides = list_slides(t.WSI_FOLDER)
+    labels = read_labels_csv(t.LABELS_CSV) if t.LABELS_CSV else {}
+    models, infos, paths = load_ensemble(t.MODEL_WEIGHTS_FOLDER, device)
+    reduce, size = int(infos[0]["input"]["reduce"]), int(t.SIZE)
+    predict = torch_predictor(models, [i["input"]["mean"] for i in infos], [i["input"]["std"] for i in infos],
+                              device, tta=t.TTA)
+    out_dir = cfg.OUTPUT_DIR
+    state = os.path.join(out_dir, ".predictions")
+    os.makedirs(state, exist_ok=True)
+    csv_path = t.OUTPUT_CSV or os.path.join(out_dir, "submission.csv")
+    logger.info("Predicting %d slide(s) with %d checkpoint(s) at reduction %d, %d px windows, overlap %.2f, "
+                "threshold %.2f on %s", len(slides), len(models), reduce, size, t.OVERLAP, t.TH, device)
+    settings = {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
+                "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": t.TH, "min_area": t.MIN_AREA,
+                "s_th": t.S_TH, "p_th": t.P_TH}
+    records = []
+    bar = tqdm(total=0, unit="window", dynamic_ncols=True, leave=False)
+    try:
+        for n, (slide_id, path) in enumerate(slides, 1):
+            record_path = os.path.join(state, f"{slide_id}.json")
+            if os.path.isfile(record_path):
+                record = read_json(record_path)
+                if record.get("settings") == settings and record.get("source") == os.path.abspath(path):
+                    records.append(record)
+                    logger.info("%s: predicted earlier, skipped", slide_id)
+                    continue
+            bar.set_description(f"[{n}/{len(slides)}] {slide_id}")
+            record = _predict_one(cfg, slide_id, path, predict, reduce, size, labels, out_dir, bar)
+            record["settings"] = settings
+            atomic_write_json(record_path, record)
+            records.append(record)
+            logger.info("%s: %d objects, %d windows%s", slide_id, record["objects"], record["windows"],
+                        f", Dice {record['dice']:.4f}" if "dice" in record else "")
+    finally:
+        bar.close()
+    atomic_write_text(csv_path, "id,predicted\n" + "".join(f"{r['id']},{r['predicted']}\n" for r in records))
+    summary = {"slides": len(records), "seconds": round(time.time() - start, 1), "csv": csv_path,
+               "objects": int(sum(r["objects"] for r in records))}
+    scored = [r for r in records if "dice" in r]
+    if scored:
+        inter = sum(r["intersection"] for r in scored)
+        total = sum(r["total"] for r in scored)
+        summary.update(overall_dice=1.0 if total == 0 else 2.0 * inter / total,
+                       mean_dice=float(np.mean([r["dice"] for r in scored])))
+        atomic_write_text(os.path.join(out_dir, "dice.csv"),
+                          "id,dice\n" + "".join(f"{r['id']},{r['dice']:.6f}\n" for r in scored))
+        atomic_write_json(os.path.join(out_dir, "metrics.json"), summary)
+        logger.info("Dice: overall %.4f, mean per slide %.4f (%d slides)", summary["overall_dice"],
+                    summary["mean_dice"], len(scored))
+    logger.info("Done in %.1f s: %d slides, %d objects -> %s (pictures in %s)", summary["seconds"], len(records),
+                summary["objects"], csv_path, os.path.join(out_dir, "predictions"))
+    return summary

@@ -1,0 +1,25 @@
+"""Predict whole slides with the trained checkpoints: RLE CSV, pictures and Dice.
+
+    python test_net.py [--config-file FILE.yaml] [KEY VALUE ...]
+
+Every slide in TEST.WSI_FOLDER is read at the checkpoints' scale and predicted with the
+ensemble of every checkpoint in TEST.MODEL_WEIGHTS_FOLDER (sliding windows of TEST.SIZE px,
+TEST.OVERLAP, Gaussian blending, background skipped, threshold TEST.TH). Writes the
+full-resolution RLE CSV (OUTPUT_DIR/submission.csv or TEST.OUTPUT_CSV), a mask and an overlay
+picture per slide, and with TEST.LABELS_CSV the Dice. A rerun skips finished slides.
+"""
+import os
+import sys
+
+from utils.setup import add_log_file, launch, save_config  # first: warning filters
+from model.prediction import predict_slides  # noqa: E402
+
+
+def main(cfg, args):
+    add_log_file(cfg.OUTPUT_DIR)
+    save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config_test.yaml"))
+    return predict_slides(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(launch(main, __doc__))

@@ -1,0 +1,144 @@
+"""Sliding-window inference: blending, the exact round trip, evaluation, test_net.py."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data.tiling import TileGrid
+from data.wsi import open_slide
+from model.build import build_model
+from model.checkpoint import save_checkpoint
+from model.inference import blend_weights, lowres_image, mask_to_rle, predict_canvas, remove_small_objects, window_starts
+from tests.conftest import requires_shared, run_script
+from tests.slides import mosaic_region, shared, write_slide
+from utils.rle import parse_rle, rle_decode, rle_dice, rle_encode
+
+
+def test_window_starts_and_weights():
+    assert window_starts(10, 4, 0.5) == [0, 2, 4, 6]
+    assert window_starts(10, 4, 0.0) == [0, 4, 6]
+    assert window_starts(3, 4, 0.5) == [0]
+    for length in range(1, 60):
+        for size in (1, 4, 7):
+            starts = window_starts(length, size, 0.5)
+            covered = np.zeros(max(length, size), bool)
+            for s in starts:
+                covered[s:s + size] = True
+            assert covered[:length].all() and starts == sorted(set(starts))
+    with pytest.raises(ValueError, match="overlap must be >= 0 and < 1"):
+        window_starts(10, 4, 1.0)
+    g = blend_weights(64)
+    assert g.max() == 1.0 and g.min() >= 1e-3 and np.allclose(g, g.T) and np.allclose(g, g[::-1])
+    assert (blend_weights(8, "constant") == 1).all()
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_constant_model_gives_the_constant_everywhere(blend):
+    image = np.full((300, 517, 3), (200, 100, 180), np.uint8)  # tissue-coloured everywhere
+    for value, exact in ((0.5, True), (0.3, False)):
+        prob, n = predict_canvas(image, lambda b: np.full(b.shape[:3], value, np.float32), 64, 0.5, blend,
+                                 batch_size=7)
+        assert n == len(window_starts(300, 64, 0.5)) * len(window_starts(517, 64, 0.5))
+        if exact:  # a power of two: blending is exact to the bit
+            assert (prob == value).all()
+        else:
+            assert np.abs(prob - value).max() < 1e-6
+
+
+@requires_shared
+def test_exact_round_trip_through_tiling_blending_threshold_and_rle(tmp_path):
+    """A fake model that finds pure green must give back the known mask exactly."""
+    height, width, size, reduce = 2300, 1900, 64, 4
+    grid = TileGrid(height, width, size, reduce)
+    lr_h, lr_w = grid.n_rows * size, grid.n_cols * size
+    yy, xx = np.mgrid[:lr_h, :lr_w]
+    mask_lr = np.zeros((lr_h, lr_w), np.uint8)
+    for cy, cx, r in ((100, 120, 30), (300, 380, 45), (520, 200, 25), (40, 440, 20)):
+        mask_lr |= ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.uint8)
+    # full-resolution truth: each low-res pixel is a reduce x reduce block of the padded slide
+    rows = (np.arange(height) + grid.pad_top) // reduce
+    cols = (np.arange(width) + grid.pad_left) // reduce
+    truth = mask_lr[rows][:, cols]
+    image = mosaic_region(0, height, 0, width, background_every=4)
+    image[truth > 0] = (0, 255, 0)
+    path = write_slide(str(tmp_path / "s.tiff"), (height, width), lambda a, b, c, d, s: image[a:b, c:d],
+                       tile=256, compression=("zlib", 1))
+    with open_slide(path) as slide:
+        low = lowres_image(slide, grid)
+
+    def green(batch):
+        return ((batch[..., 1] == 255) & (batch[..., 0] == 0) & (batch[..., 2] == 0)).astype(np.float32)
+
+    prob, n_windows = predict_canvas(low, green, size, 0.5, "gaussian", batch_size=5, pixel_threshold=200)
+    assert 0 < n_windows < len(window_starts(lr_h, size, 0.5)) * len(window_starts(lr_w, size, 0.5))
+    predicted = (prob > 0.45).astype(np.uint8)
+    assert (predicted == mask_lr).all()
+    rle, area = mask_to_rle(predicted, grid, strip_cols=333)
+    assert rle == rle_encode(truth) and area == int(truth.sum())
+
+
+def test_small_objects_and_rle_dice():
+    mask = np.zeros((50, 60), np.uint8)
+    mask[5:8, 5:8] = 1  # 9 px
+    mask[20:40, 20:40] = 1
+    kept = remove_small_objects(mask, 10)
+    assert kept[5:8, 5:8].sum() == 0 and kept[20:40, 20:40].all()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = (rng.random((40, 30)) < 0.3).astype(np.uint8)
+        b = (rng.random((40, 30)) < rng.random()).astype(np.uint8)
+        expected = 2 * (a & b).sum() / (a.sum() + b.sum())
+        got = rle_dice(parse_rle(rle_encode(a), (40, 30)), parse_rle(rle_encode(b), (40, 30)))
+        assert abs(got - expected) < 1e-12
+    empty = parse_rle("", (4, 4))
+    assert rle_dice(empty, empty) == 1.0
+
+
+def _checkpoint(path, reduce=4, size=64, seed=0):
+    torch.manual_seed(seed)
+    model = build_model({"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1})
+    save_checkpoint(str(path), model, {
+        "model": {"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1},
+        "input": {"size": size, "reduce": reduce, "mean": [0.8, 0.7, 0.8], "std": [0.15, 0.2, 0.12]},
+        "threshold": 0.5, "fold": 0, "metrics": {}})
+
+
+@requires_shared
+def test_test_net_end_to_end_resume_and_mismatch(tmp_path):
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    os.symlink(shared("wsi", "CMU-1-Small-Region.svs"), wsi / "cmu.svs")
+    os.symlink(shared("wsi", "kidney-48-5.tif"), wsi / "kidney.tif")
+    models = tmp_path / "models"
+    models.mkdir()
+    _checkpoint(models / "a.pth", seed=0)
+    _checkpoint(models / "b.pth", seed=1)
+    truth = np.zeros((2967, 2220), np.uint8)
+    truth[1000:1400, 800:1300] = 1
+    (tmp_path / "labels.csv").write_text(f"id,encoding\ncmu,{rle_encode(truth)}\n")
+    args = ["TEST.WSI_FOLDER", wsi, "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.SIZE", 64, "OUTPUT_DIR",
+            tmp_path / "out", "TEST.LABELS_CSV", tmp_path / "labels.csv", "TEST.TH", 0.5, "TEST.TTA", True]
+    result = run_script("test_net.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    lines = (out / "submission.csv").read_text().splitlines()
+    assert lines[0] == "id,predicted" and [l.split(",")[0] for l in lines[1:]] == ["cmu", "kidney"]
+    rles = dict(l.split(",", 1) for l in lines[1:])
+    cmu = rle_decode(rles["cmu"], (2967, 2220))
+    metrics = json.load(open(out / "metrics.json"))
+    expected = 2 * (cmu & truth).sum() / (cmu.sum() + truth.sum())
+    assert abs(metrics["overall_dice"] - expected) < 1e-9
+    assert (out / "dice.csv").read_text().startswith("id,dice\ncmu,")
+    for name in ("cmu_mask.png", "cmu_overlay.png", "kidney_mask.png", "kidney_overlay.png"):
+        assert (out / "predictions" / name).stat().st_size > 0
+    before = (out / "submission.csv").read_bytes()
+    again = run_script("test_net.py", *args)
+    assert again.returncode == 0 and again.stderr.count("predicted earlier, skipped") == 2
+    assert (out / "submission.csv").read_bytes() == before
+    # checkpoints that disagree on the scale
+    _checkpoint(models / "c.pth", reduce=8)
+    bad = run_script("test_net.py", *args)
+    assert bad.returncode == 1 and "must share scale and tile size" in bad.stderr
+    assert (out / "submission.csv").read_bytes() == before  # earlier output untouched
