@@ -4,6 +4,7 @@
 Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
 
     submission.csv                 id,predicted (full-resolution Kaggle RLE; "" = empty)
+    predictions/<id>.geojson       QuPath annotations ("Glomerulus"), level-0 pixel coordinates
     predictions/<id>_mask.png      the predicted mask at the model's scale
     predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours
     dice.csv, metrics.json         with TEST.LABELS_CSV: per-slide and pooled Dice
@@ -12,6 +13,7 @@ Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import time
@@ -29,6 +31,7 @@ from data.wsi import SLIDE_EXTENSIONS, open_slide
 from model.checkpoint import CheckpointError, model_from_checkpoint
 from model.inference import lowres_image, mask_to_rle, predict_canvas, remove_small_objects, threshold_mask, torch_predictor
 from model.training import resolve_device
+from utils.export import mask_polygons, polygons_geojson
 from utils.io import atomic_write_json, atomic_write_text, read_json
 from utils.rle import parse_rle, rle_area, rle_dice, runs_intersection
 
@@ -123,6 +126,13 @@ def _predict_one(cfg, slide_id, path, predict, reduce, size, labels, out_dir, pr
         truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
     pictures = os.path.join(out_dir, "predictions")
     os.makedirs(pictures, exist_ok=True)
+    polygons = mask_polygons(mask, scale=reduce, offset=(grid.pad_left, grid.pad_top))
+    for rings in polygons:  # the padding is outside the slide: clamp to it
+        for ring in rings:
+            for point in ring:
+                point[0] = min(max(point[0], 0.0), float(width))
+                point[1] = min(max(point[1], 0.0), float(height))
+    atomic_write_text(os.path.join(pictures, f"{slide_id}.geojson"), json.dumps(polygons_geojson(polygons)))
     _write_png(os.path.join(pictures, f"{slide_id}_mask.png"), mask * 255)
     _write_png(os.path.join(pictures, f"{slide_id}_overlay.png"),
                cv2.cvtColor(_overlay(image, mask, truth_lr), cv2.COLOR_RGB2BGR))

@@ -13,6 +13,7 @@ from model.checkpoint import save_checkpoint
 from model.inference import blend_weights, lowres_image, mask_to_rle, predict_canvas, remove_small_objects, window_starts
 from tests.conftest import requires_shared, run_script
 from tests.slides import mosaic_region, shared, write_slide
+from utils.export import mask_polygons, polygons_geojson
 from utils.rle import parse_rle, rle_decode, rle_dice, rle_encode
 
 
@@ -77,6 +78,46 @@ def test_exact_round_trip_through_tiling_blending_threshold_and_rle(tmp_path):
     assert (predicted == mask_lr).all()
     rle, area = mask_to_rle(predicted, grid, strip_cols=333)
     assert rle == rle_encode(truth) and area == int(truth.sum())
+    # GeoJSON polygons: rasterised back (pixel centres inside), they give the mask
+    polygons = mask_polygons(predicted)
+    assert len(polygons) == 4
+    back = _rasterise(polygons, predicted.shape)
+    assert (back & predicted).sum() / (back | predicted).sum() >= 0.99
+    level0 = mask_polygons(predicted, scale=reduce, offset=(grid.pad_left, grid.pad_top))
+    xs = [x for rings in level0 for x, _ in rings[0]]
+    ys = [y for rings in level0 for _, y in rings[0]]
+    ty, tx = np.nonzero(truth)
+    assert (min(xs), max(xs), min(ys), max(ys)) == (tx.min(), tx.max() + 1, ty.min(), ty.max() + 1)
+
+
+def _rasterise(polygons, shape):
+    from matplotlib.path import Path
+
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    centres = np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], 1)
+    out = np.zeros(len(centres), bool)
+    for rings in polygons:
+        inside = Path(rings[0]).contains_points(centres)
+        for hole in rings[1:]:
+            inside &= ~Path(hole).contains_points(centres)
+        out |= inside
+    return out.reshape(shape).astype(np.uint8)
+
+
+def test_polygons_keep_holes_and_single_pixels():
+    mask = np.zeros((40, 50), np.uint8)
+    mask[5:15, 10:30] = 1
+    mask[8:11, 15:20] = 0  # a hole
+    mask[20, 2] = 1  # one pixel
+    polygons = mask_polygons(mask)
+    assert sorted(len(p) for p in polygons) == [1, 2]
+    assert (_rasterise(polygons, mask.shape) == mask).all()
+    collection = polygons_geojson(polygons)
+    feature = collection["features"][0]
+    assert collection["type"] == "FeatureCollection" and feature["geometry"]["type"] == "Polygon"
+    assert feature["properties"]["classification"]["name"] == "Glomerulus"
+    assert feature["properties"]["objectType"] == "annotation"
+    assert all(r[0] == r[-1] for p in polygons for r in p)
 
 
 def test_small_objects_and_rle_dice():
@@ -131,6 +172,8 @@ def test_test_net_end_to_end_resume_and_mismatch(tmp_path):
     expected = 2 * (cmu & truth).sum() / (cmu.sum() + truth.sum())
     assert abs(metrics["overall_dice"] - expected) < 1e-9
     assert (out / "dice.csv").read_text().startswith("id,dice\ncmu,")
+    geo = json.load(open(out / "predictions" / "cmu.geojson"))
+    assert geo["type"] == "FeatureCollection"
     for name in ("cmu_mask.png", "cmu_overlay.png", "kidney_mask.png", "kidney_overlay.png"):
         assert (out / "predictions" / name).stat().st_size > 0
     before = (out / "submission.csv").read_bytes()
