@@ -167,6 +167,9 @@ _C.TEST.MIN_AREA = 0
 _C.TEST.OUTPUT_CSV = ""
 # CSV of true masks (id,encoding) to score the predictions with; "" = no scoring.
 _C.TEST.LABELS_CSV = ""
+# Predict the images of an image/mask pairs folder (laid out as DATASETS.PAIRS_FOLDER, with
+# the DATASETS mask encoding; masks optional, scored when present) instead of slides.
+_C.TEST.PAIRS_FOLDER = ""
 
 # -----------------------------------------------------------------------------
 # Misc

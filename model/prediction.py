@@ -7,6 +7,9 @@ Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
     predictions/<id>.geojson       QuPath annotations ("Glomerulus"), level-0 pixel coordinates
     predictions/<id>_mask.png      the predicted mask at the model's scale
     predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours
+
+With ``TEST.PAIRS_FOLDER`` the items are the images of an image/mask pairs folder (laid out as
+``DATASETS.PAIRS_FOLDER``, the DATASETS mask encoding applies, masks optional) instead of slides.
     dice.csv, metrics.json         with TEST.LABELS_CSV: per-slide and pooled Dice
     .predictions/<id>.json         per-slide result: a rerun skips finished slides
 """
@@ -33,7 +36,7 @@ from model.inference import lowres_image, mask_to_rle, predict_canvas, remove_sm
 from model.training import resolve_device
 from utils.export import mask_polygons, polygons_geojson
 from utils.io import atomic_write_json, atomic_write_text, read_json
-from utils.rle import parse_rle, rle_area, rle_dice, runs_intersection
+from utils.rle import parse_rle, rle_area, rle_dice, rle_encode, runs_intersection
 
 __all__ = ["load_ensemble", "predict_slides", "list_slides"]
 
@@ -100,9 +103,36 @@ def _write_png(path: str, image: np.ndarray) -> None:
     atomic_write_bytes(path, data.tobytes())
 
 
-def _predict_one(cfg, slide_id, path, predict, reduce, size, labels, out_dir, progress) -> Dict[str, object]:
+def _items(cfg: CN):
+    """``(id, source path, open() -> Slide, true RLE or None)`` for slides or pairs."""
+    t, d = cfg.TEST, cfg.DATASETS
+    if t.PAIRS_FOLDER:
+        from data.sources import _files_by_stem, load_pair_mask
+        from data.wsi import ArraySlide, read_image
+
+        image_dir, mask_dir = os.path.join(t.PAIRS_FOLDER, d.PAIRS_IMAGES), os.path.join(t.PAIRS_FOLDER, d.PAIRS_MASKS)
+        if not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"{image_dir}: folder not found (TEST.PAIRS_FOLDER / DATASETS.PAIRS_IMAGES)")
+        images = _files_by_stem(image_dir)
+        masks = _files_by_stem(mask_dir) if os.path.isdir(mask_dir) else {}
+        if not images:
+            raise FileNotFoundError(f"{image_dir}: no images")
+        items = []
+        for image_id, path in sorted(images.items()):
+            truth = None
+            if image_id in masks:
+                truth = load_pair_mask(masks[image_id], d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT)
+            items.append((image_id, path, lambda p=path: ArraySlide(read_image(p), p),
+                          None if truth is None else rle_encode(truth)))
+        return items
+    labels = read_labels_csv(t.LABELS_CSV) if t.LABELS_CSV else {}
+    return [(slide_id, path, lambda p=path: open_slide(p), labels.get(slide_id))
+            for slide_id, path in list_slides(t.WSI_FOLDER)]
+
+
+def _predict_one(cfg, slide_id, opener, truth_rle, predict, reduce, size, out_dir, progress) -> Dict[str, object]:
     t = cfg.TEST
-    with open_slide(path) as slide:
+    with opener() as slide:
         height, width = slide.shape
         grid = TileGrid(height, width, size, reduce)
         image = lowres_image(slide, grid)
@@ -112,11 +142,11 @@ def _predict_one(cfg, slide_id, path, predict, reduce, size, labels, out_dir, pr
     del prob
     rle, area = mask_to_rle(mask, grid)
     n_objects = max(0, cv2.connectedComponents(mask, connectivity=8)[0] - 1)
-    record = {"id": slide_id, "source": os.path.abspath(path), "predicted": rle, "area": area,
+    record = {"id": slide_id, "predicted": rle, "area": area,
               "objects": n_objects, "windows": n_windows, "shape": [height, width]}
     truth_lr = None
-    if slide_id in labels:
-        truth = parse_rle(labels[slide_id], (height, width), slide_id)
+    if truth_rle is not None:
+        truth = parse_rle(truth_rle, (height, width), slide_id)
         pred = parse_rle(rle, (height, width), slide_id)
         record.update(dice=rle_dice(pred, truth), intersection=runs_intersection(pred, truth),
                       total=rle_area(pred) + rle_area(truth))
@@ -143,8 +173,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     start = time.time()
     t = cfg.TEST
     device = resolve_device(cfg.MODEL.DEVICE)
-    slides = list_slides(t.WSI_FOLDER)
-    labels = read_labels_csv(t.LABELS_CSV) if t.LABELS_CSV else {}
+    slides = _items(cfg)
     models, infos, paths = load_ensemble(t.MODEL_WEIGHTS_FOLDER, device)
     reduce, size = int(infos[0]["input"]["reduce"]), int(t.SIZE)
     predict = torch_predictor(models, [i["input"]["mean"] for i in infos], [i["input"]["std"] for i in infos],
@@ -153,15 +182,15 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     state = os.path.join(out_dir, ".predictions")
     os.makedirs(state, exist_ok=True)
     csv_path = t.OUTPUT_CSV or os.path.join(out_dir, "submission.csv")
-    logger.info("Predicting %d slide(s) with %d checkpoint(s) at reduction %d, %d px windows, overlap %.2f, "
-                "threshold %.2f on %s", len(slides), len(models), reduce, size, t.OVERLAP, t.TH, device)
+    logger.info("Predicting %d %s with %d checkpoint(s) at reduction %d, %d px windows, overlap %.2f, "
+                "threshold %.2f on %s", len(slides), "image(s)" if t.PAIRS_FOLDER else "slide(s)", len(models), reduce, size, t.OVERLAP, t.TH, device)
     settings = {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
                 "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": t.TH, "min_area": t.MIN_AREA,
                 "s_th": t.S_TH, "p_th": t.P_TH}
     records = []
     bar = tqdm(total=0, unit="window", dynamic_ncols=True, leave=False)
     try:
-        for n, (slide_id, path) in enumerate(slides, 1):
+        for n, (slide_id, path, opener, truth_rle) in enumerate(slides, 1):
             record_path = os.path.join(state, f"{slide_id}.json")
             if os.path.isfile(record_path):
                 record = read_json(record_path)
@@ -170,8 +199,9 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                     logger.info("%s: predicted earlier, skipped", slide_id)
                     continue
             bar.set_description(f"[{n}/{len(slides)}] {slide_id}")
-            record = _predict_one(cfg, slide_id, path, predict, reduce, size, labels, out_dir, bar)
+            record = _predict_one(cfg, slide_id, opener, truth_rle, predict, reduce, size, out_dir, bar)
             record["settings"] = settings
+            record["source"] = os.path.abspath(path)
             atomic_write_json(record_path, record)
             records.append(record)
             logger.info("%s: %d objects, %d windows%s", slide_id, record["objects"], record["windows"],

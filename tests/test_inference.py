@@ -185,3 +185,37 @@ def test_test_net_end_to_end_resume_and_mismatch(tmp_path):
     bad = run_script("test_net.py", *args)
     assert bad.returncode == 1 and "must share scale and tile size" in bad.stderr
     assert (out / "submission.csv").read_bytes() == before  # earlier output untouched
+
+
+@requires_shared
+def test_pairs_mode_scores_against_the_masks(tmp_path):
+    import cv2
+
+    pairs = tmp_path / "pairs"
+    for sub in ("images", "masks"):
+        (pairs / sub).mkdir(parents=True)
+    ids = ["10003", "10179"]
+    for i in ids:
+        os.symlink(shared("aidpath", "images", f"{i}.png"), pairs / "images" / f"{i}.png")
+        os.symlink(shared("aidpath", "masks", f"{i}.png"), pairs / "masks" / f"{i}.png")
+    models = tmp_path / "models"
+    models.mkdir()
+    _checkpoint(models / "a.pth", reduce=4, size=64)
+    result = run_script("test_net.py", "TEST.PAIRS_FOLDER", pairs, "TEST.MODEL_WEIGHTS_FOLDER", models,
+                        "TEST.SIZE", 64, "DATASETS.MASK_CHANNEL", 0, "DATASETS.MASK_THRESHOLD", 127,
+                        "TEST.TH", 0.5, "TEST.P_TH", -1, "OUTPUT_DIR", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    rles = dict(line.split(",", 1) for line in (out / "submission.csv").read_text().splitlines()[1:])
+    dices, inter, total = {}, 0, 0
+    for i in ids:
+        truth = (cv2.imread(shared("aidpath", "masks", f"{i}.png"))[..., 2] > 127).astype(np.uint8)
+        pred = rle_decode(rles[i], truth.shape)
+        inter += int((pred & truth).sum())
+        total += int(pred.sum() + truth.sum())
+        dices[i] = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    rows = dict(line.split(",") for line in (out / "dice.csv").read_text().splitlines()[1:])
+    assert all(abs(float(rows[i]) - dices[i]) < 1e-6 for i in ids)
+    metrics = json.load(open(out / "metrics.json"))
+    assert abs(metrics["overall_dice"] - 2 * inter / total) < 1e-9
+    assert abs(metrics["mean_dice"] - np.mean(list(dices.values()))) < 1e-6
