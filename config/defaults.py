@@ -139,7 +139,7 @@ _C.SOLVER.CHECKPOINT_PERIOD = 1
 # -----------------------------------------------------------------------------
 _C.TEST = CN()
 # Inference batch size (tiles per forward pass).
-_C.TEST.IMS_PER_BATCH = 16
+_C.TEST.IMS_PER_BATCH = 8
 # Folder of trained checkpoints; every checkpoint in it joins the ensemble.
 _C.TEST.MODEL_WEIGHTS_FOLDER = "output/models"
 # Side of the sliding-window tile, in pixels of the downscaled slide.

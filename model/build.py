@@ -21,7 +21,7 @@ import torch.nn as nn
 from model.registry import Registry
 
 __all__ = ["MODELS", "WeightsError", "model_spec", "build_model", "check_architecture", "param_groups",
-           "architectures"]
+           "architectures", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,15 @@ def build_model(cfg_or_spec, weights: Optional[bool] = True) -> nn.Module:
     arch = spec["ARCHITECTURE"]
     check_architecture(arch)
     return MODELS.get(arch)(spec) if arch in MODELS else _build_smp(spec)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``MODEL.DEVICE``: 'auto' = CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"MODEL.DEVICE {name!r}: no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device(name)
 
 
 def param_groups(model: nn.Module) -> List[List[nn.Parameter]]:

@@ -172,7 +172,7 @@ def torch_predictor(models: Sequence[torch.nn.Module], means, stds, device: torc
               for m, s in zip(means, stds)]
     flips = [[], [3], [2]] if tta else [[]]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
         total = None

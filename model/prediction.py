@@ -31,9 +31,9 @@ from yacs.config import CfgNode as CN
 from data.sources import _slide_id, read_labels_csv
 from data.tiling import TileGrid
 from data.wsi import SLIDE_EXTENSIONS, open_slide
+from model.build import resolve_device
 from model.checkpoint import CheckpointError, model_from_checkpoint
 from model.inference import lowres_image, mask_to_rle, predict_canvas, remove_small_objects, threshold_mask, torch_predictor
-from model.training import resolve_device
 from utils.export import mask_polygons, polygons_geojson
 from utils.io import atomic_write_json, atomic_write_text, read_json
 from utils.rle import parse_rle, rle_area, rle_dice, rle_encode, runs_intersection

@@ -28,25 +28,16 @@ from yacs.config import CfgNode as CN
 
 from data.datasets import TileDataset, TileSet, kfold_groups, read_stats
 from data.transforms import build_train_transform
-from model.build import build_model, check_architecture, model_spec, param_groups
+from model.build import build_model, check_architecture, model_spec, param_groups, resolve_device
 from model.checkpoint import load_weights_file, save_checkpoint
 from utils.io import atomic_write_json, atomic_write_text
 from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, dice_from_counts
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
 
-__all__ = ["train", "checkpoint_name", "resolve_device", "make_learner", "make_dataloaders"]
+__all__ = ["train", "checkpoint_name", "make_learner", "make_dataloaders"]
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``MODEL.DEVICE``: 'auto' = CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"MODEL.DEVICE {name!r}: no CUDA device is available (use 'auto' or 'cpu')")
-    return torch.device(name)
 
 
 def checkpoint_name(cfg: CN, fold: int) -> str:

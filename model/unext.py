@@ -13,7 +13,6 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fastai.layers import ConvLayer, PixelShuffle_ICNR
 
 __all__ = ["UneXt", "ASPP", "FPN", "UnetBlock", "convert_original_state_dict", "is_original_state_dict"]
 
@@ -87,6 +86,8 @@ class UnetBlock(nn.Module):
     """Pixel-shuffle upsampling, skip connection (batch-normed), two 3x3 convs."""
 
     def __init__(self, up_in_c: int, x_in_c: int, nf: Optional[int] = None):
+        from fastai.layers import ConvLayer, PixelShuffle_ICNR  # fastai only when a UneXt is built
+
         super().__init__()
         self.shuf = PixelShuffle_ICNR(up_in_c, up_in_c // 2)
         self.bn = nn.BatchNorm2d(x_in_c)
@@ -110,6 +111,8 @@ class UneXt(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int = 1, stride: int = 1):
+        from fastai.layers import ConvLayer
+
         super().__init__()
         channels = encoder.feature_info.channels()
         reductions = encoder.feature_info.reduction()

@@ -32,7 +32,7 @@ def main(argv=None):
     from config import get_cfg_defaults
     from model.build import build_model
     from model.checkpoint import model_from_checkpoint, save_checkpoint
-    from model.training import resolve_device
+    from model.build import resolve_device
     from utils.losses import build_loss
 
     device = resolve_device("auto")

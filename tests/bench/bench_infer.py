@@ -1,0 +1,117 @@
+"""Whole-slide inference: test_net.py against MONAI's sliding window and the model-only floor.
+
+    python -m pip install -r requirements-bench.txt   # MONAI
+    python -m tests.bench.bench_infer [--runs 3]
+
+A 31278 x 25794 tiled-JPEG slide of real tissue (as tests/bench/bench_tiles.py builds it), an
+smp Unet-resnet18 with random weights (seed 0) saved as a checkpoint at reduction 16, tile 256,
+overlap 0.5, CPU with 2 threads. Measured in the same run:
+
+* test_net.py, as a user runs it (fresh process: reads the slide, skips background, writes the
+  full-resolution RLE CSV and pictures): wall time, peak RSS, windows evaluated;
+* (a) MONAI ``sliding_window_inference`` (overlap 0.5, Gaussian) on the same downscaled image,
+  already in memory, same model;
+* (b) the floor: the model's forward pass alone on as many tiles as test_net evaluated.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from tests.bench.bench_tiles import REPO, SLIDE_ID, _measure
+from tests.slides import SHARED_REASON, has_shared, mosaic_region, read_sizes, write_slide
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workdir", default="")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--reduce", type=int, default=16)
+    args = parser.parse_args(argv)
+    if not has_shared():
+        sys.exit(SHARED_REASON)
+    from monai.inferers import sliding_window_inference
+
+    from data.tiling import TileGrid
+    from data.wsi import open_slide
+    from model.build import build_model
+    from model.checkpoint import save_checkpoint
+    from model.inference import lowres_image
+
+    torch.set_num_threads(2)
+    work = args.workdir or tempfile.mkdtemp(prefix="bench_infer_")
+    wsi, models = os.path.join(work, "wsi"), os.path.join(work, "models")
+    os.makedirs(wsi, exist_ok=True)
+    os.makedirs(models, exist_ok=True)
+    height, width = read_sizes()[SLIDE_ID]
+    slide_path = os.path.join(wsi, f"{SLIDE_ID}.tiff")
+    if not os.path.exists(slide_path):
+        write_slide(slide_path, (height, width),
+                    lambda a, b, c, d, s=1: mosaic_region(a, b, c, d, s, background_every=3), tile=512)
+    spec = {"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1}
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    save_checkpoint(os.path.join(models, "unet.pth"), model, {
+        "model": spec, "input": {"size": args.size, "reduce": args.reduce, "mean": [0.8, 0.7, 0.8], "std": [0.15, 0.2, 0.12]},
+        "threshold": 0.5, "fold": 0, "metrics": {}})
+
+    ours, windows = [], None
+    for _ in range(args.runs):
+        out = os.path.join(work, "out")
+        shutil.rmtree(out, ignore_errors=True)
+        ours.append(_measure([sys.executable, os.path.join(REPO, "test_net.py"), "TEST.WSI_FOLDER", wsi,
+                              "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.SIZE", str(args.size), "TEST.OVERLAP", "0.5",
+                              "OUTPUT_DIR", out], cwd=REPO))
+        record = json.load(open(glob.glob(os.path.join(out, ".predictions", "*.json"))[0]))
+        windows = record["windows"]
+
+    with open_slide(slide_path) as slide:
+        grid = TileGrid(height, width, args.size, args.reduce)
+        image = lowres_image(slide, grid)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    mean = torch.tensor([0.8, 0.7, 0.8]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.15, 0.2, 0.12]).view(1, 3, 1, 1) * 255
+    x = (x - mean) / std
+    monai_times = []
+    with torch.no_grad():
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            sliding_window_inference(x, (args.size, args.size), 8, model, overlap=0.5, mode="gaussian")
+            monai_times.append(time.perf_counter() - start)
+        batch = torch.randn(8, 3, args.size, args.size)
+        floor_times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            done = 0
+            while done < windows:
+                n = min(8, windows - done)
+                model(batch[:n])
+                done += n
+            floor_times.append(time.perf_counter() - start)
+    wall = statistics.median(w for w, _ in ours)
+    rss = max(r for _, r in ours)
+    monai_s, floor_s = statistics.median(monai_times), statistics.median(floor_times)
+    n_all = len(range(0, image.shape[0] - args.size + 1, args.size // 2)) * len(range(0, image.shape[1] - args.size + 1, args.size // 2))
+    print(f"slide {width} x {height}, reduction {args.reduce}, tile {args.size}, overlap 0.5, CPU 2 threads, {args.runs} runs")
+    print(f"test_net:        {wall:6.2f} s (runs {', '.join(f'{w:.2f}' for w, _ in ours)}), peak RSS {rss:.0f} MB, "
+          f"{windows} windows evaluated (of about {n_all})")
+    print(f"(a) MONAI sliding window, in memory: {monai_s:6.2f} s  -> test_net / MONAI = {wall / monai_s:.2f} (target <= 1.0)")
+    print(f"(b) floor, model forward on {windows} tiles: {floor_s:6.2f} s  -> test_net / floor = {wall / floor_s:.2f} (target <= 1.3)")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
