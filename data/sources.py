@@ -23,6 +23,8 @@ __all__ = [
     "read_labels_csv",
     "read_id_list",
     "find_slide",
+    "slide_id_of",
+    "files_by_stem",
     "wsi_jobs",
     "pairs_jobs",
     "load_pair_mask",
@@ -127,7 +129,7 @@ def find_slide(folder: str, slide_id: str) -> Optional[str]:
     return None
 
 
-def _slide_id(name: str) -> Optional[str]:
+def slide_id_of(name: str) -> Optional[str]:
     lower = name.lower()
     for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
         if lower.endswith(ext):
@@ -161,7 +163,7 @@ def wsi_jobs(wsi_folder: str, labels_csv: str) -> List[TileJob]:
             f"{missing[:5]} (looked for {', '.join(SLIDE_EXTENSIONS)})"
         )
     unlabelled = sorted(
-        sid for sid in (_slide_id(n) for n in os.listdir(wsi_folder)) if sid and sid not in labels
+        sid for sid in (slide_id_of(n) for n in os.listdir(wsi_folder)) if sid and sid not in labels
     )
     if unlabelled:
         logger.warning(
@@ -171,7 +173,7 @@ def wsi_jobs(wsi_folder: str, labels_csv: str) -> List[TileJob]:
     return jobs
 
 
-def _files_by_stem(folder: str) -> Dict[str, str]:
+def files_by_stem(folder: str) -> Dict[str, str]:
     out: Dict[str, str] = {}
     for path in sorted(glob.glob(os.path.join(folder, "*"))):
         name = os.path.basename(path)
@@ -190,7 +192,7 @@ def pairs_jobs(pairs_folder: str, images: str, masks: str, labels_csv: str = "")
     image_dir, mask_dir = os.path.join(pairs_folder, images), os.path.join(pairs_folder, masks)
     _require_folder(image_dir, "DATASETS.PAIRS_IMAGES")
     _require_folder(mask_dir, "DATASETS.PAIRS_MASKS")
-    image_files, mask_files = _files_by_stem(image_dir), _files_by_stem(mask_dir)
+    image_files, mask_files = files_by_stem(image_dir), files_by_stem(mask_dir)
     if labels_csv:
         wanted = read_id_list(labels_csv)
         absent = [i for i in wanted if i not in image_files]

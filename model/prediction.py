@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
-from data.sources import _slide_id, read_labels_csv
-from data.tiling import TileGrid
-from data.wsi import SLIDE_EXTENSIONS, open_slide
+from data.sources import files_by_stem, load_pair_mask, read_labels_csv, slide_id_of
+from data.tiling import RLEMask, TileGrid, mask_band
+from data.wsi import SLIDE_EXTENSIONS, ArraySlide, open_slide, read_image
 from model.build import resolve_device
 from model.checkpoint import CheckpointError, model_from_checkpoint
 from model.inference import lowres_image, mask_to_rle, predict_canvas, remove_small_objects, threshold_mask, torch_predictor
@@ -73,7 +73,7 @@ def list_slides(folder: str) -> List[Tuple[str, str]]:
         raise FileNotFoundError(f"{folder}: folder not found (TEST.WSI_FOLDER)")
     found = []
     for name in sorted(os.listdir(folder)):
-        slide_id = _slide_id(name)
+        slide_id = slide_id_of(name)
         if slide_id and os.path.isfile(os.path.join(folder, name)):
             found.append((slide_id, os.path.join(folder, name)))
     if not found:
@@ -107,14 +107,12 @@ def _items(cfg: CN):
     """``(id, source path, open() -> Slide, true RLE or None)`` for slides or pairs."""
     t, d = cfg.TEST, cfg.DATASETS
     if t.PAIRS_FOLDER:
-        from data.sources import _files_by_stem, load_pair_mask
-        from data.wsi import ArraySlide, read_image
 
         image_dir, mask_dir = os.path.join(t.PAIRS_FOLDER, d.PAIRS_IMAGES), os.path.join(t.PAIRS_FOLDER, d.PAIRS_MASKS)
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"{image_dir}: folder not found (TEST.PAIRS_FOLDER / DATASETS.PAIRS_IMAGES)")
-        images = _files_by_stem(image_dir)
-        masks = _files_by_stem(mask_dir) if os.path.isdir(mask_dir) else {}
+        images = files_by_stem(image_dir)
+        masks = files_by_stem(mask_dir) if os.path.isdir(mask_dir) else {}
         if not images:
             raise FileNotFoundError(f"{image_dir}: no images")
         items = []
@@ -150,8 +148,6 @@ def _predict_one(cfg, slide_id, opener, truth_rle, predict, reduce, size, out_di
         pred = parse_rle(rle, (height, width), slide_id)
         record.update(dice=rle_dice(pred, truth), intersection=runs_intersection(pred, truth),
                       total=rle_area(pred) + rle_area(truth))
-        from data.tiling import RLEMask, mask_band
-
         truth_mask = RLEMask(truth, (height, width))
         truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
     pictures = os.path.join(out_dir, "predictions")
@@ -220,8 +216,8 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         atomic_write_text(os.path.join(out_dir, "dice.csv"),
                           "id,dice\n" + "".join(f"{r['id']},{r['dice']:.6f}\n" for r in scored))
         atomic_write_json(os.path.join(out_dir, "metrics.json"), summary)
-        logger.info("Dice: overall %.4f, mean per slide %.4f (%d slides)", summary["overall_dice"],
+        logger.info("Dice: overall %.4f, mean per image/slide %.4f (%d scored)", summary["overall_dice"],
                     summary["mean_dice"], len(scored))
-    logger.info("Done in %.1f s: %d slides, %d objects -> %s (pictures in %s)", summary["seconds"], len(records),
+    logger.info("Done in %.1f s: %d images/slides, %d objects -> %s (pictures in %s)", summary["seconds"], len(records),
                 summary["objects"], csv_path, os.path.join(out_dir, "predictions"))
     return summary
