@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.tiler import stats_path, tiles_variant
+from data.tiler import TilerOutput
 
 __all__ = ["TILE_NAME", "TileSet", "list_tiles", "tile_group", "kfold_groups", "read_stats", "TileDataset"]
 
@@ -35,10 +35,8 @@ class TileSet:
     """The tiles of one ``<size>_red<reduce>`` variant in ``train_folder``."""
 
     def __init__(self, train_folder: str, size: int, reduce: int):
-        variant = tiles_variant(size, reduce)
-        self.images = os.path.join(train_folder, f"images_{variant}")
-        self.masks = os.path.join(train_folder, f"masks_{variant}")
-        self.stats_file = stats_path(train_folder, size, reduce)
+        layout = TilerOutput(train_folder, size, reduce)  # the tiler's folder layout
+        self.images, self.masks, self.stats_file = layout.images, layout.masks, layout.stats
         if not os.path.isdir(self.images) or not os.path.isdir(self.masks):
             raise FileNotFoundError(
                 f"{self.images}: no tiles; run tiles_creator.py with the same DATASETS.TRAIN_FOLDER, "

@@ -184,14 +184,13 @@ class _RowDownscaler:
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         """``rows``: ``(n * factor, width, 3)`` level rows -> ``(n, out_cols, 3)``."""
         r, pad_left = self.factor, self.pad_left
-        n = rows.shape[0] // r
-        out = np.zeros((n, self.out_cols, 3), dtype=np.uint8)
         j_lo, j_hi = self.j_lo, self.j_hi
         if j_hi <= j_lo:  # narrower than two blocks: pad the whole thing
             padded = np.zeros((rows.shape[0], self.out_cols * r, 3), dtype=np.uint8)
             count = max(0, min(self.width, self.out_cols * r - pad_left))
             padded[:, pad_left:pad_left + count] = rows[:, :count]
             return self._resize(padded, self.out_cols)
+        out = np.zeros((rows.shape[0] // r, self.out_cols, 3), dtype=np.uint8)
         out[:, j_lo:j_hi] = self._resize(rows[:, j_lo * r - pad_left:j_hi * r - pad_left], j_hi - j_lo)
         if j_lo > 0:  # the block straddling the left edge
             inside = j_lo * r - pad_left

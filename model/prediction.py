@@ -35,8 +35,9 @@ from model.build import resolve_device
 from model.checkpoint import CheckpointError, model_from_checkpoint
 from model.inference import lowres_image, mask_to_rle, predict_canvas, remove_small_objects, threshold_mask, torch_predictor
 from utils.export import mask_polygons, polygons_geojson
-from utils.io import atomic_write_json, atomic_write_text, read_json
-from utils.rle import parse_rle, rle_area, rle_dice, rle_encode, runs_intersection
+from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from utils.metrics import dice_from_counts
+from utils.rle import parse_rle, rle_area, rle_encode, runs_intersection
 
 __all__ = ["load_ensemble", "predict_slides", "list_slides"]
 
@@ -98,16 +99,14 @@ def _write_png(path: str, image: np.ndarray) -> None:
     ok, data = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    from utils.io import atomic_write_bytes
-
     atomic_write_bytes(path, data.tobytes())
 
 
 def _items(cfg: CN):
-    """``(id, source path, open() -> Slide, true RLE or None)`` for slides or pairs."""
+    """``(id, source path, open() -> Slide, truth() -> true RLE or None)`` for slides or
+    pairs; opening and reading the truth wait until an item is predicted (not on resume)."""
     t, d = cfg.TEST, cfg.DATASETS
     if t.PAIRS_FOLDER:
-
         image_dir, mask_dir = os.path.join(t.PAIRS_FOLDER, d.PAIRS_IMAGES), os.path.join(t.PAIRS_FOLDER, d.PAIRS_MASKS)
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"{image_dir}: folder not found (TEST.PAIRS_FOLDER / DATASETS.PAIRS_IMAGES)")
@@ -115,20 +114,21 @@ def _items(cfg: CN):
         masks = files_by_stem(mask_dir) if os.path.isdir(mask_dir) else {}
         if not images:
             raise FileNotFoundError(f"{image_dir}: no images")
-        items = []
-        for image_id, path in sorted(images.items()):
-            truth = None
-            if image_id in masks:
-                truth = load_pair_mask(masks[image_id], d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT)
-            items.append((image_id, path, lambda p=path: ArraySlide(read_image(p), p),
-                          None if truth is None else rle_encode(truth)))
-        return items
+
+        def truth(mask_path):
+            if mask_path is None:
+                return None
+            return rle_encode(load_pair_mask(mask_path, d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT))
+
+        return [(image_id, path, lambda p=path: ArraySlide(read_image(p), p),
+                 lambda m=masks.get(image_id): truth(m))
+                for image_id, path in sorted(images.items())]
     labels = read_labels_csv(t.LABELS_CSV) if t.LABELS_CSV else {}
-    return [(slide_id, path, lambda p=path: open_slide(p), labels.get(slide_id))
+    return [(slide_id, path, lambda p=path: open_slide(p), lambda r=labels.get(slide_id): r)
             for slide_id, path in list_slides(t.WSI_FOLDER)]
 
 
-def _predict_one(cfg, slide_id, opener, truth_rle, predict, reduce, size, out_dir, progress) -> Dict[str, object]:
+def _predict_one(cfg, slide_id, opener, truth, predict, reduce, size, out_dir, progress) -> Dict[str, object]:
     t = cfg.TEST
     with opener() as slide:
         height, width = slide.shape
@@ -143,12 +143,13 @@ def _predict_one(cfg, slide_id, opener, truth_rle, predict, reduce, size, out_di
     record = {"id": slide_id, "predicted": rle, "area": area,
               "objects": n_objects, "windows": n_windows, "shape": [height, width]}
     truth_lr = None
+    truth_rle = truth()
     if truth_rle is not None:
-        truth = parse_rle(truth_rle, (height, width), slide_id)
-        pred = parse_rle(rle, (height, width), slide_id)
-        record.update(dice=rle_dice(pred, truth), intersection=runs_intersection(pred, truth),
-                      total=rle_area(pred) + rle_area(truth))
-        truth_mask = RLEMask(truth, (height, width))
+        true_runs = parse_rle(truth_rle, (height, width), slide_id)
+        pred_runs = parse_rle(rle, (height, width), slide_id)
+        inter, total = runs_intersection(pred_runs, true_runs), rle_area(pred_runs) + rle_area(true_runs)
+        record.update(dice=dice_from_counts(inter, total), intersection=inter, total=total)
+        truth_mask = RLEMask(true_runs, (height, width))
         truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
     pictures = os.path.join(out_dir, "predictions")
     os.makedirs(pictures, exist_ok=True)
@@ -186,7 +187,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     records = []
     bar = tqdm(total=0, unit="window", dynamic_ncols=True, leave=False)
     try:
-        for n, (slide_id, path, opener, truth_rle) in enumerate(slides, 1):
+        for n, (slide_id, path, opener, truth) in enumerate(slides, 1):
             record_path = os.path.join(state, f"{slide_id}.json")
             if os.path.isfile(record_path):
                 record = read_json(record_path)
@@ -195,7 +196,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                     logger.info("%s: predicted earlier, skipped", slide_id)
                     continue
             bar.set_description(f"[{n}/{len(slides)}] {slide_id}")
-            record = _predict_one(cfg, slide_id, opener, truth_rle, predict, reduce, size, out_dir, bar)
+            record = _predict_one(cfg, slide_id, opener, truth, predict, reduce, size, out_dir, bar)
             record["settings"] = settings
             record["source"] = os.path.abspath(path)
             atomic_write_json(record_path, record)
@@ -211,7 +212,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     if scored:
         inter = sum(r["intersection"] for r in scored)
         total = sum(r["total"] for r in scored)
-        summary.update(overall_dice=1.0 if total == 0 else 2.0 * inter / total,
+        summary.update(overall_dice=dice_from_counts(inter, total),
                        mean_dice=float(np.mean([r["dice"] for r in scored])))
         atomic_write_text(os.path.join(out_dir, "dice.csv"),
                           "id,dice\n" + "".join(f"{r['id']},{r['dice']:.6f}\n" for r in scored))
