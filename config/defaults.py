@@ -161,6 +161,9 @@ _C.TEST.OVERLAP = 0.5
 _C.TEST.BLEND = "gaussian"
 # Average the predictions of the tile and its horizontal and vertical flips.
 _C.TEST.TTA = False
+# Upsampling of the low-res probability map to full resolution before the threshold:
+# "bilinear" (smooth contours) or "nearest" (each low-res pixel a reduce x reduce block).
+_C.TEST.UPSAMPLE = "bilinear"
 # Remove predicted objects smaller than this many level-0 pixels (0 = keep all).
 _C.TEST.MIN_AREA = 0
 # Output CSV (id,predicted); "" = OUTPUT_DIR/submission.csv.

@@ -24,7 +24,7 @@ from model.build import build_model
 from model.unext import convert_original_state_dict, is_original_state_dict
 from utils.io import atomic_write_bytes
 
-__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint",
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "model_from_loaded",
            "load_model_weights"]
 
 FORMAT = "glomeruli/1"
@@ -75,12 +75,17 @@ def load_checkpoint(path: str) -> Dict[str, object]:
 def model_from_checkpoint(path: str) -> Tuple[nn.Module, Dict[str, object]]:
     """Rebuild the model a checkpoint describes and load its weights."""
     ckpt = load_checkpoint(path)
+    return model_from_loaded(ckpt, path), ckpt
+
+
+def model_from_loaded(ckpt: Dict[str, object], path: str) -> nn.Module:
+    """The model of an already loaded checkpoint (``path`` names it in errors)."""
     try:
         model = build_model(ckpt["model"], weights=False)
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     load_model_weights(model, ckpt["state_dict"], path)
-    return model, ckpt
+    return model
 
 
 def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:

@@ -6,8 +6,8 @@ of ``reduce * size``). Windows of ``size`` px with a fractional ``overlap`` slid
 background windows (the tiler's saturation test) are skipped; the rest go to every model of
 the ensemble in batches (optionally with flip TTA), and their probabilities are blended into a
 low-resolution canvas with a Gaussian (or constant) weight map. The full-resolution mask is
-never allocated: it is produced column strip by column strip, nearest-neighbour upsampled from
-the thresholded low-resolution mask, straight into the RLE encoder.
+never allocated: the probability map is upsampled (bilinear, or nearest) column strip by column
+strip, thresholded and fed straight into the RLE encoder.
 
 Coordinates: ``(row, col)``; low-res pixel ``(i, j)`` covers level-0 rows
 ``i * reduce - pad_top ...`` (the tiler's convention).
@@ -25,7 +25,7 @@ from data.wsi import Slide
 from utils.rle import RLEStripEncoder
 
 __all__ = ["blend_weights", "window_starts", "lowres_image", "predict_canvas", "threshold_mask",
-           "remove_small_objects", "mask_to_rle"]
+           "remove_small_objects", "prob_to_rle", "mask_to_rle", "torch_predictor"]
 
 
 def blend_weights(size: int, mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
@@ -141,28 +141,68 @@ def remove_small_objects(mask: np.ndarray, min_area: int) -> np.ndarray:
     return keep[labels]
 
 
-def mask_to_rle(mask_lr: np.ndarray, grid: TileGrid, strip_cols: int = 2048) -> Tuple[str, int]:
-    """Full-resolution RLE of a padded low-res mask, nearest-neighbour upsampled by
-    ``grid.reduce``, built column strip by column strip (never the whole full-res mask).
+UPSAMPLE_MODES = ("bilinear", "nearest")
+
+
+def prob_to_rle(prob: np.ndarray, grid: TileGrid, threshold: float, upsample: str = "bilinear",
+                strip_pixels: int = 1 << 24) -> Tuple[str, int]:
+    """Full-resolution RLE of ``upsampled prob > threshold``, built column strip by column
+    strip: never the full-resolution mask nor the full-resolution probability map.
+
+    ``prob`` is the padded low-res map of ``grid``. ``bilinear`` upsamples it by ``grid.reduce``
+    as ``cv2.resize(prob, None, fx=r, fy=r, interpolation=cv2.INTER_LINEAR)`` of the whole map
+    would (pixel centres aligned, edges replicated), then crops the padding; ``nearest`` makes
+    each low-res pixel a ``reduce x reduce`` block. Strips (and, inside a strip, the rows) whose
+    low-res neighbourhood is all at or below the threshold cost nothing: a bilinear value is a
+    convex combination of its four neighbours. A strip holds at most ``strip_pixels`` pixels.
 
     Returns ``(rle, foreground pixels)``.
     """
-    r = grid.reduce
-    rows = (np.arange(grid.height) + grid.pad_top) // r
-    encoder = RLEStripEncoder(grid.height)
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"TEST.UPSAMPLE must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+    r, height, width = grid.reduce, grid.height, grid.width
+    lr_w = prob.shape[1]
+    margin = 1 if upsample == "bilinear" else 0
+    # Work transposed: a strip of full-res columns is then a C-ordered (w, height) array, whose
+    # flat order is the RLE's (column-major) order.
+    prob_t = np.ascontiguousarray(prob.T, dtype=np.float32)
+    encoder = RLEStripEncoder(height)
     area = 0
-    for x0 in range(0, grid.width, strip_cols):
-        x1 = min(grid.width, x0 + strip_cols)
-        cols = (np.arange(x0, x1) + grid.pad_left) // r
-        c0, c1 = int(cols[0]), int(cols[-1]) + 1
-        sub = mask_lr[:, c0:c1]
-        if not sub.any():
-            encoder.add(np.zeros((grid.height, x1 - x0), dtype=np.uint8))
+    strip_cols = max(1, min(width, strip_pixels // height))
+    for x0 in range(0, width, strip_cols):
+        x1 = min(width, x0 + strip_cols)
+        px0, px1 = x0 + grid.pad_left, x1 + grid.pad_left  # padded full-res columns
+        c0, c1 = max(0, px0 // r - margin), min(lr_w, (px1 - 1) // r + 1 + margin)
+        above = prob_t[c0:c1] > threshold
+        rows = np.flatnonzero(above.any(axis=0))
+        if rows.size == 0:
+            encoder.add_empty(x1 - x0)
             continue
-        strip = sub[rows][:, cols - c0]
-        area += int(strip.sum())
-        encoder.add(strip)
+        if rows.size == above.shape[1] and above.all():
+            encoder.add_full(x1 - x0)
+            area += (x1 - x0) * height
+            continue
+        a0, a1 = max(0, rows[0] - margin), min(above.shape[1], rows[-1] + 1 + margin)
+        if upsample == "bilinear":
+            block = prob_t[c0:c1, a0:a1]
+            up = cv2.resize(block, ((a1 - a0) * r, (c1 - c0) * r), interpolation=cv2.INTER_LINEAR) > threshold
+        else:
+            up = np.repeat(np.repeat(above[:, a0:a1], r, axis=0), r, axis=1)
+        y0, y1 = max(0, a0 * r - grid.pad_top), min(height, a1 * r - grid.pad_top)
+        strip = np.zeros((x1 - x0, height), dtype=bool)
+        off_x, off_y = px0 - c0 * r, grid.pad_top - a0 * r
+        if y1 > y0:  # else the foreground lies in the padding only
+            strip[:, y0:y1] = up[off_x:off_x + (x1 - x0), y0 + off_y:y1 + off_y]
+        area += int(np.count_nonzero(strip))
+        encoder.add(strip.T)
     return encoder.encode(), area
+
+
+def mask_to_rle(mask_lr: np.ndarray, grid: TileGrid, strip_cols: int = 2048) -> Tuple[str, int]:
+    """Full-resolution RLE of a padded low-res 0/1 mask, each pixel a ``reduce x reduce``
+    block (:func:`prob_to_rle` with ``nearest``)."""
+    return prob_to_rle(mask_lr.astype(np.float32), grid, 0.5, "nearest",
+                       strip_pixels=max(1, strip_cols) * grid.height)
 
 
 def torch_predictor(models: Sequence[torch.nn.Module], means, stds, device: torch.device, tta: bool = False):
@@ -174,7 +214,9 @@ def torch_predictor(models: Sequence[torch.nn.Module], means, stds, device: torc
 
     @torch.inference_mode()
     def predict(batch: np.ndarray) -> np.ndarray:
+        # (n, h, w, 3) uint8 viewed as NCHW is channels-last already: convolutions are faster so
         x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float()
+        x = x.contiguous(memory_format=torch.channels_last)
         total = None
         for model, (mean, std) in zip(models, params):
             xn = (x - mean) / std

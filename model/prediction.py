@@ -15,11 +15,13 @@ With ``TEST.PAIRS_FOLDER`` the items are the images of an image/mask pairs folde
 """
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Tuple
 
 import cv2
@@ -32,40 +34,48 @@ from data.sources import files_by_stem, load_pair_mask, read_labels_csv, slide_i
 from data.tiling import RLEMask, TileGrid, mask_band
 from data.wsi import SLIDE_EXTENSIONS, ArraySlide, open_slide, read_image
 from model.build import resolve_device
-from model.checkpoint import CheckpointError, model_from_checkpoint
-from model.inference import lowres_image, mask_to_rle, predict_canvas, remove_small_objects, threshold_mask, torch_predictor
+from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
+from model.inference import lowres_image, predict_canvas, prob_to_rle, remove_small_objects, threshold_mask, torch_predictor
 from utils.export import mask_polygons, polygons_geojson
 from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from utils.metrics import dice_from_counts
 from utils.rle import parse_rle, rle_area, rle_encode, runs_intersection
 
-__all__ = ["load_ensemble", "predict_slides", "list_slides"]
+__all__ = ["load_checkpoints", "load_ensemble", "predict_slides", "list_slides"]
 
 logger = logging.getLogger(__name__)
 
 
-def load_ensemble(folder: str, device: torch.device):
-    """Every checkpoint in ``folder``: models (eval, on ``device``) and their infos.
-    Checkpoints must agree on the reduction and tile size."""
+def load_checkpoints(folder: str) -> Tuple[List[Dict[str, object]], List[str]]:
+    """Every checkpoint in ``folder`` (loaded safely, not yet built) and its path. Checkpoints
+    of one ensemble must agree on the reduction and the tile size."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: checkpoint folder not found (TEST.MODEL_WEIGHTS_FOLDER)")
     paths = sorted(glob.glob(os.path.join(folder, "*.pth")))
     if not paths:
         raise FileNotFoundError(f"{folder}: no .pth checkpoints (TEST.MODEL_WEIGHTS_FOLDER)")
-    models, infos = [], []
-    for path in paths:
-        model, info = model_from_checkpoint(path)
-        models.append(model.to(device).eval())
-        infos.append(info)
-    first = infos[0]["input"]
-    for path, info in zip(paths, infos):
-        if (info["input"]["reduce"], info["input"]["size"]) != (first["reduce"], first["size"]):
+    ckpts = [load_checkpoint(path) for path in paths]
+    first = ckpts[0]["input"]
+    for path, ckpt in zip(paths, ckpts):
+        if (ckpt["input"]["reduce"], ckpt["input"]["size"]) != (first["reduce"], first["size"]):
             raise CheckpointError(
-                f"{path}: reduction {info['input']['reduce']} / tile {info['input']['size']} px, but "
+                f"{path}: reduction {ckpt['input']['reduce']} / tile {ckpt['input']['size']} px, but "
                 f"{paths[0]} has {first['reduce']} / {first['size']}: checkpoints of one ensemble "
                 "must share scale and tile size"
             )
-    return models, infos, paths
+    return ckpts, paths
+
+
+def load_ensemble(folder: str, device: torch.device):
+    """Every checkpoint in ``folder``, rebuilt: models (eval, on ``device``), infos, paths."""
+    ckpts, paths = load_checkpoints(folder)
+    models = [_build(ckpt, path, device) for ckpt, path in zip(ckpts, paths)]
+    return models, ckpts, paths
+
+
+def _build(ckpt: Dict[str, object], path: str, device: torch.device) -> torch.nn.Module:
+    model = model_from_loaded(ckpt, path).to(device).eval()
+    return model.to(memory_format=torch.channels_last)  # the tiles arrive channels-last: faster convs
 
 
 def list_slides(folder: str) -> List[Tuple[str, str]]:
@@ -128,17 +138,26 @@ def _items(cfg: CN):
             for slide_id, path in list_slides(t.WSI_FOLDER)]
 
 
-def _predict_one(cfg, slide_id, opener, truth, predict, reduce, size, out_dir, progress) -> Dict[str, object]:
-    t = cfg.TEST
+def _read(opener, size: int, reduce: int) -> Tuple[np.ndarray, TileGrid]:
+    """The item's padded low-res image (as the tiler sees it) and its grid."""
     with opener() as slide:
         height, width = slide.shape
         grid = TileGrid(height, width, size, reduce)
-        image = lowres_image(slide, grid)
+        return lowres_image(slide, grid), grid
+
+
+def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) -> Dict[str, object]:
+    t = cfg.TEST
+    height, width, reduce, size = grid.height, grid.width, grid.reduce, grid.size
     prob, n_windows = predict_canvas(image, predict, size, t.OVERLAP, t.BLEND, t.IMS_PER_BATCH, t.S_TH, t.P_TH,
                                      progress)
-    mask = remove_small_objects(threshold_mask(prob, t.TH), int(round(t.MIN_AREA / reduce**2)))
+    mask = threshold_mask(prob, t.TH)
+    if t.MIN_AREA > 0:
+        kept = remove_small_objects(mask, int(round(t.MIN_AREA / reduce**2)))
+        prob[mask > kept] = 0  # removed objects stay out of the upsampled map too
+        mask = kept
+    rle, area = prob_to_rle(prob, grid, t.TH, t.UPSAMPLE)
     del prob
-    rle, area = mask_to_rle(mask, grid)
     n_objects = max(0, cv2.connectedComponents(mask, connectivity=8)[0] - 1)
     record = {"id": slide_id, "predicted": rle, "area": area,
               "objects": n_objects, "windows": n_windows, "shape": [height, width]}
@@ -153,12 +172,8 @@ def _predict_one(cfg, slide_id, opener, truth, predict, reduce, size, out_dir, p
         truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
     pictures = os.path.join(out_dir, "predictions")
     os.makedirs(pictures, exist_ok=True)
-    polygons = mask_polygons(mask, scale=reduce, offset=(grid.pad_left, grid.pad_top))
-    for rings in polygons:  # the padding is outside the slide: clamp to it
-        for ring in rings:
-            for point in ring:
-                point[0] = min(max(point[0], 0.0), float(width))
-                point[1] = min(max(point[1], 0.0), float(height))
+    polygons = mask_polygons(mask, scale=reduce, offset=(grid.pad_left, grid.pad_top),
+                             clip=(float(width), float(height)))
     atomic_write_text(os.path.join(pictures, f"{slide_id}.geojson"), json.dumps(polygons_geojson(polygons)))
     _write_png(os.path.join(pictures, f"{slide_id}_mask.png"), mask * 255)
     _write_png(os.path.join(pictures, f"{slide_id}_overlay.png"),
@@ -166,45 +181,107 @@ def _predict_one(cfg, slide_id, opener, truth, predict, reduce, size, out_dir, p
     return record
 
 
+def _distributed() -> Tuple[int, int]:
+    """``(rank, world size)``; under ``torchrun`` joins the (gloo) process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # a long slide must not trip the default 30 min barrier timeout
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return dist.get_rank(), world
+
+
+def _settings(cfg: CN, paths: List[str], reduce: int, size: int) -> Dict[str, object]:
+    t = cfg.TEST
+    return {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
+            "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": t.TH, "min_area": t.MIN_AREA,
+            "upsample": t.UPSAMPLE, "s_th": t.S_TH, "p_th": t.P_TH}
+
+
+def _finished(record_path: str, settings: Dict[str, object], source: str):
+    """The saved record of an item predicted earlier with the same settings, else None."""
+    if not os.path.isfile(record_path):
+        return None
+    record = read_json(record_path)
+    if record.get("settings") == settings and record.get("source") == os.path.abspath(source):
+        return record
+    return None
+
+
 def predict_slides(cfg: CN) -> Dict[str, object]:
+    """Predict every slide (or pair image); returns the summary (rank 0 under torchrun)."""
     start = time.time()
     t = cfg.TEST
+    rank, world = _distributed()
     device = resolve_device(cfg.MODEL.DEVICE)
-    slides = _items(cfg)
-    models, infos, paths = load_ensemble(t.MODEL_WEIGHTS_FOLDER, device)
-    reduce, size = int(infos[0]["input"]["reduce"]), int(t.SIZE)
-    predict = torch_predictor(models, [i["input"]["mean"] for i in infos], [i["input"]["std"] for i in infos],
-                              device, tta=t.TTA)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    items = _items(cfg)
+    ckpts, paths = load_checkpoints(t.MODEL_WEIGHTS_FOLDER)
+    reduce, size = int(ckpts[0]["input"]["reduce"]), int(t.SIZE)
+    settings = _settings(cfg, paths, reduce, size)
     out_dir = cfg.OUTPUT_DIR
     state = os.path.join(out_dir, ".predictions")
     os.makedirs(state, exist_ok=True)
     csv_path = t.OUTPUT_CSV or os.path.join(out_dir, "submission.csv")
-    logger.info("Predicting %d %s with %d checkpoint(s) at reduction %d, %d px windows, overlap %.2f, "
-                "threshold %.2f on %s", len(slides), "image(s)" if t.PAIRS_FOLDER else "slide(s)", len(models), reduce, size, t.OVERLAP, t.TH, device)
-    settings = {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
-                "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": t.TH, "min_area": t.MIN_AREA,
-                "s_th": t.S_TH, "p_th": t.P_TH}
+    kind = "image(s)" if t.PAIRS_FOLDER else "slide(s)"
+    mine = [item for i, item in enumerate(items) if i % world == rank]  # torchrun: a share per rank
+    todo = [item for item in mine if _finished(os.path.join(state, f"{item[0]}.json"), settings, item[1]) is None]
+    for slide_id, _, _, _ in mine:
+        if all(slide_id != item[0] for item in todo):
+            logger.info("%s: predicted earlier, skipped", slide_id)
+    if not t.PAIRS_FOLDER:
+        for _, _, opener, _ in todo:  # check every slide before spending time on any
+            with opener():
+                pass
+    logger.info("Predicting %d %s (%d done earlier%s) with %d checkpoint(s) at reduction %d, %d px windows, "
+                "overlap %.2f, threshold %.2f on %s", len(todo), kind, len(mine) - len(todo),
+                f", rank {rank}/{world}" if world > 1 else "", len(ckpts), reduce, size, t.OVERLAP, t.TH, device)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        # Slide reading (C code, outside the GIL) overlaps building the models, then each next
+        # slide is read while the current one is predicted.
+        queue = [reader.submit(_read, item[2], size, reduce) for item in todo[:1]]
+        models = [_build(ckpt, path, device) for ckpt, path in zip(ckpts, paths)] if todo else []
+        predict = torch_predictor(models, [c["input"]["mean"] for c in ckpts], [c["input"]["std"] for c in ckpts],
+                                  device, tta=t.TTA)
+        del ckpts
+        bar = tqdm(total=0, unit="window", dynamic_ncols=True, leave=False, position=rank)
+        try:
+            for n, (slide_id, path, _, truth) in enumerate(todo):
+                image, grid = queue.pop(0).result()
+                if n + 1 < len(todo):
+                    queue.append(reader.submit(_read, todo[n + 1][2], size, reduce))
+                bar.set_description(f"[{n + 1}/{len(todo)}] {slide_id}")
+                record = _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, bar)
+                del image
+                record["settings"] = settings
+                record["source"] = os.path.abspath(path)
+                atomic_write_json(os.path.join(state, f"{slide_id}.json"), record)
+                logger.info("%s: %d objects, %d windows%s", slide_id, record["objects"], record["windows"],
+                            f", Dice {record['dice']:.4f}" if "dice" in record else "")
+        finally:
+            bar.close()
+            for future in queue:
+                future.cancel()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's records are saved
+        if rank != 0:
+            return {"slides": len(todo), "rank": rank}
     records = []
-    bar = tqdm(total=0, unit="window", dynamic_ncols=True, leave=False)
-    try:
-        for n, (slide_id, path, opener, truth) in enumerate(slides, 1):
-            record_path = os.path.join(state, f"{slide_id}.json")
-            if os.path.isfile(record_path):
-                record = read_json(record_path)
-                if record.get("settings") == settings and record.get("source") == os.path.abspath(path):
-                    records.append(record)
-                    logger.info("%s: predicted earlier, skipped", slide_id)
-                    continue
-            bar.set_description(f"[{n}/{len(slides)}] {slide_id}")
-            record = _predict_one(cfg, slide_id, opener, truth, predict, reduce, size, out_dir, bar)
-            record["settings"] = settings
-            record["source"] = os.path.abspath(path)
-            atomic_write_json(record_path, record)
-            records.append(record)
-            logger.info("%s: %d objects, %d windows%s", slide_id, record["objects"], record["windows"],
-                        f", Dice {record['dice']:.4f}" if "dice" in record else "")
-    finally:
-        bar.close()
+    for slide_id, path, _, _ in items:
+        record = _finished(os.path.join(state, f"{slide_id}.json"), settings, path)
+        if record is None:
+            raise RuntimeError(f"{slide_id}: no prediction record in {state} (did a rank fail?)")
+        records.append(record)
+    return _write_outputs(records, csv_path, out_dir, start)
+
+
+def _write_outputs(records: List[Dict[str, object]], csv_path: str, out_dir: str, start: float) -> Dict[str, object]:
+    """The CSV (atomically), and with labels dice.csv and metrics.json; the summary."""
     atomic_write_text(csv_path, "id,predicted\n" + "".join(f"{r['id']},{r['predicted']}\n" for r in records))
     summary = {"slides": len(records), "seconds": round(time.time() - start, 1), "csv": csv_path,
                "objects": int(sum(r["objects"] for r in records))}
@@ -213,12 +290,12 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         inter = sum(r["intersection"] for r in scored)
         total = sum(r["total"] for r in scored)
         summary.update(overall_dice=dice_from_counts(inter, total),
-                       mean_dice=float(np.mean([r["dice"] for r in scored])))
+                       mean_dice=float(np.mean([r["dice"] for r in scored])), scored=len(scored))
         atomic_write_text(os.path.join(out_dir, "dice.csv"),
                           "id,dice\n" + "".join(f"{r['id']},{r['dice']:.6f}\n" for r in scored))
         atomic_write_json(os.path.join(out_dir, "metrics.json"), summary)
-        logger.info("Dice: overall %.4f, mean per image/slide %.4f (%d scored)", summary["overall_dice"],
-                    summary["mean_dice"], len(scored))
-    logger.info("Done in %.1f s: %d images/slides, %d objects -> %s (pictures in %s)", summary["seconds"], len(records),
-                summary["objects"], csv_path, os.path.join(out_dir, "predictions"))
+        logger.info("Dice: overall %.4f, mean per image/slide %.4f (%d scored) -> %s", summary["overall_dice"],
+                    summary["mean_dice"], len(scored), os.path.join(out_dir, "dice.csv"))
+    logger.info("Done in %.1f s: %d images/slides, %d objects -> %s (GeoJSON, masks and overlays in %s)",
+                summary["seconds"], len(records), summary["objects"], csv_path, os.path.join(out_dir, "predictions"))
     return summary

@@ -1,6 +1,7 @@
 """Sliding-window inference: blending, the exact round trip, evaluation, test_net.py."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from data.tiling import TileGrid
 from data.wsi import open_slide
 from model.build import build_model
 from model.checkpoint import save_checkpoint
-from model.inference import blend_weights, lowres_image, mask_to_rle, predict_canvas, remove_small_objects, window_starts
+from model.inference import (blend_weights, lowres_image, mask_to_rle, predict_canvas, prob_to_rle, remove_small_objects,
+                             window_starts)
 from tests.conftest import requires_shared, run_script
 from tests.slides import mosaic_region, shared, write_slide
 from utils.export import mask_polygons, polygons_geojson
@@ -88,6 +90,50 @@ def test_exact_round_trip_through_tiling_blending_threshold_and_rle(tmp_path):
     ys = [y for rings in level0 for _, y in rings[0]]
     ty, tx = np.nonzero(truth)
     assert (min(xs), max(xs), min(ys), max(ys)) == (tx.min(), tx.max() + 1, ty.min(), ty.max() + 1)
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "nearest"])
+def test_streamed_upsampling_equals_whole_map_upsampling(upsample):
+    """The strip-by-strip RLE equals thresholding the whole upsampled probability map
+    (cv2.resize / np.repeat of the padded map, then the padding cropped), bit for bit."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        reduce, size = int(rng.choice([1, 2, 3, 4, 5, 8])), int(rng.choice([8, 16]))
+        height, width = int(rng.integers(3, 260)), int(rng.integers(3, 260))
+        grid = TileGrid(height, width, size, reduce)
+        shape = (grid.n_rows * size, grid.n_cols * size)
+        prob = rng.random(shape).astype(np.float32)
+        if trial % 2:
+            prob = cv2.GaussianBlur(prob, (0, 0), 2)
+        prob[:shape[0] // 3] = 0  # background rows and strips: the skipped path
+        prob[:, -shape[1] // 4:] = 0.99  # and the all-foreground path
+        threshold = float(np.quantile(prob, 0.6))
+        if upsample == "bilinear":
+            full = cv2.resize(prob, None, fx=reduce, fy=reduce, interpolation=cv2.INTER_LINEAR)
+        else:
+            full = np.repeat(np.repeat(prob, reduce, 0), reduce, 1)
+        expected = full[grid.pad_top:grid.pad_top + height, grid.pad_left:grid.pad_left + width] > threshold
+        strip_pixels = int(rng.integers(1, 6)) * height * reduce
+        rle, area = prob_to_rle(prob, grid, threshold, upsample, strip_pixels=strip_pixels)
+        assert rle == rle_encode(expected) and area == int(expected.sum()), (trial, reduce, height, width)
+
+
+def test_bilinear_upsampling_rounds_block_corners():
+    """Bilinear contours are smooth: a single low-res pixel above the threshold becomes a
+    rounded blob inside its block, not the whole block (as nearest gives)."""
+    grid = TileGrid(64, 64, 16, 8)
+    prob = np.zeros((16, 16), np.float32)
+    prob[4, 4] = 1.0
+    for upsample, expected in (("nearest", 64), ("bilinear", None)):
+        rle, area = prob_to_rle(prob, grid, 0.45, upsample)
+        if expected:
+            assert area == expected
+        else:
+            mask = rle_decode(rle, (64, 64))
+            ys, xs = np.nonzero(mask)
+            assert 0 < area < 64 and mask[ys.min(), xs.min()] == 0  # the block's corner is cut
 
 
 def _rasterise(polygons, shape):
@@ -219,3 +265,43 @@ def test_pairs_mode_scores_against_the_masks(tmp_path):
     metrics = json.load(open(out / "metrics.json"))
     assert abs(metrics["overall_dice"] - 2 * inter / total) < 1e-9
     assert abs(metrics["mean_dice"] - np.mean(list(dices.values()))) < 1e-6
+
+
+def _slides(folder, n, height=1500, width=1300):
+    """``n`` small tiled-JPEG slides of real tissue (different mosaic offsets)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        write_slide(str(folder / f"s{k}.tiff"), (height + 100 * k, width),
+                    lambda a, b, c, d, s, k=k: mosaic_region(a + 700 * k, b + 700 * k, c, d, s, background_every=3),
+                    tile=256, compression=("jpeg", 90))
+    return folder
+
+
+@requires_shared
+def test_torchrun_shards_slides_and_rank_0_assembles_the_csv(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU): each rank predicts its share of the slides, and
+    the CSV rank 0 writes is byte-identical to a single-process run."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    wsi = _slides(tmp_path / "wsi", 3)
+    models = tmp_path / "models"
+    models.mkdir()
+    _checkpoint(models / "a.pth", reduce=4, size=64)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["TEST.WSI_FOLDER", wsi, "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.SIZE", 64, "TEST.TH", 0.5]
+    single = subprocess.run([sys.executable, os.path.join(REPO, "test_net.py"), *map(str, args),
+                             "OUTPUT_DIR", str(tmp_path / "single")], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           os.path.join(REPO, "test_net.py"), *map(str, args), "OUTPUT_DIR", str(tmp_path / "ddp")]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0/2" in result.stderr and "rank 1/2" in result.stderr
+    assert result.stderr.count("Done in") == 1  # rank 0 alone assembles and reports
+    predicted = re.findall(r"(s\d): \d+ objects, ", result.stderr)
+    assert sorted(predicted) == ["s0", "s1", "s2"]  # each slide predicted once, by one rank
+    assert (tmp_path / "ddp" / "submission.csv").read_bytes() == (tmp_path / "single" / "submission.csv").read_bytes()

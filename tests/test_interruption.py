@@ -71,3 +71,43 @@ def test_kill_9_then_rerun_gives_identical_tiles(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "already tiled" in result.stderr  # s1 was not redone
     assert _tree(interrupted) == expected
+
+
+def test_test_net_kill_9_keeps_the_old_csv_then_rerun_is_byte_identical(tmp_path):
+    """A killed test_net leaves the previous CSV whole; the rerun skips the finished slides and
+    writes the same bytes as an uninterrupted run (deterministic model)."""
+    from tests.test_inference import _checkpoint, _slides
+
+    wsi = _slides(tmp_path / "wsi", 4)
+    models = tmp_path / "models"
+    models.mkdir()
+    _checkpoint(models / "a.pth", reduce=4, size=64)
+    args = ["TEST.WSI_FOLDER", wsi, "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.SIZE", 64, "TEST.TTA", True]
+    reference = tmp_path / "reference"
+    assert run_script("test_net.py", *args, "OUTPUT_DIR", reference).returncode == 0
+    expected = (reference / "submission.csv").read_bytes()
+
+    out = tmp_path / "out"
+    old = run_script("test_net.py", *args, "OUTPUT_DIR", out, "TEST.TH", 0.9)  # an earlier CSV
+    assert old.returncode == 0
+    previous = (out / "submission.csv").read_bytes()
+    assert previous != expected
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "test_net.py"), *map(str, args), "OUTPUT_DIR", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / ".predictions"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once 1-2 slides of 4 are done
+        done = [n for n in os.listdir(state) if n.endswith(".json")]
+        if any('"th": 0.45' in (state / n).read_text() for n in done if not n.startswith(".")):
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail("test_net finished before it could be interrupted; make the slides larger")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "submission.csv").read_bytes() == previous  # the old CSV, whole
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    result = run_script("test_net.py", *args, "OUTPUT_DIR", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "predicted earlier, skipped" in result.stderr
+    assert (out / "submission.csv").read_bytes() == expected

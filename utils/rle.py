@@ -261,6 +261,24 @@ class RLEStripEncoder:
         for c0 in range(0, strip.shape[1], block):
             self._add_block(strip[:, c0:c0 + block])
 
+    def add_empty(self, width: int) -> None:
+        """Append ``width`` all-background columns (no array needed)."""
+        if width <= 0:
+            return
+        if self._last:
+            self._transitions.append(np.array([self.width * self.height], dtype=np.int64))
+            self._last = False
+        self.width += int(width)
+
+    def add_full(self, width: int) -> None:
+        """Append ``width`` all-foreground columns (no array needed)."""
+        if width <= 0:
+            return
+        if not self._last:
+            self._transitions.append(np.array([self.width * self.height], dtype=np.int64))
+            self._last = True
+        self.width += int(width)
+
     def _add_block(self, strip: np.ndarray) -> None:
         height, width = strip.shape
         fg = strip if strip.dtype == np.bool_ else strip != 0

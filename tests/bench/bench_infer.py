@@ -11,7 +11,10 @@ overlap 0.5, CPU with 2 threads. Measured in the same run:
   full-resolution RLE CSV and pictures): wall time, peak RSS, windows evaluated;
 * (a) MONAI ``sliding_window_inference`` (overlap 0.5, Gaussian) on the same downscaled image,
   already in memory, same model;
-* (b) the floor: the model's forward pass alone on as many tiles as test_net evaluated.
+* (b) the floor: the model's forward pass alone on as many tiles as test_net evaluated, in the
+  channels-last layout test_net feeds it (about 20 % faster than contiguous NCHW on CPU).
+
+``--height 44066 --width 31299 --skip-baselines`` measures test_net alone on a larger slide.
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ def main(argv=None):
     parser.add_argument("--workdir", default="")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--reduce", type=int, default=16)
+    parser.add_argument("--height", type=int, default=0, help="slide height (default: the real 2f6ecfcdf size)")
+    parser.add_argument("--width", type=int, default=0)
+    parser.add_argument("--skip-baselines", action="store_true", help="only test_net (e.g. for the RSS of a larger slide)")
     parser.add_argument("--layout", choices=["ellipse", "mosaic"], default="ellipse",
                         help="ellipse: tissue in a central ellipse (~57%% of the slide) on background, as on a "
                              "real slide; mosaic: tissue everywhere (nothing to skip)")
@@ -57,7 +63,8 @@ def main(argv=None):
     models = os.path.join(work, "models")
     os.makedirs(models, exist_ok=True)
     height, width = read_sizes()[SLIDE_ID]
-    wsi = os.path.join(work, f"wsi_{args.layout}")
+    height, width = args.height or height, args.width or width
+    wsi = os.path.join(work, f"wsi_{args.layout}_{height}x{width}")
     os.makedirs(wsi, exist_ok=True)
     slide_path = os.path.join(wsi, f"{SLIDE_ID}.tiff")
 
@@ -87,6 +94,13 @@ def main(argv=None):
                               "OUTPUT_DIR", out], cwd=REPO))
         record = json.load(open(glob.glob(os.path.join(out, ".predictions", "*.json"))[0]))
         windows = record["windows"]
+    wall = statistics.median(w for w, _ in ours)
+    rss = max(r for _, r in ours)
+    print(f"slide {width} x {height} ({args.layout} layout), reduction {args.reduce}, tile {args.size}, overlap 0.5, CPU 2 threads, {args.runs} runs")
+    print(f"test_net:        {wall:6.2f} s (runs {', '.join(f'{w:.2f}' for w, _ in ours)}), peak RSS {rss:.0f} MB, "
+          f"{windows} windows evaluated")
+    if args.skip_baselines:
+        return 0
 
     with open_slide(slide_path) as slide:
         grid = TileGrid(height, width, args.size, args.reduce)
@@ -101,7 +115,16 @@ def main(argv=None):
             start = time.perf_counter()
             sliding_window_inference(x, (args.size, args.size), 8, model, overlap=0.5, mode="gaussian")
             monai_times.append(time.perf_counter() - start)
-        batch = torch.randn(8, 3, args.size, args.size)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        monai_cl_times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            sliding_window_inference(x_cl, (args.size, args.size), 8, model, overlap=0.5, mode="gaussian")
+            monai_cl_times.append(time.perf_counter() - start)
+        # test_net's tiles arrive channels-last (a view of the HWC image), the fast layout for
+        # CPU convolutions: the floor uses it too, so it is the fastest forward of this model.
+        batch = torch.randn(8, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+        model(batch)  # warm-up
         floor_times = []
         for _ in range(args.runs):
             start = time.perf_counter()
@@ -111,14 +134,12 @@ def main(argv=None):
                 model(batch[:n])
                 done += n
             floor_times.append(time.perf_counter() - start)
-    wall = statistics.median(w for w, _ in ours)
-    rss = max(r for _, r in ours)
     monai_s, floor_s = statistics.median(monai_times), statistics.median(floor_times)
     n_all = len(range(0, image.shape[0] - args.size + 1, args.size // 2)) * len(range(0, image.shape[1] - args.size + 1, args.size // 2))
-    print(f"slide {width} x {height} ({args.layout} layout), reduction {args.reduce}, tile {args.size}, overlap 0.5, CPU 2 threads, {args.runs} runs")
-    print(f"test_net:        {wall:6.2f} s (runs {', '.join(f'{w:.2f}' for w, _ in ours)}), peak RSS {rss:.0f} MB, "
-          f"{windows} windows evaluated (of about {n_all})")
+    print(f"windows in the whole padded image: about {n_all}")
     print(f"(a) MONAI sliding window, in memory: {monai_s:6.2f} s  -> test_net / MONAI = {wall / monai_s:.2f} (target <= 1.0)")
+    monai_cl = statistics.median(monai_cl_times)
+    print(f"    MONAI given a channels-last image: {monai_cl:6.2f} s  -> test_net / MONAI = {wall / monai_cl:.2f}")
     print(f"(b) floor, model forward on {windows} tiles: {floor_s:6.2f} s  -> test_net / floor = {wall / floor_s:.2f} (target <= 1.3)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
