@@ -14,7 +14,7 @@ Coordinates: ``(row, col)``; low-res pixel ``(i, j)`` covers level-0 rows
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -24,7 +24,7 @@ from data.tiling import TileGrid, iter_tile_rows, pixel_limit, tissue_columns
 from data.wsi import Slide
 from utils.rle import RLEStripEncoder
 
-__all__ = ["blend_weights", "window_starts", "lowres_image", "predict_canvas", "threshold_mask",
+__all__ = ["blend_weights", "window_starts", "lowres_image", "slide_box", "fill_outside", "predict_canvas", "threshold_mask",
            "remove_small_objects", "prob_to_rle", "mask_to_rle", "torch_predictor"]
 
 
@@ -75,6 +75,26 @@ def lowres_image(slide: Slide, grid: TileGrid) -> np.ndarray:
     return out
 
 
+def slide_box(grid: TileGrid) -> Tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the low-res pixels of the padded grid that lie wholly on the slide."""
+    r = grid.reduce
+    y0, x0 = -(-grid.pad_top // r), -(-grid.pad_left // r)
+    y1, x1 = (grid.pad_top + grid.height) // r, (grid.pad_left + grid.width) // r
+    return y0, max(y0 + 1, y1), x0, max(x0 + 1, x1)
+
+
+def fill_outside(image: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
+    """``image`` with everything outside ``box = (y0, y1, x0, x1)`` replaced by the mirror
+    image of the inside (``BORDER_REFLECT_101``): the model sees slide-like pixels at the
+    slide's edges instead of the black padding it never met in training."""
+    y0, y1, x0, x1 = box
+    h, w = image.shape[:2]
+    if (y0, y1, x0, x1) == (0, h, 0, w):
+        return image
+    inside = np.ascontiguousarray(image[y0:y1, x0:x1])
+    return cv2.copyMakeBorder(inside, y0, h - y1, x0, w - x1, cv2.BORDER_REFLECT_101)
+
+
 def _batches(items: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(items), n):
         yield items[i:i + n]
@@ -90,11 +110,15 @@ def predict_canvas(
     saturation_threshold: int = 40,
     pixel_threshold: int = 200,
     progress=None,
+    box: Optional[Tuple[int, int, int, int]] = None,
 ) -> Tuple[np.ndarray, int]:
     """Blend window predictions over a low-res ``image`` into a probability map.
 
     ``predict`` maps a ``(n, size, size, 3)`` uint8 batch to ``(n, size, size)`` probabilities.
-    Windows failing the background test are not predicted (probability 0 there).
+    Windows failing the background test are not predicted (probability 0 there). With ``box``
+    (the part of ``image`` on the slide, :func:`slide_box`), windows are chosen on ``image``
+    as it is, but the model sees the outside filled by :func:`fill_outside`, and the
+    probability outside is 0.
     Returns ``(probability map float32 (H, W), number of windows predicted)``.
     """
     h, w = image.shape[:2]
@@ -112,6 +136,8 @@ def predict_canvas(
         keep = tissue_columns(np.concatenate([band[:, x:x + size] for x in xs], axis=1), size,
                               saturation_threshold, limit)
         windows.extend((y, x) for x, k in zip(xs, keep) if k)
+    if box is not None:
+        image = fill_outside(image, box)
     if progress is not None:
         progress.reset(total=len(windows))
     for chunk in _batches(windows, batch_size):
@@ -124,6 +150,12 @@ def predict_canvas(
         if progress is not None:
             progress.update(len(chunk))
     np.divide(acc, norm, out=acc, where=norm > 0)
+    if box is not None:
+        y0, y1, x0, x1 = box
+        acc[:y0] = 0
+        acc[y1:] = 0
+        acc[:, :x0] = 0
+        acc[:, x1:] = 0
     return acc, len(windows)
 
 

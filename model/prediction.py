@@ -35,7 +35,8 @@ from data.tiling import RLEMask, TileGrid, mask_band
 from data.wsi import SLIDE_EXTENSIONS, ArraySlide, open_slide, read_image
 from model.build import resolve_device
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
-from model.inference import lowres_image, predict_canvas, prob_to_rle, remove_small_objects, threshold_mask, torch_predictor
+from model.inference import (lowres_image, predict_canvas, prob_to_rle, remove_small_objects, slide_box, threshold_mask,
+                             torch_predictor)
 from utils.export import mask_polygons, polygons_geojson
 from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from utils.metrics import dice_from_counts
@@ -150,7 +151,7 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
     t = cfg.TEST
     height, width, reduce, size = grid.height, grid.width, grid.reduce, grid.size
     prob, n_windows = predict_canvas(image, predict, size, t.OVERLAP, t.BLEND, t.IMS_PER_BATCH, t.S_TH, t.P_TH,
-                                     progress)
+                                     progress, box=slide_box(grid))
     mask = threshold_mask(prob, t.TH)
     if t.MIN_AREA > 0:
         kept = remove_small_objects(mask, int(round(t.MIN_AREA / reduce**2)))
@@ -175,9 +176,12 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
     polygons = mask_polygons(mask, scale=reduce, offset=(grid.pad_left, grid.pad_top),
                              clip=(float(width), float(height)))
     atomic_write_text(os.path.join(pictures, f"{slide_id}.geojson"), json.dumps(polygons_geojson(polygons)))
-    _write_png(os.path.join(pictures, f"{slide_id}_mask.png"), mask * 255)
+    y0, y1, x0, x1 = slide_box(grid)  # the pictures show the slide, not the grid's padding
+    crop = (slice(y0, y1), slice(x0, x1))
+    _write_png(os.path.join(pictures, f"{slide_id}_mask.png"), mask[crop] * 255)
     _write_png(os.path.join(pictures, f"{slide_id}_overlay.png"),
-               cv2.cvtColor(_overlay(image, mask, truth_lr), cv2.COLOR_RGB2BGR))
+               cv2.cvtColor(_overlay(image[crop], mask[crop], None if truth_lr is None else truth_lr[crop]),
+                            cv2.COLOR_RGB2BGR))
     return record
 
 

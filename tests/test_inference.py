@@ -11,8 +11,8 @@ from data.tiling import TileGrid
 from data.wsi import open_slide
 from model.build import build_model
 from model.checkpoint import save_checkpoint
-from model.inference import (blend_weights, lowres_image, mask_to_rle, predict_canvas, prob_to_rle, remove_small_objects,
-                             window_starts)
+from model.inference import (blend_weights, fill_outside, lowres_image, mask_to_rle, predict_canvas, prob_to_rle,
+                             remove_small_objects, slide_box, window_starts)
 from tests.conftest import requires_shared, run_script
 from tests.slides import mosaic_region, shared, write_slide
 from utils.export import mask_polygons, polygons_geojson
@@ -48,6 +48,26 @@ def test_constant_model_gives_the_constant_everywhere(blend):
             assert (prob == value).all()
         else:
             assert np.abs(prob - value).max() < 1e-6
+
+
+def test_padding_is_mirrored_for_the_model_and_zero_in_the_output():
+    """Windows at the slide's edges reach into the grid's black padding; the model must see
+    mirrored slide pixels there (it never met black in training) and the map is 0 outside."""
+    grid = TileGrid(300, 420, 32, 4)  # pads 300 -> 384 and 420 -> 512 level-0 px
+    box = slide_box(grid)
+    assert box == (11, 85, 12, 116)  # pads 42 / 46 level-0 px: wholly-inside low-res pixels
+    image = np.zeros((grid.n_rows * 32, grid.n_cols * 32, 3), np.uint8)
+    image[box[0]:box[1], box[2]:box[3]] = (200, 90, 170)  # tissue on the whole slide
+
+    def black(batch):  # "finds" black pixels
+        return (batch.max(axis=-1) == 0).astype(np.float32)
+
+    plain, n_plain = predict_canvas(image, black, 32, 0.5, pixel_threshold=-1)
+    assert plain[box[0]:box[1], box[2]:box[3]].max() > 0  # blending smears the padding inside
+    filled, n_filled = predict_canvas(image, black, 32, 0.5, pixel_threshold=-1, box=box)
+    assert n_filled == n_plain and filled.max() == 0
+    mirrored = fill_outside(image, box)
+    assert (mirrored[:box[0]] == (200, 90, 170)).all() and (mirrored[:, box[3]:] == (200, 90, 170)).all()
 
 
 @requires_shared

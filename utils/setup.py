@@ -132,9 +132,13 @@ def launch(
     main: Callable[[CN, argparse.Namespace], object],
     description: str,
     argv: Optional[Sequence[str]] = None,
+    default_config: str = "",
 ) -> int:
-    """Parse, configure and run ``main``; return the process exit code."""
+    """Parse, configure and run ``main``; return the process exit code. ``default_config`` is
+    the YAML used when no ``--config-file`` is given."""
     parser = default_argument_parser(description)
+    if default_config:
+        parser.set_defaults(config_file=default_config)
     args = parser.parse_args(argv)
     setup_logging(args.debug)
     log = logging.getLogger("glomeruli")
