@@ -59,11 +59,12 @@ def test_padding_is_mirrored_for_the_model_and_zero_in_the_output():
     image = np.zeros((grid.n_rows * 32, grid.n_cols * 32, 3), np.uint8)
     image[box[0]:box[1], box[2]:box[3]] = (200, 90, 170)  # tissue on the whole slide
 
-    def black(batch):  # "finds" black pixels
-        return (batch.max(axis=-1) == 0).astype(np.float32)
+    def black(batch):  # a model thrown off by black anywhere in its field of view
+        seen = (batch.max(axis=-1) == 0).any(axis=(1, 2))
+        return np.broadcast_to(seen[:, None, None], batch.shape[:3]).astype(np.float32)
 
     plain, n_plain = predict_canvas(image, black, 32, 0.5, pixel_threshold=-1)
-    assert plain[box[0]:box[1], box[2]:box[3]].max() > 0  # blending smears the padding inside
+    assert plain[box[0]:box[1], box[2]:box[3]].max() > 0.5  # false positives on the slide's edges
     filled, n_filled = predict_canvas(image, black, 32, 0.5, pixel_threshold=-1, box=box)
     assert n_filled == n_plain and filled.max() == 0
     mirrored = fill_outside(image, box)
