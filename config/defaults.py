@@ -140,7 +140,7 @@ _C.SOLVER.CHECKPOINT_PERIOD = 1
 _C.TEST = CN()
 # Inference batch size (tiles per forward pass).
 _C.TEST.IMS_PER_BATCH = 8
-# Folder of trained checkpoints; every checkpoint in it joins the ensemble.
+# Folder of trained checkpoints (every *.pth in it joins the ensemble), or one .pth file.
 _C.TEST.MODEL_WEIGHTS_FOLDER = "output/models"
 # Side of the sliding-window tile, in pixels of the downscaled slide.
 _C.TEST.SIZE = 256
@@ -168,7 +168,8 @@ _C.TEST.UPSAMPLE = "bilinear"
 _C.TEST.MIN_AREA = 0
 # Output CSV (id,predicted); "" = OUTPUT_DIR/submission.csv.
 _C.TEST.OUTPUT_CSV = ""
-# CSV of true masks (id,encoding) to score the predictions with; "" = no scoring.
+# Slides: CSV of true masks (id,encoding) to score the predictions with; "" = no scoring.
+# Pairs (TEST.PAIRS_FOLDER): a CSV whose "id" column picks the images to predict; "" = all.
 _C.TEST.LABELS_CSV = ""
 # Predict the images of an image/mask pairs folder (laid out as DATASETS.PAIRS_FOLDER, with
 # the DATASETS mask encoding; masks optional, scored when present) instead of slides.

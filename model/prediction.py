@@ -5,11 +5,13 @@ Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
 
     submission.csv                 id,predicted (full-resolution Kaggle RLE; "" = empty)
     predictions/<id>.geojson       QuPath annotations ("Glomerulus"), level-0 pixel coordinates
-    predictions/<id>_mask.png      the predicted mask at the model's scale
+    predictions/<id>_mask.png      the predicted mask at the model's scale (1/reduce)
     predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours
 
 With ``TEST.PAIRS_FOLDER`` the items are the images of an image/mask pairs folder (laid out as
-``DATASETS.PAIRS_FOLDER``, the DATASETS mask encoding applies, masks optional) instead of slides.
+``DATASETS.PAIRS_FOLDER``, the DATASETS mask encoding applies, masks optional) instead of slides;
+there ``TEST.LABELS_CSV``, when set, is a CSV whose ``id`` column picks the images.
+``TEST.MODEL_WEIGHTS_FOLDER`` may also name a single checkpoint file.
     dice.csv, metrics.json         with TEST.LABELS_CSV: per-slide and pooled Dice
     .predictions/<id>.json         per-slide result: a rerun skips finished slides
 """
@@ -30,7 +32,7 @@ import torch
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
-from data.sources import files_by_stem, load_pair_mask, read_labels_csv, slide_id_of
+from data.sources import files_by_stem, load_pair_mask, read_id_list, read_labels_csv, slide_id_of
 from data.tiling import RLEMask, TileGrid, mask_band
 from data.wsi import SLIDE_EXTENSIONS, ArraySlide, open_slide, read_image
 from model.build import resolve_device
@@ -48,11 +50,14 @@ logger = logging.getLogger(__name__)
 
 
 def load_checkpoints(folder: str) -> Tuple[List[Dict[str, object]], List[str]]:
-    """Every checkpoint in ``folder`` (loaded safely, not yet built) and its path. Checkpoints
-    of one ensemble must agree on the reduction and the tile size."""
-    if not os.path.isdir(folder):
+    """Every checkpoint in ``folder`` (or the one file ``folder`` names), loaded safely but not
+    yet built, and its path. Checkpoints of one ensemble must agree on reduction and tile size."""
+    if os.path.isfile(folder):  # one checkpoint file
+        paths = [folder]
+    elif not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: checkpoint folder not found (TEST.MODEL_WEIGHTS_FOLDER)")
-    paths = sorted(glob.glob(os.path.join(folder, "*.pth")))
+    else:
+        paths = sorted(glob.glob(os.path.join(folder, "*.pth")))
     if not paths:
         raise FileNotFoundError(f"{folder}: no .pth checkpoints (TEST.MODEL_WEIGHTS_FOLDER)")
     ckpts = [load_checkpoint(path) for path in paths]
@@ -125,6 +130,12 @@ def _items(cfg: CN):
         masks = files_by_stem(mask_dir) if os.path.isdir(mask_dir) else {}
         if not images:
             raise FileNotFoundError(f"{image_dir}: no images")
+        if t.LABELS_CSV:  # pairs: an id column picks the images (e.g. a fold's held-out ones)
+            wanted = read_id_list(t.LABELS_CSV)
+            absent = [i for i in wanted if i not in images]
+            if absent:
+                raise FileNotFoundError(f"{image_dir}: no image for {len(absent)} id(s) of {t.LABELS_CSV}: {absent[:5]}")
+            images = {i: images[i] for i in wanted}
 
         def truth(mask_path):
             if mask_path is None:

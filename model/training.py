@@ -302,8 +302,9 @@ def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mea
     acc, per_tile = _evaluate(learn.model, valid_ds, device, cfg.SOLVER.IMS_PER_BATCH)
     threshold, dice = acc.best()
     table = acc.per_threshold()
+    valid_ids = sorted({g for g in tiles.groups if fold_of[g] == fold})
     metrics = {"dice_th": dice, "dice_soft": acc.soft, "threshold": threshold, "valid_tiles": len(valid_names),
-               "train_tiles": len(train_names)}
+               "train_tiles": len(train_names), "valid_ids": valid_ids}
     info = {
         "model": model_spec(cfg),
         "input": {"size": cfg.INPUT.SIZE_TRAIN, "reduce": cfg.INPUT.SIZE_REDUCTION_TRAIN, "mean": mean, "std": std},
