@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from utils.setup import add_log_file, launch, save_config, seed_everything  # first: warning filters
+from utils.setup import add_log_file, launch, seed_everything  # first: warning filters
 from data.sample import generate_sample  # noqa: E402
 from data.tiler import create_tiles  # noqa: E402
 from model.prediction import predict_slides  # noqa: E402
@@ -23,8 +23,7 @@ logger = logging.getLogger("quick_start")
 
 def main(cfg, args):
     start = time.time()
-    add_log_file(cfg.OUTPUT_DIR)
-    save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+    add_log_file(cfg.OUTPUT_DIR)  # training and prediction save the config beside their outputs
     logger.info("1/4 sample slides")
     generate_sample(os.path.dirname(cfg.DATASETS.LABELS_CSV) or ".")
     logger.info("2/4 tiles (tiles_creator.py)")

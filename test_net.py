@@ -8,17 +8,15 @@ TEST.OVERLAP, Gaussian blending, background skipped, threshold TEST.TH). Writes 
 full-resolution RLE CSV (OUTPUT_DIR/submission.csv or TEST.OUTPUT_CSV), a mask and an overlay
 picture per slide, and with TEST.LABELS_CSV the Dice. A rerun skips finished slides.
 """
-import os
 import sys
 
-from utils.setup import add_log_file, launch, save_config  # first: warning filters
+from utils.setup import add_log_file, launch  # first: warning filters
 from model.prediction import predict_slides  # noqa: E402
 
 
 def main(cfg, args):
     add_log_file(cfg.OUTPUT_DIR)
-    save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config_test.yaml"))
-    return predict_slides(cfg)
+    return predict_slides(cfg)  # writes config_test.yaml beside the CSV once it is written
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ import logging
 import os
 import sys
 
-from utils.setup import add_log_file, launch, save_config, seed_everything  # first: warning filters
+from utils.setup import add_log_file, launch, seed_everything  # first: warning filters
 from model.training import train  # noqa: E402
 
 
 def main(cfg, args):
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
-        add_log_file(cfg.OUTPUT_DIR)
-        save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+        add_log_file(cfg.OUTPUT_DIR)  # train() saves config.yaml once a fold's model is built
     else:
         logging.getLogger().setLevel(logging.WARNING)
     seed_everything(cfg.MODEL.SEED)

@@ -146,8 +146,19 @@ def _items(cfg: CN):
                  lambda m=masks.get(image_id): truth(m))
                 for image_id, path in sorted(images.items())]
     labels = read_labels_csv(t.LABELS_CSV) if t.LABELS_CSV else {}
+    slides = list_slides(t.WSI_FOLDER)
+    if labels:
+        ids = {slide_id for slide_id, _ in slides}
+        unlabelled = [i for i in ids if i not in labels]
+        unused = [i for i in labels if i not in ids]
+        if unlabelled:
+            logger.warning("%s: no row for %d slide(s), not scored: %s", t.LABELS_CSV, len(unlabelled),
+                           ", ".join(sorted(unlabelled)[:10]))
+        if unused:
+            logger.warning("%s: %d id(s) without a slide in %s, ignored: %s", t.LABELS_CSV, len(unused),
+                           t.WSI_FOLDER, ", ".join(sorted(unused)[:10]))
     return [(slide_id, path, lambda p=path: open_slide(p), lambda r=labels.get(slide_id): r)
-            for slide_id, path in list_slides(t.WSI_FOLDER)]
+            for slide_id, path in slides]
 
 
 def _read(opener, size: int, reduce: int) -> Tuple[np.ndarray, TileGrid]:
@@ -175,12 +186,8 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
               "objects": n_objects, "windows": n_windows, "shape": [height, width]}
     truth_lr = None
     truth_rle = truth()
-    if truth_rle is not None:
-        true_runs = parse_rle(truth_rle, (height, width), slide_id)
-        pred_runs = parse_rle(rle, (height, width), slide_id)
-        inter, total = runs_intersection(pred_runs, true_runs), rle_area(pred_runs) + rle_area(true_runs)
-        record.update(dice=dice_from_counts(inter, total), intersection=inter, total=total)
-        truth_mask = RLEMask(true_runs, (height, width))
+    if truth_rle is not None:  # for the overlay; the Dice is computed when the outputs are assembled
+        truth_mask = RLEMask(parse_rle(truth_rle, (height, width), slide_id), (height, width))
         truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
     pictures = os.path.join(out_dir, "predictions")
     os.makedirs(pictures, exist_ok=True)
@@ -194,6 +201,15 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
                cv2.cvtColor(_overlay(image[crop], mask[crop], None if truth_lr is None else truth_lr[crop]),
                             cv2.COLOR_RGB2BGR))
     return record
+
+
+def _score(record: Dict[str, object], truth_rle: str) -> Dict[str, object]:
+    """Dice of a prediction record against the true RLE, from the runs (no masks)."""
+    shape = tuple(record["shape"])
+    pred_runs = parse_rle(record["predicted"], shape, record["id"])
+    true_runs = parse_rle(truth_rle, shape, record["id"])
+    inter, total = runs_intersection(pred_runs, true_runs), rle_area(pred_runs) + rle_area(true_runs)
+    return {"id": record["id"], "dice": dice_from_counts(inter, total), "intersection": inter, "total": total}
 
 
 def _distributed() -> Tuple[int, int]:
@@ -247,10 +263,21 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     for slide_id, _, _, _ in mine:
         if all(slide_id != item[0] for item in todo):
             logger.info("%s: predicted earlier, skipped", slide_id)
-    if not t.PAIRS_FOLDER:
-        for _, _, opener, _ in todo:  # check every slide before spending time on any
-            with opener():
-                pass
+    if not t.PAIRS_FOLDER:  # check every slide and label before spending time on any
+        for slide_id, path, opener, truth in items:
+            if truth() is None:
+                continue
+            done = _finished(os.path.join(state, f"{slide_id}.json"), settings, path)
+            if done is None:
+                with opener() as slide:
+                    shape = slide.shape
+            else:
+                shape = tuple(done["shape"])
+            parse_rle(truth(), shape, slide_id)
+        for _, _, opener, truth in todo:
+            if truth() is None:
+                with opener():
+                    pass
     logger.info("Predicting %d %s (%d done earlier%s) with %d checkpoint(s) at reduction %d, %d px windows, "
                 "overlap %.2f, threshold %.2f on %s", len(todo), kind, len(mine) - len(todo),
                 f", rank {rank}/{world}" if world > 1 else "", len(ckpts), reduce, size, t.OVERLAP, t.TH, device)
@@ -274,8 +301,9 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                 record["settings"] = settings
                 record["source"] = os.path.abspath(path)
                 atomic_write_json(os.path.join(state, f"{slide_id}.json"), record)
+                truth_rle = truth()
                 logger.info("%s: %d objects, %d windows%s", slide_id, record["objects"], record["windows"],
-                            f", Dice {record['dice']:.4f}" if "dice" in record else "")
+                            f", Dice {_score(record, truth_rle)['dice']:.4f}" if truth_rle is not None else "")
         finally:
             bar.close()
             for future in queue:
@@ -286,21 +314,25 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         dist.barrier()  # every rank's records are saved
         if rank != 0:
             return {"slides": len(todo), "rank": rank}
-    records = []
-    for slide_id, path, _, _ in items:
+    records, scores = [], []
+    for slide_id, path, _, truth in items:
         record = _finished(os.path.join(state, f"{slide_id}.json"), settings, path)
         if record is None:
             raise RuntimeError(f"{slide_id}: no prediction record in {state} (did a rank fail?)")
         records.append(record)
-    return _write_outputs(records, csv_path, out_dir, start)
+        truth_rle = truth()  # scored now, with the labels of this run (they may differ from earlier runs')
+        if truth_rle is not None:
+            scores.append(_score(record, truth_rle))
+    return _write_outputs(records, scores, csv_path, out_dir, start, cfg)
 
 
-def _write_outputs(records: List[Dict[str, object]], csv_path: str, out_dir: str, start: float) -> Dict[str, object]:
-    """The CSV (atomically), and with labels dice.csv and metrics.json; the summary."""
+def _write_outputs(records: List[Dict[str, object]], scored: List[Dict[str, object]], csv_path: str, out_dir: str,
+                   start: float, cfg: CN) -> Dict[str, object]:
+    """The CSV (atomically), and with labels dice.csv and metrics.json, then the config that
+    made them (so a failed run leaves the earlier outputs and their config as they were)."""
     atomic_write_text(csv_path, "id,predicted\n" + "".join(f"{r['id']},{r['predicted']}\n" for r in records))
     summary = {"slides": len(records), "seconds": round(time.time() - start, 1), "csv": csv_path,
                "objects": int(sum(r["objects"] for r in records))}
-    scored = [r for r in records if "dice" in r]
     if scored:
         inter = sum(r["intersection"] for r in scored)
         total = sum(r["total"] for r in scored)
@@ -311,6 +343,7 @@ def _write_outputs(records: List[Dict[str, object]], csv_path: str, out_dir: str
         atomic_write_json(os.path.join(out_dir, "metrics.json"), summary)
         logger.info("Dice: overall %.4f, mean per image/slide %.4f (%d scored) -> %s", summary["overall_dice"],
                     summary["mean_dice"], len(scored), os.path.join(out_dir, "dice.csv"))
+    atomic_write_text(os.path.join(out_dir, "config_test.yaml"), cfg.dump())
     logger.info("Done in %.1f s: %d images/slides, %d objects -> %s (GeoJSON, masks and overlays in %s)",
                 summary["seconds"], len(records), summary["objects"], csv_path, os.path.join(out_dir, "predictions"))
     return summary

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -271,6 +271,8 @@ def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mea
         load_weights_file(model, cfg.MODEL.WEIGHTS)
         logger.info("Fold %d: initialised from %s", fold, cfg.MODEL.WEIGHTS)
     os.makedirs(fold_dir, exist_ok=True)  # only once the model could be built
+    if _rank() == 0:  # the config of these outputs, written once nothing can fail on bad input
+        atomic_write_text(os.path.join(out, "config.yaml"), cfg.dump())
     state_file = os.path.join(fold_dir, "state.json")
     resume = cfg.SOLVER.RESUME and os.path.isfile(state_file) and os.path.isfile(os.path.join(fold_dir, "last.pth"))
     state = {}

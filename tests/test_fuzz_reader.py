@@ -1,6 +1,5 @@
 """Property-based checks of the slide reader: random and mutated bytes give a SlideError or a
 correct read, never another exception, a hang or a huge allocation."""
-import os
 
 import numpy as np
 import pytest

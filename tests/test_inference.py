@@ -247,6 +247,14 @@ def test_test_net_end_to_end_resume_and_mismatch(tmp_path):
     again = run_script("test_net.py", *args)
     assert again.returncode == 0 and again.stderr.count("predicted earlier, skipped") == 2
     assert (out / "submission.csv").read_bytes() == before
+    # other labels: the predictions are reused, the Dice is computed against the new labels
+    truth2 = np.zeros_like(truth)
+    truth2[200:900, 300:1500] = 1
+    (tmp_path / "labels.csv").write_text(f"id,encoding\ncmu,{rle_encode(truth2)}\n")
+    rescored = run_script("test_net.py", *args)
+    assert rescored.returncode == 0 and rescored.stderr.count("predicted earlier, skipped") == 2
+    expected2 = 2 * (cmu & truth2).sum() / (cmu.sum() + truth2.sum())
+    assert abs(json.load(open(out / "metrics.json"))["overall_dice"] - expected2) < 1e-9
     # checkpoints that disagree on the scale
     _checkpoint(models / "c.pth", reduce=8)
     bad = run_script("test_net.py", *args)

@@ -7,7 +7,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from config import load_cfg
 from tests.conftest import requires_shared, run_script

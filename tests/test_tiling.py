@@ -11,7 +11,7 @@ from data.wsi import ArraySlide, open_slide
 from tests.conftest import requires_shared
 from tests.reference import reference_tiles
 from tests.slides import mosaic_region, read_sizes, read_train_csv, shared, write_slide
-from utils.rle import parse_rle, rle_decode
+from utils.rle import parse_rle
 
 
 def test_padding_and_grid_literals():

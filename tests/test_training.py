@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from config import get_cfg_defaults
 from data.datasets import TileDataset, TileSet, kfold_groups, tile_group
 from data.transforms import build_train_transform
 from model.checkpoint import model_from_checkpoint
-from tests.conftest import REPO, requires_shared, run_script
+from tests.conftest import REPO, run_script
 from tests.slides import shared
 
 

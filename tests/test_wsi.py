@@ -1,4 +1,3 @@
-import shutil
 
 import cv2
 import numpy as np

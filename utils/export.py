@@ -1,7 +1,6 @@
 """Exports of predicted masks: QuPath-ready GeoJSON polygons in level-0 pixel coordinates."""
 from __future__ import annotations
 
-import json
 from typing import Dict, List
 
 import cv2
