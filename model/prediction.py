@@ -255,7 +255,6 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     settings = _settings(cfg, paths, reduce, size)
     out_dir = cfg.OUTPUT_DIR
     state = os.path.join(out_dir, ".predictions")
-    os.makedirs(state, exist_ok=True)
     csv_path = t.OUTPUT_CSV or os.path.join(out_dir, "submission.csv")
     kind = "image(s)" if t.PAIRS_FOLDER else "slide(s)"
     mine = [item for i, item in enumerate(items) if i % world == rank]  # torchrun: a share per rank
@@ -265,19 +264,15 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
             logger.info("%s: predicted earlier, skipped", slide_id)
     if not t.PAIRS_FOLDER:  # check every slide and label before spending time on any
         for slide_id, path, opener, truth in items:
-            if truth() is None:
-                continue
             done = _finished(os.path.join(state, f"{slide_id}.json"), settings, path)
             if done is None:
                 with opener() as slide:
                     shape = slide.shape
             else:
                 shape = tuple(done["shape"])
-            parse_rle(truth(), shape, slide_id)
-        for _, _, opener, truth in todo:
-            if truth() is None:
-                with opener():
-                    pass
+            if truth() is not None:
+                parse_rle(truth(), shape, slide_id)
+    os.makedirs(state, exist_ok=True)
     logger.info("Predicting %d %s (%d done earlier%s) with %d checkpoint(s) at reduction %d, %d px windows, "
                 "overlap %.2f, threshold %.2f on %s", len(todo), kind, len(mine) - len(todo),
                 f", rank {rank}/{world}" if world > 1 else "", len(ckpts), reduce, size, t.OVERLAP, t.TH, device)
