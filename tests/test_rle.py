@@ -3,7 +3,7 @@ import pytest
 
 from tests.conftest import requires_shared
 from tests.slides import read_sizes, read_train_csv
-from utils.rle import RLEStripEncoder, decode_window, parse_rle, rle_decode, rle_encode, runs_to_rle
+from utils.rle import RLEStripEncoder, decode_window, parse_rle, rle_decode, rle_encode, runs_intersection, runs_to_rle
 
 
 def test_literal_column_major_one_based():
@@ -133,3 +133,17 @@ def test_fuzz_parse_only_raises_value_error(text, height, width):
         return
     mask = rle_decode(runs, (height, width))
     assert rle_decode(rle_encode(mask), (height, width)).tolist() == mask.tolist()
+
+
+def test_fast_and_tolerant_parsing_agree():
+    """The memory-lean path (Kaggle format: digits and single spaces) and the tolerant path
+    (any whitespace) give the same runs; the intersection is symmetric and exact."""
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        mask = (rng.random((37, 23)) < rng.random()).astype(np.uint8)
+        text = rle_encode(mask)
+        messy = "  " + text.replace(" ", " \t\n ") + "\n"
+        assert np.array_equal(parse_rle(text, mask.shape), parse_rle(messy, mask.shape))
+        other = (rng.random((37, 23)) < 0.4).astype(np.uint8)
+        a, b = parse_rle(text, mask.shape), parse_rle(rle_encode(other), mask.shape)
+        assert runs_intersection(a, b) == runs_intersection(b, a) == int((mask & other).sum())
