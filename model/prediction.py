@@ -179,11 +179,19 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
         kept = remove_small_objects(mask, int(round(t.MIN_AREA / reduce**2)))
         prob[mask > kept] = 0  # removed objects stay out of the upsampled map too
         mask = kept
-    rle, area = prob_to_rle(prob, grid, t.TH, t.UPSAMPLE)
-    del prob
-    n_objects = max(0, cv2.connectedComponents(mask, connectivity=8)[0] - 1)
-    record = {"id": slide_id, "predicted": rle, "area": area,
-              "objects": n_objects, "windows": n_windows, "shape": [height, width]}
+    with ThreadPoolExecutor(max_workers=1) as side:  # GeoJSON and pictures while the RLE is encoded
+        exports = side.submit(_export, slide_id, image, mask, grid, truth, out_dir)
+        rle, area = prob_to_rle(prob, grid, t.TH, t.UPSAMPLE)
+        del prob
+        n_objects = exports.result()
+    return {"id": slide_id, "predicted": rle, "area": area,
+            "objects": n_objects, "windows": n_windows, "shape": [height, width]}
+
+
+def _export(slide_id, image, mask, grid, truth, out_dir) -> int:
+    """``predictions/<id>.geojson``, ``_mask.png`` and ``_overlay.png``; returns the number of
+    objects (8-connected, at model scale)."""
+    height, width = grid.height, grid.width
     truth_lr = None
     truth_rle = truth()
     if truth_rle is not None:  # for the overlay; the Dice is computed when the outputs are assembled
@@ -191,7 +199,7 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
         truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
     pictures = os.path.join(out_dir, "predictions")
     os.makedirs(pictures, exist_ok=True)
-    polygons = mask_polygons(mask, scale=reduce, offset=(grid.pad_left, grid.pad_top),
+    polygons = mask_polygons(mask, scale=grid.reduce, offset=(grid.pad_left, grid.pad_top),
                              clip=(float(width), float(height)))
     atomic_write_text(os.path.join(pictures, f"{slide_id}.geojson"), json.dumps(polygons_geojson(polygons)))
     y0, y1, x0, x1 = slide_box(grid)  # the pictures show the slide, not the grid's padding
@@ -200,7 +208,7 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
     _write_png(os.path.join(pictures, f"{slide_id}_overlay.png"),
                cv2.cvtColor(_overlay(image[crop], mask[crop], None if truth_lr is None else truth_lr[crop]),
                             cv2.COLOR_RGB2BGR))
-    return record
+    return max(0, cv2.connectedComponents(mask, connectivity=8)[0] - 1)
 
 
 def _score(record: Dict[str, object], truth_rle: str) -> Dict[str, object]:
