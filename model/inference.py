@@ -75,12 +75,16 @@ def lowres_image(slide: Slide, grid: TileGrid) -> np.ndarray:
     return out
 
 
-def slide_box(grid: TileGrid) -> Tuple[int, int, int, int]:
-    """``(y0, y1, x0, x1)``: the low-res pixels of the padded grid that lie wholly on the slide."""
+def slide_box(grid: TileGrid, whole: bool = True) -> Tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the low-res pixels of the padded grid that lie wholly on the slide
+    (``whole``), or that touch it at all."""
     r = grid.reduce
-    y0, x0 = -(-grid.pad_top // r), -(-grid.pad_left // r)
-    y1, x1 = (grid.pad_top + grid.height) // r, (grid.pad_left + grid.width) // r
-    return y0, max(y0 + 1, y1), x0, max(x0 + 1, x1)
+    top, left = grid.pad_top, grid.pad_left
+    bottom, right = top + grid.height, left + grid.width
+    if not whole:
+        return top // r, -(-bottom // r), left // r, -(-right // r)
+    y0, x0 = -(-top // r), -(-left // r)
+    return y0, max(y0 + 1, bottom // r), x0, max(x0 + 1, right // r)
 
 
 def fill_outside(image: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:
@@ -117,8 +121,7 @@ def predict_canvas(
     ``predict`` maps a ``(n, size, size, 3)`` uint8 batch to ``(n, size, size)`` probabilities.
     Windows failing the background test are not predicted (probability 0 there). With ``box``
     (the part of ``image`` on the slide, :func:`slide_box`), windows are chosen on ``image``
-    as it is, but the model sees the outside filled by :func:`fill_outside`, and the
-    probability outside is 0.
+    as it is, but the model sees the outside filled by :func:`fill_outside`.
     Returns ``(probability map float32 (H, W), number of windows predicted)``.
     """
     h, w = image.shape[:2]
@@ -150,12 +153,6 @@ def predict_canvas(
         if progress is not None:
             progress.update(len(chunk))
     np.divide(acc, norm, out=acc, where=norm > 0)
-    if box is not None:
-        y0, y1, x0, x1 = box
-        acc[:y0] = 0
-        acc[y1:] = 0
-        acc[:, :x0] = 0
-        acc[:, x1:] = 0
     return acc, len(windows)
 
 

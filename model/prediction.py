@@ -174,6 +174,11 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
     height, width, reduce, size = grid.height, grid.width, grid.reduce, grid.size
     prob, n_windows = predict_canvas(image, predict, size, t.OVERLAP, t.BLEND, t.IMS_PER_BATCH, t.S_TH, t.P_TH,
                                      progress, box=slide_box(grid))
+    y0, y1, x0, x1 = slide_box(grid, whole=False)  # nothing is predicted off the slide
+    prob[:y0] = 0
+    prob[y1:] = 0
+    prob[:, :x0] = 0
+    prob[:, x1:] = 0
     mask = threshold_mask(prob, t.TH)
     if t.MIN_AREA > 0:
         kept = remove_small_objects(mask, int(round(t.MIN_AREA / reduce**2)))

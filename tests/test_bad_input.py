@@ -83,12 +83,6 @@ OUTPUTS = {"tiles_creator.py": "tiles", "train_net.py": "trained", "test_net.py"
 ARGS = {"tiles_creator.py": _tiles_args, "train_net.py": _train_args, "test_net.py": _test_args}
 
 
-def _slide_copy(case, name="s1.tiff"):
-    folder = case / "wsi"
-    folder.mkdir(exist_ok=True)
-    return folder
-
-
 def _write(path, data, **kwargs):
     tifffile.imwrite(str(path), data, **kwargs)
 

@@ -56,6 +56,7 @@ def test_padding_is_mirrored_for_the_model_and_zero_in_the_output():
     grid = TileGrid(300, 420, 32, 4)  # pads 300 -> 384 and 420 -> 512 level-0 px
     box = slide_box(grid)
     assert box == (11, 85, 12, 116)  # pads 42 / 46 level-0 px: wholly-inside low-res pixels
+    assert slide_box(grid, whole=False) == (10, 86, 11, 117)  # and those touching the slide
     image = np.zeros((grid.n_rows * 32, grid.n_cols * 32, 3), np.uint8)
     image[box[0]:box[1], box[2]:box[3]] = (200, 90, 170)  # tissue on the whole slide
 
