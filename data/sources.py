@@ -25,6 +25,7 @@ __all__ = [
     "find_slide",
     "slide_id_of",
     "files_by_stem",
+    "select_ids",
     "wsi_jobs",
     "pairs_jobs",
     "load_pair_mask",
@@ -186,6 +187,18 @@ def files_by_stem(folder: str) -> Dict[str, str]:
     return out
 
 
+def select_ids(files: Dict[str, str], labels_csv: str, folder: str) -> List[str]:
+    """The ids of ``files`` (``{id: path}`` of ``folder``) to use: those of the ``id`` column of
+    ``labels_csv`` (each must have a file), or all of them, sorted, when it is ""."""
+    if not labels_csv:
+        return sorted(files)
+    wanted = read_id_list(labels_csv)
+    absent = [i for i in wanted if i not in files]
+    if absent:
+        raise FileNotFoundError(f"{folder}: no image for {len(absent)} id(s) of {labels_csv}: {absent[:5]}")
+    return wanted
+
+
 def pairs_jobs(pairs_folder: str, images: str, masks: str, labels_csv: str = "") -> List[TileJob]:
     """One job per image in ``pairs_folder/images`` with a same-stem file in ``masks``."""
     _require_folder(pairs_folder, "DATASETS.PAIRS_FOLDER")
@@ -193,13 +206,7 @@ def pairs_jobs(pairs_folder: str, images: str, masks: str, labels_csv: str = "")
     _require_folder(image_dir, "DATASETS.PAIRS_IMAGES")
     _require_folder(mask_dir, "DATASETS.PAIRS_MASKS")
     image_files, mask_files = files_by_stem(image_dir), files_by_stem(mask_dir)
-    if labels_csv:
-        wanted = read_id_list(labels_csv)
-        absent = [i for i in wanted if i not in image_files]
-        if absent:
-            raise FileNotFoundError(f"{image_dir}: no image for {len(absent)} id(s) of {labels_csv}: {absent[:5]}")
-    else:
-        wanted = sorted(image_files)
+    wanted = select_ids(image_files, labels_csv, image_dir)
     if not wanted:
         raise FileNotFoundError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     no_mask = [i for i in wanted if i not in mask_files]

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
-from data.sources import files_by_stem, load_pair_mask, read_id_list, read_labels_csv, slide_id_of
+from data.sources import files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_id_of
 from data.tiling import RLEMask, TileGrid, mask_band
 from data.wsi import SLIDE_EXTENSIONS, ArraySlide, open_slide, read_image
 from model.build import resolve_device
@@ -130,12 +130,8 @@ def _items(cfg: CN):
         masks = files_by_stem(mask_dir) if os.path.isdir(mask_dir) else {}
         if not images:
             raise FileNotFoundError(f"{image_dir}: no images")
-        if t.LABELS_CSV:  # pairs: an id column picks the images (e.g. a fold's held-out ones)
-            wanted = read_id_list(t.LABELS_CSV)
-            absent = [i for i in wanted if i not in images]
-            if absent:
-                raise FileNotFoundError(f"{image_dir}: no image for {len(absent)} id(s) of {t.LABELS_CSV}: {absent[:5]}")
-            images = {i: images[i] for i in wanted}
+        # pairs: TEST.LABELS_CSV's id column picks the images (e.g. a fold's held-out ones)
+        images = {i: images[i] for i in select_ids(images, t.LABELS_CSV, image_dir)}
 
         def truth(mask_path):
             if mask_path is None:
