@@ -44,7 +44,7 @@ from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, r
 from utils.metrics import dice_from_counts
 from utils.rle import parse_rle, rle_area, rle_encode, runs_intersection
 
-__all__ = ["load_checkpoints", "load_ensemble", "predict_slides", "list_slides"]
+__all__ = ["load_checkpoints", "predict_slides", "list_slides"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,6 @@ def load_checkpoints(folder: str) -> Tuple[List[Dict[str, object]], List[str]]:
                 "must share scale and tile size"
             )
     return ckpts, paths
-
-
-def load_ensemble(folder: str, device: torch.device):
-    """Every checkpoint in ``folder``, rebuilt: models (eval, on ``device``), infos, paths."""
-    ckpts, paths = load_checkpoints(folder)
-    models = [_build(ckpt, path, device) for ckpt, path in zip(ckpts, paths)]
-    return models, ckpts, paths
 
 
 def _build(ckpt: Dict[str, object], path: str, device: torch.device) -> torch.nn.Module:
@@ -165,7 +158,7 @@ def _read(opener, size: int, reduce: int) -> Tuple[np.ndarray, TileGrid]:
         return lowres_image(slide, grid), grid
 
 
-def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) -> Dict[str, object]:
+def _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, progress) -> Dict[str, object]:
     t = cfg.TEST
     height, width, reduce, size = grid.height, grid.width, grid.reduce, grid.size
     prob, n_windows = predict_canvas(image, predict, size, t.OVERLAP, t.BLEND, t.IMS_PER_BATCH, t.S_TH, t.P_TH,
@@ -181,7 +174,7 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
         prob[mask > kept] = 0  # removed objects stay out of the upsampled map too
         mask = kept
     with ThreadPoolExecutor(max_workers=1) as side:  # GeoJSON and pictures while the RLE is encoded
-        exports = side.submit(_export, slide_id, image, mask, grid, truth, out_dir)
+        exports = side.submit(_export, slide_id, image, mask, grid, truth_rle, out_dir)
         rle, area = prob_to_rle(prob, grid, t.TH, t.UPSAMPLE)
         del prob
         n_objects = exports.result()
@@ -189,12 +182,11 @@ def _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, progress) 
             "objects": n_objects, "windows": n_windows, "shape": [height, width]}
 
 
-def _export(slide_id, image, mask, grid, truth, out_dir) -> int:
-    """``predictions/<id>.geojson``, ``_mask.png`` and ``_overlay.png``; returns the number of
-    objects (8-connected, at model scale)."""
+def _export(slide_id, image, mask, grid, truth_rle, out_dir) -> int:
+    """``predictions/<id>.geojson``, ``_mask.png`` and ``_overlay.png`` (with the true contours
+    when ``truth_rle`` is given); returns the number of objects (8-connected, at model scale)."""
     height, width = grid.height, grid.width
     truth_lr = None
-    truth_rle = truth()
     if truth_rle is not None:  # for the overlay; the Dice is computed when the outputs are assembled
         truth_mask = RLEMask(parse_rle(truth_rle, (height, width), slide_id), (height, width))
         truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
@@ -266,25 +258,30 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     state = os.path.join(out_dir, ".predictions")
     csv_path = t.OUTPUT_CSV or os.path.join(out_dir, "submission.csv")
     kind = "image(s)" if t.PAIRS_FOLDER else "slide(s)"
+    shapes = {}  # one read of the earlier records: the items finished with these settings
+    for slide_id, path, _, _ in items:
+        record = _finished(os.path.join(state, f"{slide_id}.json"), settings, path)
+        if record is not None:
+            shapes[slide_id] = tuple(record["shape"])
     mine = [item for i, item in enumerate(items) if i % world == rank]  # torchrun: a share per rank
-    todo = [item for item in mine if _finished(os.path.join(state, f"{item[0]}.json"), settings, item[1]) is None]
+    todo = [item for item in mine if item[0] not in shapes]
     for slide_id, _, _, _ in mine:
-        if all(slide_id != item[0] for item in todo):
+        if slide_id in shapes:
             logger.info("%s: predicted earlier, skipped", slide_id)
     if not t.PAIRS_FOLDER:  # check every slide and label before spending time on any
         for slide_id, path, opener, truth in items:
-            done = _finished(os.path.join(state, f"{slide_id}.json"), settings, path)
-            if done is None:
+            shape = shapes.get(slide_id)
+            if shape is None:
                 with opener() as slide:
                     shape = slide.shape
-            else:
-                shape = tuple(done["shape"])
-            if truth() is not None:
-                parse_rle(truth(), shape, slide_id)
+            truth_rle = truth()
+            if truth_rle is not None:
+                parse_rle(truth_rle, shape, slide_id)
     os.makedirs(state, exist_ok=True)
     logger.info("Predicting %d %s (%d done earlier%s) with %d checkpoint(s) at reduction %d, %d px windows, "
                 "overlap %.2f, threshold %.2f on %s", len(todo), kind, len(mine) - len(todo),
                 f", rank {rank}/{world}" if world > 1 else "", len(ckpts), reduce, size, t.OVERLAP, t.TH, device)
+    fresh = {}  # the scores of the items predicted in this run, with this run's labels
     with ThreadPoolExecutor(max_workers=1) as reader:
         # Slide reading (C code, outside the GIL) overlaps building the models, then each next
         # slide is read while the current one is predicted.
@@ -300,14 +297,15 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                 if n + 1 < len(todo):
                     queue.append(reader.submit(_read, todo[n + 1][2], size, reduce))
                 bar.set_description(f"[{n + 1}/{len(todo)}] {slide_id}")
-                record = _predict_one(cfg, slide_id, image, grid, truth, predict, out_dir, bar)
+                truth_rle = truth()
+                record = _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, bar)
                 del image
                 record["settings"] = settings
                 record["source"] = os.path.abspath(path)
                 atomic_write_json(os.path.join(state, f"{slide_id}.json"), record)
-                truth_rle = truth()
+                fresh[slide_id] = _score(record, truth_rle) if truth_rle is not None else None
                 logger.info("%s: %d objects, %d windows%s", slide_id, record["objects"], record["windows"],
-                            f", Dice {_score(record, truth_rle)['dice']:.4f}" if truth_rle is not None else "")
+                            f", Dice {fresh[slide_id]['dice']:.4f}" if fresh[slide_id] else "")
         finally:
             bar.close()
             for future in queue:
@@ -324,9 +322,13 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         if record is None:
             raise RuntimeError(f"{slide_id}: no prediction record in {state} (did a rank fail?)")
         records.append(record)
-        truth_rle = truth()  # scored now, with the labels of this run (they may differ from earlier runs')
-        if truth_rle is not None:
-            scores.append(_score(record, truth_rle))
+        if slide_id in fresh:
+            score = fresh[slide_id]
+        else:  # predicted earlier: scored now, with this run's labels (they may have changed)
+            truth_rle = truth()
+            score = _score(record, truth_rle) if truth_rle is not None else None
+        if score is not None:
+            scores.append(score)
     return _write_outputs(records, scores, csv_path, out_dir, start, cfg)
 
 
