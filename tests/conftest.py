@@ -1,7 +1,9 @@
 """Shared fixtures: the real data in ../shared/data (tests skip with a reason without it)."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,3 +27,22 @@ def run_script(script, *args, cwd=REPO, timeout=600):
         [sys.executable, os.path.join(REPO, script), *map(str, args)],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def start_script(script, *args, cwd=REPO):
+    """Start an entry script in the background (output discarded); return the Popen."""
+    return subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_9_when(proc, ready, timeout=300, poll=0.02):
+    """SIGKILL ``proc`` as soon as ``ready()`` is true (or at ``timeout``); fail the test if
+    the process ended by itself first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(poll)
+    if proc.poll() is not None:
+        pytest.fail(f"{' '.join(map(str, proc.args[1:2]))} finished before it could be interrupted; "
+                    "make the input larger")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -1,13 +1,7 @@
-"""A tiler killed with SIGKILL and started again ends with the files of an uninterrupted run."""
+"""Scripts killed with SIGKILL and started again end with the files of an uninterrupted run."""
 import os
-import signal
-import subprocess
-import sys
-import time
 
-import pytest
-
-from tests.conftest import REPO, requires_shared, run_script
+from tests.conftest import kill_9_when, requires_shared, run_script, start_script
 from tests.slides import mosaic_region, write_slide
 from utils.rle import rle_encode
 
@@ -49,21 +43,10 @@ def test_kill_9_then_rerun_gives_identical_tiles(tmp_path):
 
     interrupted = tmp_path / "interrupted"
     images = interrupted / "images_64_red1"
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tiles_creator.py"), *map(str, args),
-         "DATASETS.TRAIN_FOLDER", str(interrupted)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
+    proc = start_script("tiles_creator.py", *args, "DATASETS.TRAIN_FOLDER", interrupted)
     # kill once the second slide is under way: one slide finished, one half-written
-    while time.time() < deadline and proc.poll() is None:
-        if images.is_dir() and any(n.startswith("s2_") for n in os.listdir(images)):
-            break
-        time.sleep(0.01)
-    if proc.poll() is not None:
-        pytest.fail("the tiler finished before it could be interrupted; make the input larger")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when(proc, lambda: images.is_dir() and any(n.startswith("s2_") for n in os.listdir(images)), timeout=120,
+                poll=0.01)
     partial = _tree(interrupted)
     assert partial != expected  # it really was interrupted
 
@@ -92,19 +75,14 @@ def test_test_net_kill_9_keeps_the_old_csv_then_rerun_is_byte_identical(tmp_path
     assert old.returncode == 0
     previous = (out / "submission.csv").read_bytes()
     assert previous != expected
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "test_net.py"), *map(str, args), "OUTPUT_DIR", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_script("test_net.py", *args, "OUTPUT_DIR", out)
     state = out / ".predictions"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill once 1-2 slides of 4 are done
-        done = [n for n in os.listdir(state) if n.endswith(".json")]
-        if any('"th": 0.45' in (state / n).read_text() for n in done if not n.startswith(".")):
-            break
-        time.sleep(0.02)
-    if proc.poll() is not None:
-        pytest.fail("test_net finished before it could be interrupted; make the slides larger")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+    def new_record():  # kill once 1-2 slides of 4 are done (records of this run: threshold 0.45)
+        done = [n for n in os.listdir(state) if n.endswith(".json") and not n.startswith(".")]
+        return any('"th": 0.45' in (state / n).read_text() for n in done)
+
+    kill_9_when(proc, new_record)
     assert (out / "submission.csv").read_bytes() == previous  # the old CSV, whole
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
     result = run_script("test_net.py", *args, "OUTPUT_DIR", out)

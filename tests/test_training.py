@@ -2,10 +2,8 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 from data.datasets import TileDataset, TileSet, kfold_groups, tile_group
 from data.transforms import build_train_transform
 from model.checkpoint import model_from_checkpoint
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, kill_9_when, run_script, start_script
 from tests.slides import shared
 
 
@@ -97,15 +95,9 @@ def test_one_epoch_writes_every_output(aidpath_tiles, tmp_path):
 def test_resume_continues_from_the_saved_epoch(aidpath_tiles, tmp_path):
     out = tmp_path / "out"
     args = _train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 3, "SOLVER.FOLDS", "[1]")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_net.py"), *map(str, args)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_script("train_net.py", *args)
     state = out / "fold_1" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not state.exists():
-        time.sleep(0.05)
-    assert proc.poll() is None, "training ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when(proc, state.exists, poll=0.05)
     done = json.load(open(state))["epoch"]
     assert done < 2
     result = run_script("train_net.py", *args, "SOLVER.RESUME", True)
