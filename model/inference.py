@@ -14,13 +14,14 @@ Coordinates: ``(row, col)``; low-res pixel ``(i, j)`` covers level-0 rows
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 
-from data.tiling import TileGrid, iter_tile_rows, pixel_limit, tissue_columns
+from data.tiling import TileGrid, iter_tile_rows, pixel_limit, tissue_windows
 from data.wsi import Slide
 from utils.rle import RLEStripEncoder
 
@@ -133,25 +134,34 @@ def predict_canvas(
     pad_h, pad_w = max(0, size - h), max(0, size - w)
     if pad_h or pad_w:  # an image smaller than one window: pad it
         image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
-    windows = []
-    for y in ys:
-        band = image[y:y + size]
-        keep = tissue_columns(np.concatenate([band[:, x:x + size] for x in xs], axis=1), size,
-                              saturation_threshold, limit)
-        windows.extend((y, x) for x, k in zip(xs, keep) if k)
+    windows = tissue_windows(image, ys, xs, size, saturation_threshold, limit)
     if box is not None:
         image = fill_outside(image, box)
     if progress is not None:
         progress.reset(total=len(windows))
-    for chunk in _batches(windows, batch_size):
-        batch = np.stack([image[y:y + size, x:x + size] for y, x in chunk])
-        probs = predict(batch)
+
+    def add(chunk, probs):
+        probs = np.multiply(probs, weights, dtype=np.float32)
         for (y, x), p in zip(chunk, probs):
             hh, ww = min(size, h - y), min(size, w - x)
-            acc[y:y + hh, x:x + ww] += (p * weights)[:hh, :ww]
+            acc[y:y + hh, x:x + ww] += p[:hh, :ww]
             norm[y:y + hh, x:x + ww] += weights[:hh, :ww]
         if progress is not None:
             progress.update(len(chunk))
+
+    # The model works on one batch (on its own thread: torch releases the GIL) while the
+    # previous batch is blended and the next one cut: a GPU is not left waiting on numpy.
+    # Batches are blended in order, so the sums are those of a sequential loop.
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = None
+        for chunk in _batches(windows, batch_size):
+            batch = np.stack([image[y:y + size, x:x + size] for y, x in chunk])
+            running = (chunk, worker.submit(predict, batch))
+            if pending is not None:
+                add(pending[0], pending[1].result())
+            pending = running
+        if pending is not None:
+            add(pending[0], pending[1].result())
     np.divide(acc, norm, out=acc, where=norm > 0)
     return acc, len(windows)
 

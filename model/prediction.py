@@ -161,8 +161,10 @@ def _read(opener, size: int, reduce: int) -> Tuple[np.ndarray, TileGrid]:
 def _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, progress) -> Dict[str, object]:
     t = cfg.TEST
     height, width, reduce, size = grid.height, grid.width, grid.reduce, grid.size
+    start = time.perf_counter()
     prob, n_windows = predict_canvas(image, predict, size, t.OVERLAP, t.BLEND, t.IMS_PER_BATCH, t.S_TH, t.P_TH,
                                      progress, box=slide_box(grid))
+    windows_s = time.perf_counter() - start
     y0, y1, x0, x1 = slide_box(grid, whole=False)  # nothing is predicted off the slide
     prob[:y0] = 0
     prob[y1:] = 0
@@ -179,7 +181,8 @@ def _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, progre
         del prob
         n_objects = exports.result()
     return {"id": slide_id, "predicted": rle, "area": area,
-            "objects": n_objects, "windows": n_windows, "shape": [height, width]}
+            "objects": n_objects, "windows": n_windows, "shape": [height, width],
+            "seconds": {"windows": round(windows_s, 3), "outputs": round(time.perf_counter() - start - windows_s, 3)}}
 
 
 def _export(slide_id, image, mask, grid, truth_rle, out_dir) -> int:
@@ -304,8 +307,9 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                 record["source"] = os.path.abspath(path)
                 atomic_write_json(os.path.join(state, f"{slide_id}.json"), record)
                 fresh[slide_id] = _score(record, truth_rle) if truth_rle is not None else None
-                logger.info("%s: %d objects, %d windows%s", slide_id, record["objects"], record["windows"],
-                            f", Dice {fresh[slide_id]['dice']:.4f}" if fresh[slide_id] else "")
+                logger.info("%s: %d objects, %d windows (%.1f s; RLE, GeoJSON and pictures %.1f s)%s", slide_id,
+                            record["objects"], record["windows"], record["seconds"]["windows"],
+                            record["seconds"]["outputs"], f", Dice {fresh[slide_id]['dice']:.4f}" if fresh[slide_id] else "")
         finally:
             bar.close()
             for future in queue:

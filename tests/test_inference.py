@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.tiling import TileGrid
+from data.tiling import TileGrid, is_tissue, pixel_limit
 from data.wsi import open_slide
 from model.build import build_model
 from model.checkpoint import save_checkpoint
@@ -48,6 +48,44 @@ def test_constant_model_gives_the_constant_everywhere(blend):
             assert (prob == value).all()
         else:
             assert np.abs(prob - value).max() < 1e-6
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_canvas_equals_a_sequential_reference(batch_size):
+    """The model runs on its own thread while batches are cut and blended: the map and the
+    windows must be those of a plain loop over the windows, to the bit."""
+    rng = np.random.default_rng(5)
+    image = np.full((300, 420, 3), 242, np.uint8)
+    image[30:250, 40:300] = rng.integers(0, 256, (220, 260, 3))
+    size = 64
+    weights = blend_weights(size)
+
+    def model(batch):  # depends on each window's content
+        red = batch[..., 0].astype(np.float32) / 255
+        return red * (batch[..., 1].astype(np.float32).mean(axis=(1, 2), keepdims=True) / 255)
+
+    acc, norm, n = np.zeros((300, 420), np.float32), np.zeros((300, 420), np.float32), 0
+    for y in window_starts(300, size, 0.5):
+        for x in window_starts(420, size, 0.5):
+            tile = image[y:y + size, x:x + size]
+            if is_tissue(tile, 40, pixel_limit(200, size)):
+                acc[y:y + size, x:x + size] += model(tile[None])[0] * weights
+                norm[y:y + size, x:x + size] += weights
+                n += 1
+    expected = np.divide(acc, norm, out=acc, where=norm > 0)
+    got, n_got = predict_canvas(image, model, size, 0.5, "gaussian", batch_size)
+    assert 0 < n_got == n < 13 * 12 and np.array_equal(got, expected)
+
+    calls = []
+
+    def failing(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return model(batch)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        predict_canvas(image, failing, size, 0.5, "gaussian", batch_size)
 
 
 def test_padding_is_mirrored_for_the_model_and_zero_in_the_output():
@@ -326,6 +364,8 @@ def test_torchrun_shards_slides_and_rank_0_assembles_the_csv(tmp_path):
                              "OUTPUT_DIR", str(tmp_path / "single")], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
+    # test_net ends with os._exit (no module teardown): the console and the log are complete
+    assert single.stderr.count("Done in") == 1 and "Done in" in (tmp_path / "single" / "log.txt").read_text()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            os.path.join(REPO, "test_net.py"), *map(str, args), "OUTPUT_DIR", str(tmp_path / "ddp")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -169,3 +169,64 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="refused"):
         load_checkpoint(str(evil))
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("arch", ["UneXt", "Unet", "DeepLabV3Plus", "Segformer"])
+def test_checkpoint_model_built_without_random_init_is_the_same_model(tmp_path, arch):
+    """model_from_checkpoint builds on the meta device and takes the checkpoint's tensors:
+    the result holds no meta tensor and computes exactly what the saved model computed."""
+    torch.manual_seed(1)
+    model = build_model(_cfg(arch, "resnet18")).eval()
+    info = {"model": {"ARCHITECTURE": arch, "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1},
+            "input": {"size": 64, "reduce": 1, "mean": [0.5] * 3, "std": [0.2] * 3}, "threshold": 0.5, "fold": 0}
+    save_checkpoint(str(tmp_path / "m.pth"), model, info)
+    loaded, _ = model_from_checkpoint(str(tmp_path / "m.pth"))
+    tensors = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert tensors and not any(t.is_meta for t in tensors.values())
+    assert all(t.device.type == "cpu" and t.dtype == model.state_dict()[k].dtype
+               for k, t in loaded.state_dict().items())
+    assert all(p.requires_grad for p in loaded.parameters())  # fine-tuning from it still trains
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.eval()(x))
+
+
+class _WithHiddenState(nn.Module):
+    """A model with a non-persistent buffer (not in its state_dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+class _NeedsRealTensors(nn.Module):
+    """A model whose constructor computes on tensors (impossible on the meta device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.rate = float(torch.linspace(0, 1, 3)[1].item())
+
+    def forward(self, x):
+        return self.conv(x) * self.rate
+
+
+@pytest.mark.parametrize("cls", [_WithHiddenState, _NeedsRealTensors])
+def test_checkpoint_model_falls_back_to_an_ordinary_build(tmp_path, monkeypatch, cls):
+    import model.checkpoint as checkpoint
+
+    torch.manual_seed(2)
+    model = cls().eval()
+    info = {"model": {"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1},
+            "input": {"size": 64, "reduce": 1, "mean": [0.5] * 3, "std": [0.2] * 3}, "threshold": 0.5, "fold": 0}
+    save_checkpoint(str(tmp_path / "m.pth"), model, info)
+    monkeypatch.setattr(checkpoint, "build_model", lambda spec, weights=True: cls())
+    loaded, _ = checkpoint.model_from_checkpoint(str(tmp_path / "m.pth"))
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.eval()(x))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data.tiling import (ArrayMask, RLEMask, TileGrid, centered_padding, is_tissue, iter_tile_rows,
-                         mask_band, pixel_limit, tissue_columns)
+                         mask_band, pixel_limit, tissue_columns, tissue_windows)
 from data.wsi import ArraySlide, open_slide
 from tests.conftest import requires_shared
 from tests.reference import reference_tiles
@@ -44,6 +44,40 @@ def test_background_test_literals():
     few[:3, :3] = (200, 100, 180)  # 9 tissue pixels
     assert not is_tissue(few, 40, 9) and is_tissue(few, 40, 8)
     assert is_tissue(white, 40, -1)  # a negative threshold keeps everything
+
+
+def _window_images():
+    """Images with tissue, white background, black padding and borderline windows: real tissue
+    when ../shared is there, else random blotches."""
+    rng = np.random.default_rng(3)
+    image = np.full((389, 517, 3), 242, np.uint8)
+    if os.path.exists(shared("aidpath")):
+        image[40:300, 60:450] = mosaic_region(0, 260, 0, 390, 4, background_every=3)
+    else:
+        for _ in range(40):
+            y, x, r = rng.integers(0, 389), rng.integers(0, 250), rng.integers(2, 30)  # right part: background
+            cv2.circle(image, (int(x), int(y)), int(r), tuple(int(v) for v in rng.integers(0, 256, 3)), -1)
+    image[:, :25] = 0  # black padding
+    yield image
+    yield rng.integers(0, 256, (130, 300, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size, stride", [(64, 32), (64, 64), (50, 17), (128, 128)])
+def test_tissue_windows_equal_the_per_window_test(size, stride):
+    """The window selection of test_net (once per row of windows, cumulative sums) keeps
+    exactly the windows the tiler's per-tile test keeps, for overlapping windows too."""
+    mixed = False
+    for image in _window_images():
+        h, w = image.shape[:2]
+        ys = sorted(set(list(range(0, h - size + 1, stride)) + [h - size]))
+        xs = sorted(set(list(range(0, w - size + 1, stride)) + [w - size]))
+        for sat, p in ((40, 200), (40, 3000), (0, 10), (127, -1)):
+            limit = pixel_limit(p, size)
+            expected = [(y, x) for y in ys for x in xs if is_tissue(image[y:y + size, x:x + size], sat, limit)]
+            assert tissue_windows(image, ys, xs, size, sat, limit) == expected
+            if 0 < len(expected) < len(ys) * len(xs) and (sat, p) == (40, 200):
+                mixed = True
+        assert mixed  # some windows kept, some skipped: the comparison means something
 
 
 def _streamed(slide, mask, grid, sat=40, p=200):

@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -160,3 +160,20 @@ def launch(
         log.error("ERROR: %s", _one_line(exc))
         return EXIT_ERROR
     return 0
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` at once, once the logs and standard streams are flushed.
+
+    For entry scripts whose outputs are all written (atomically) and closed by then: Python's
+    normal shutdown tears down every imported module, which with torch, timm and smp loaded
+    takes ~1.2 s on 2 cores (measured: ``import model.prediction, segmentation_models_pytorch``
+    4.3 s with a normal exit, 3.0 s with this one) after the work is done.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more to say there
+            pass
+    os._exit(code)
