@@ -14,7 +14,8 @@ Coordinates: ``(row, col)``; low-res pixel ``(i, j)`` covers level-0 rows
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import cv2
@@ -116,13 +117,16 @@ def predict_canvas(
     pixel_threshold: int = 200,
     progress=None,
     box: Optional[Tuple[int, int, int, int]] = None,
+    helper: Optional[Executor] = None,
 ) -> Tuple[np.ndarray, int]:
     """Blend window predictions over a low-res ``image`` into a probability map.
 
     ``predict`` maps a ``(n, size, size, 3)`` uint8 batch to ``(n, size, size)`` probabilities.
     Windows failing the background test are not predicted (probability 0 there). With ``box``
     (the part of ``image`` on the slide, :func:`slide_box`), windows are chosen on ``image``
-    as it is, but the model sees the outside filled by :func:`fill_outside`.
+    as it is, but the model sees the outside filled by :func:`fill_outside`. ``helper`` (a
+    one-thread executor, kept across calls by a caller that predicts many slides) blends the
+    batches; by default one is made for the call.
     Returns ``(probability map float32 (H, W), number of windows predicted)``.
     """
     h, w = image.shape[:2]
@@ -149,19 +153,21 @@ def predict_canvas(
         if progress is not None:
             progress.update(len(chunk))
 
-    # The model works on one batch (on its own thread: torch releases the GIL) while the
-    # previous batch is blended and the next one cut: a GPU is not left waiting on numpy.
-    # Batches are blended in order, so the sums are those of a sequential loop.
-    with ThreadPoolExecutor(max_workers=1) as worker:
-        pending = None
+    # Each batch is blended on a helper thread while the model works on the next one, so a GPU
+    # is not left waiting on numpy. The model stays on the calling thread (one set of torch
+    # threads and allocator arenas for the whole run); one helper blends the batches in order,
+    # so the sums are those of a sequential loop.
+    with ExitStack() as stack:
+        if helper is None:
+            helper = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        blended = []
         for chunk in _batches(windows, batch_size):
-            batch = np.stack([image[y:y + size, x:x + size] for y, x in chunk])
-            running = (chunk, worker.submit(predict, batch))
-            if pending is not None:
-                add(pending[0], pending[1].result())
-            pending = running
-        if pending is not None:
-            add(pending[0], pending[1].result())
+            probs = predict(np.stack([image[y:y + size, x:x + size] for y, x in chunk]))
+            blended.append(helper.submit(add, chunk, probs))
+            if len(blended) > 2:  # at most two batches wait: bounded memory, errors surface early
+                blended.pop(0).result()
+        for future in blended:
+            future.result()
     np.divide(acc, norm, out=acc, where=norm > 0)
     return acc, len(windows)
 

@@ -1,14 +1,17 @@
 """A short check of the CUDA path (not a test: CI has no GPU).
 
-    python -m tests.gpu_check [--arch UneXt --encoder resnet34 --size 256 --batch 16 --steps 30]
+    python -m tests.gpu_check [--arch UneXt --encoder resnet34 --size 256 --batch 16 --steps 30
+                               --slide-reduce 2 --slide-batches 16,64]
 
 Trains a few mixed-precision (fp16 autocast + GradScaler, as fastai's to_fp16) steps on random
 tiles, saves and reloads a checkpoint, checks the reloaded model gives the same output, runs
 an inference batch, and prints training and inference throughput (tiles/s) and peak memory.
 Then a timed whole-slide inference: test_net.py (fp16 autocast on CUDA) on a generated
 kidney-like slide (data/sample.py, 8192 x 8192, pyramidal) with the trained checkpoint at
-reduction 2 (``--slide-reduce``), against the same run on the CPU: wall time, the time spent
-on the windows, and the Dice between the two predictions (fp16 against fp32). Exits with an error when no CUDA device is present.
+reduction 2 (``--slide-reduce``), on CUDA at each ``TEST.IMS_PER_BATCH`` of ``--slide-batches``
+and once on the CPU: wall time, the time spent on the windows and on the outputs, the
+start-up (Python + imports) for reference, and the Dice between the CUDA (fp16) and CPU
+(fp32) predictions. Exits with an error when no CUDA device is present.
 """
 from __future__ import annotations
 

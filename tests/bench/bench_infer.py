@@ -14,8 +14,8 @@ overlap 0.5, CPU with 2 threads. Measured in the same run:
 * (b) the floor: the model's forward pass alone on as many tiles as test_net evaluated, in the
   channels-last layout test_net feeds it (about 20 % faster than contiguous NCHW on CPU);
 * (c) start-up: a fresh Python that imports what test_net needs (torch, segmentation_models_pytorch
-  and this toolkit's modules) and exits, the cost every fresh test_net process pays before it
-  can run a model; test_net's time without it is printed against the floor too.
+  and this toolkit's modules) and exits as test_net does, the cost every fresh test_net process
+  pays before it can run a model; test_net's time without it is printed against the floor too.
 
 ``--height 44066 --width 31299 --skip-baselines`` measures test_net alone on a larger slide.
 """
@@ -155,8 +155,9 @@ def main(argv=None):
     monai_cl = statistics.median(monai_cl_times) * args.copies
     print(f"    MONAI given a channels-last image: {monai_cl:6.2f} s  -> test_net / MONAI = {wall / monai_cl:.2f}")
     print(f"(b) floor, model forward on {windows} tiles: {floor_s:6.2f} s  -> test_net / floor = {wall / floor_s:.2f} (target <= 1.3)")
-    startup = statistics.median(_measure([sys.executable, "-c", "import model.prediction, segmentation_models_pytorch"],
-                                         cwd=REPO)[0] for _ in range(args.runs))
+    # ends as test_net ends (exit_now: no module teardown), so the difference is test_net's own work
+    startup_cmd = "import model.prediction, segmentation_models_pytorch, utils.setup; utils.setup.exit_now(0)"
+    startup = statistics.median(_measure([sys.executable, "-c", startup_cmd], cwd=REPO)[0] for _ in range(args.runs))
     print(f"(c) start-up, python + imports alone: {startup:6.2f} s  -> test_net without it / floor = "
           f"{(wall - startup) / floor_s:.2f}; the floor target leaves {1.3 * floor_s - floor_s:.2f} s for everything "
           f"but the forward passes, start-up included")
