@@ -117,37 +117,39 @@ def is_tissue(tile: np.ndarray, saturation_threshold: int, limit: int) -> bool:
     return int(tile.sum(dtype=np.int64)) > limit
 
 
+def _keep_windows(band: np.ndarray, starts_x: np.ndarray, size: int, saturation_threshold: int,
+                  limit: int) -> np.ndarray:
+    """:func:`is_tissue` for the ``size`` px windows starting at ``starts_x`` of a ``(size, W, 3)``
+    band (overlapping or not): the band is converted to HSV once and each window's counts come
+    from per-column sums and their cumulative sums, exactly (integers)."""
+    band = np.ascontiguousarray(band)
+    saturated = (cv2.cvtColor(band, cv2.COLOR_RGB2HSV)[..., 1] > saturation_threshold).view(np.uint8)
+    # column sums with cv2.reduce (int32 is plenty for one column; numpy's axis-0 sums are slow)
+    per_column = cv2.reduce(saturated, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[0]
+    counts = np.concatenate(([0], np.cumsum(per_column, dtype=np.int64)))
+    per_value = cv2.reduce(band.reshape(band.shape[0], -1), 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[0]
+    sums = np.concatenate(([0], np.cumsum(per_value.reshape(-1, 3).sum(axis=1), dtype=np.int64)))
+    return ((counts[starts_x + size] - counts[starts_x]) > limit) & ((sums[starts_x + size] - sums[starts_x]) > limit)
+
+
 def tissue_columns(band: np.ndarray, size: int, saturation_threshold: int, limit: int) -> np.ndarray:
     """:func:`is_tissue` for every tile of a ``(size, n_cols * size, 3)`` band at once.
 
     Returns a boolean array of ``n_cols``: True where the tile is kept.
     """
     n_cols = band.shape[1] // size
-    saturation = cv2.cvtColor(np.ascontiguousarray(band), cv2.COLOR_RGB2HSV)[..., 1]
-    counts = (saturation > saturation_threshold).reshape(size, n_cols, size).sum(axis=(0, 2))
-    sums = band.reshape(size, n_cols, size * 3).sum(axis=(0, 2), dtype=np.int64)
-    return (counts > limit) & (sums > limit)
+    return _keep_windows(band, np.arange(n_cols, dtype=np.int64) * size, size, saturation_threshold, limit)
 
 
 def tissue_windows(image: np.ndarray, starts_y: Sequence[int], starts_x: Sequence[int], size: int,
                    saturation_threshold: int, limit: int) -> List[Tuple[int, int]]:
     """The ``(y, x)`` of the ``size`` px windows of ``image`` (starts ``starts_y`` x ``starts_x``,
-    overlapping or not) that :func:`is_tissue` keeps, row by row, left to right.
-
-    A window row's pixels are converted to HSV once (not once per window that holds them) and
-    its windows' counts come from per-column sums and their cumulative sums, exactly (integers).
-    """
+    overlapping or not) that :func:`is_tissue` keeps, row by row, left to right. A window row's
+    pixels are converted to HSV once, not once per window that holds them."""
     xs = np.asarray(starts_x, dtype=np.int64)
     kept = []
     for y in starts_y:
-        band = np.ascontiguousarray(image[y:y + size])
-        saturated = (cv2.cvtColor(band, cv2.COLOR_RGB2HSV)[..., 1] > saturation_threshold).view(np.uint8)
-        # column sums with cv2.reduce (int32 is plenty for one column; numpy's axis-0 sums are slow)
-        per_column = cv2.reduce(saturated, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[0]
-        counts = np.concatenate(([0], np.cumsum(per_column, dtype=np.int64)))
-        per_value = cv2.reduce(band.reshape(band.shape[0], -1), 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[0]
-        sums = np.concatenate(([0], np.cumsum(per_value.reshape(-1, 3).sum(axis=1), dtype=np.int64)))
-        keep = ((counts[xs + size] - counts[xs]) > limit) & ((sums[xs + size] - sums[xs]) > limit)
+        keep = _keep_windows(image[y:y + size], xs, size, saturation_threshold, limit)
         kept.extend((int(y), int(x)) for x in xs[keep])
     return kept
 

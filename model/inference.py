@@ -24,7 +24,7 @@ import torch
 
 from data.tiling import TileGrid, iter_tile_rows, pixel_limit, tissue_windows
 from data.wsi import Slide
-from utils.rle import RLEStripEncoder
+from utils.rle import RLEStripEncoder, rle_area, runs_to_rle
 
 __all__ = ["blend_weights", "window_starts", "lowres_image", "slide_box", "fill_outside", "predict_canvas", "threshold_mask",
            "remove_small_objects", "prob_to_rle", "mask_to_rle", "torch_predictor"]
@@ -212,7 +212,6 @@ def prob_to_rle(prob: np.ndarray, grid: TileGrid, threshold: float, upsample: st
     # flat order is the RLE's (column-major) order.
     prob_t = np.ascontiguousarray(prob.T, dtype=np.float32)
     encoder = RLEStripEncoder(height)
-    area = 0
     strip_cols = max(1, min(width, strip_pixels // height))
     for x0 in range(0, width, strip_cols):
         x1 = min(width, x0 + strip_cols)
@@ -225,7 +224,6 @@ def prob_to_rle(prob: np.ndarray, grid: TileGrid, threshold: float, upsample: st
             continue
         if rows.size == above.shape[1] and above.all():
             encoder.add_full(x1 - x0)
-            area += (x1 - x0) * height
             continue
         a0, a1 = max(0, rows[0] - margin), min(above.shape[1], rows[-1] + 1 + margin)
         if upsample == "bilinear":
@@ -238,9 +236,9 @@ def prob_to_rle(prob: np.ndarray, grid: TileGrid, threshold: float, upsample: st
         off_x, off_y = px0 - c0 * r, grid.pad_top - a0 * r
         if y1 > y0:  # else the foreground lies in the padding only
             strip[:, y0:y1] = up[off_x:off_x + (x1 - x0), y0 + off_y:y1 + off_y]
-        area += int(np.count_nonzero(strip))
         encoder.add(strip.T)
-    return encoder.encode(), area
+    runs = encoder.runs()  # the foreground area is the runs' total length
+    return runs_to_rle(runs), rle_area(runs)
 
 
 def mask_to_rle(mask_lr: np.ndarray, grid: TileGrid, strip_cols: int = 2048) -> Tuple[str, int]:

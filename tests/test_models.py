@@ -171,15 +171,19 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def _small_info(arch):
+    """A checkpoint's info for a random-init resnet18 model of ``arch``."""
+    return {"model": {"ARCHITECTURE": arch, "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1},
+            "input": {"size": 64, "reduce": 1, "mean": [0.5] * 3, "std": [0.2] * 3}, "threshold": 0.5, "fold": 0}
+
+
 @pytest.mark.parametrize("arch", ["UneXt", "Unet", "DeepLabV3Plus", "Segformer"])
 def test_checkpoint_model_built_without_random_init_is_the_same_model(tmp_path, arch):
     """model_from_checkpoint builds on the meta device and takes the checkpoint's tensors:
     the result holds no meta tensor and computes exactly what the saved model computed."""
     torch.manual_seed(1)
     model = build_model(_cfg(arch, "resnet18")).eval()
-    info = {"model": {"ARCHITECTURE": arch, "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1},
-            "input": {"size": 64, "reduce": 1, "mean": [0.5] * 3, "std": [0.2] * 3}, "threshold": 0.5, "fold": 0}
-    save_checkpoint(str(tmp_path / "m.pth"), model, info)
+    save_checkpoint(str(tmp_path / "m.pth"), model, _small_info(arch))
     loaded, _ = model_from_checkpoint(str(tmp_path / "m.pth"))
     tensors = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
     assert tensors and not any(t.is_meta for t in tensors.values())
@@ -221,9 +225,7 @@ def test_checkpoint_model_falls_back_to_an_ordinary_build(tmp_path, monkeypatch,
 
     torch.manual_seed(2)
     model = cls().eval()
-    info = {"model": {"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1},
-            "input": {"size": 64, "reduce": 1, "mean": [0.5] * 3, "std": [0.2] * 3}, "threshold": 0.5, "fold": 0}
-    save_checkpoint(str(tmp_path / "m.pth"), model, info)
+    save_checkpoint(str(tmp_path / "m.pth"), model, _small_info("Unet"))
     monkeypatch.setattr(checkpoint, "build_model", lambda spec, weights=True: cls())
     loaded, _ = checkpoint.model_from_checkpoint(str(tmp_path / "m.pth"))
     assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))

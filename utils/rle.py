@@ -287,20 +287,18 @@ class RLEStripEncoder:
 
     def add_empty(self, width: int) -> None:
         """Append ``width`` all-background columns (no array needed)."""
-        if width <= 0:
-            return
-        if self._last:
-            self._transitions.append(np.array([self.width * self.height], dtype=np.int64))
-            self._last = False
-        self.width += int(width)
+        self._add_constant(width, False)
 
     def add_full(self, width: int) -> None:
         """Append ``width`` all-foreground columns (no array needed)."""
+        self._add_constant(width, True)
+
+    def _add_constant(self, width: int, value: bool) -> None:
         if width <= 0:
             return
-        if not self._last:
+        if self._last != value:  # a run starts or ends where these columns begin
             self._transitions.append(np.array([self.width * self.height], dtype=np.int64))
-            self._last = True
+            self._last = value
         self.width += int(width)
 
     def _add_block(self, strip: np.ndarray) -> None:
