@@ -9,15 +9,15 @@ checkpoints, per-fold curves, threshold study and validation pictures, summary.j
 config and log.txt. SOLVER.RESUME True continues an interrupted run.
 """
 import logging
-import os
 import sys
 
 from utils.setup import add_log_file, launch, seed_everything  # first: warning filters
 from model.training import train  # noqa: E402
+from utils.distributed import is_main  # noqa: E402
 
 
 def main(cfg, args):
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+    if is_main():  # under torchrun only rank 0 writes
         add_log_file(cfg.OUTPUT_DIR)  # train() saves config.yaml once a fold's model is built
     else:
         logging.getLogger().setLevel(logging.WARNING)

@@ -26,6 +26,10 @@ _C.MODEL.ENCODER_WEIGHTS = "ssl"
 # Whole-model weights to start training from: a checkpoint of this toolkit or the original
 # toolkit's UneXt101 state_dict (its enc0..enc4 keys are mapped); "" = none.
 _C.MODEL.WEIGHTS = ""
+# Normalisation layers of the UneXt family (encoder and decoder): "batch" (BatchNorm, the
+# original's) or "group" (GroupNorm, groups of 4 channels: no batch statistics, the same in
+# training and inference; for training from scratch with small batches).
+_C.MODEL.NORM = "batch"
 # Device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
 _C.MODEL.DEVICE = "auto"
 # Number of output channels (1 for binary segmentation).
@@ -54,6 +58,17 @@ _C.INPUT.SIZE_TEST = 256
 _C.INPUT.SIZE_REDUCTION_TEST = 16
 # Probability of each augmentation in the training pipeline (0..1).
 _C.INPUT.PROB = 0.5
+# Training views: 0 = the classic fixed tiles of SIZE_TRAIN px, one pass per epoch; > 0 = a
+# fresh random crop of this many px (of the downscaled slide) for every sample, read anywhere on
+# a slide's tile grid (across tile borders), SOLVER.SAMPLES_PER_EPOCH of them per epoch.
+_C.INPUT.CROP_SIZE = 0
+# Random crops: share (0..1) of the crops centred on a foreground (mask) pixel; the rest are
+# centred uniformly on the kept tissue. nnU-Net forces 1/3.
+_C.INPUT.FOREGROUND_FRACTION = 0.33
+# Training augmentation: "classic" (the original toolkit's pipeline) or "histology" (rotations
+# by any angle and zoom on a margin around the crop, mild stain/colour jitter for PAS/H&E; see
+# data/transforms.py).
+_C.INPUT.AUGMENTATION = "classic"
 # Per-channel RGB mean in 0..1 used to normalise tiles. Empty: use the mean measured by
 # tiles_creator.py (stats_<size>_red<r>.json in DATASETS.TRAIN_FOLDER).
 _C.INPUT.PIXEL_MEAN = []
@@ -124,12 +139,45 @@ _C.SOLVER.N_FOLDS = 4
 _C.SOLVER.BASE_LR_MIN = 5e-6
 # Learning rate of the decoder and head (the upper end of the slice).
 _C.SOLVER.BASE_LR_MAX = 5e-4
+# Samples per epoch with random crops (INPUT.CROP_SIZE > 0); 0 = as many as training tiles.
+# The run's length is MAX_EPOCHS x SAMPLES_PER_EPOCH samples, whatever the machine's speed.
+_C.SOLVER.SAMPLES_PER_EPOCH = 0
+# Share (0..1) of the run spent warming the learning rate up before its cosine decay (fastai
+# one-cycle's pct_start).
+_C.SOLVER.WARMUP_FRACTION = 0.25
+# Decoupled weight decay of the Adam optimiser.
+_C.SOLVER.WEIGHT_DECAY = 0.01
+# Weight averaging: "none", "ema" (exponential moving average of the weights after every step,
+# decay EMA_DECAY) or "swa" (equal average of the weights at the end of each epoch from SWA_START
+# of the run on). The averaged weights are the ones validated, and saved.
+_C.SOLVER.AVERAGE = "none"
+# EMA decay per step (0..1); it warms up as min(decay, (1 + n) / (10 + n)) over the first steps.
+_C.SOLVER.EMA_DECAY = 0.99
+# SWA: share (0..1) of the epochs after which each epoch's weights join the average.
+_C.SOLVER.SWA_START = 0.75
+# Batches of training samples run through the averaged model at the end to recompute its
+# BatchNorm statistics (torch.optim.swa_utils.update_bn); 0 = keep the averaged statistics.
+_C.SOLVER.BN_UPDATE_BATCHES = 16
+# What each fold saves: "best" (the epoch with the best validation Dice) or "final" (the
+# weights, averaged when AVERAGE is set, at the end of the run: no choice made on the
+# validation images).
+_C.SOLVER.SAVE = "best"
+# After the folds, also train one model on every slide/image with the same schedule
+# (checkpoint model_<arch>_<encoder>_all.pth, threshold from the out-of-fold study).
+_C.SOLVER.FINAL_MODEL = False
+# Keep each fold's resume states (fold_<k>/*.state: weights + optimizer) once it has finished.
+_C.SOLVER.KEEP_RESUME_STATES = False
+# Mixed precision: "auto" (float16 on CUDA, as the original; bfloat16 on a CPU that computes it
+# natively, AMX or AVX512-BF16; float32 elsewhere), "bf16" (bfloat16 autocast on any device),
+# "off" (float32).
+_C.SOLVER.AMP = "auto"
 # Training batch size (tiles per step).
 _C.SOLVER.IMS_PER_BATCH = 32
 # Folds to train (e.g. [0, 2]); empty: all N_FOLDS folds.
 _C.SOLVER.FOLDS = []
-# Continue an interrupted training: finished folds are kept, an unfinished fold restarts
-# after its last saved epoch.
+# Kept for the original configs: a rerun of the same command always resumes (finished folds
+# are kept, an unfinished fold continues after its last saved epoch); with True, finished
+# folds are also kept when the settings changed.
 _C.SOLVER.RESUME = False
 # Save the resume state (weights + optimizer) every this many epochs (and after the last).
 _C.SOLVER.CHECKPOINT_PERIOD = 1
@@ -146,8 +194,10 @@ _C.TEST.MODEL_WEIGHTS_FOLDER = "output/models"
 _C.TEST.SIZE = 256
 # Downscale factor of the sliding window (integer >= 1).
 _C.TEST.REDUCE = 16
-# Probability threshold (0..1) that turns the predicted probability into the mask.
-_C.TEST.TH = 0.45
+# Probability threshold (0..1) that turns the predicted probability into the mask. Negative:
+# the threshold each checkpoint learned in training, averaged over the ensemble (0.45 for a
+# checkpoint that carries none). The log says which threshold was used and where it came from.
+_C.TEST.TH = -1.0
 # Background filter at inference: saturation threshold (0..255), as INPUT.SATURATION_THRESHOLD.
 _C.TEST.S_TH = 40
 # Background filter at inference: pixel threshold per 256 px of tile side, as

@@ -166,7 +166,12 @@ def validate_cfg(cfg: CN) -> None:
     for key, value in (("INPUT.SATURATION_THRESHOLD", i.SATURATION_THRESHOLD), ("TEST.S_TH", t.S_TH)):
         _check(0 <= value <= 255, f"{key} must be within 0..255, got {value}")
     _check(0.0 <= i.PROB <= 1.0, f"INPUT.PROB must be within 0..1, got {i.PROB}")
-    _check(0.0 <= t.TH <= 1.0, f"TEST.TH must be within 0..1, got {t.TH}")
+    _check(t.TH <= 1.0, f"TEST.TH must be within 0..1 (or negative: the checkpoints' own), got {t.TH}")
+    _check(i.CROP_SIZE >= 0, f"INPUT.CROP_SIZE must be >= 0 (0: fixed tiles), got {i.CROP_SIZE}")
+    _check(0.0 <= i.FOREGROUND_FRACTION <= 1.0,
+           f"INPUT.FOREGROUND_FRACTION must be within 0..1, got {i.FOREGROUND_FRACTION}")
+    _check(i.AUGMENTATION in ("classic", "histology"),
+           f"INPUT.AUGMENTATION must be 'classic' or 'histology', got {i.AUGMENTATION!r}")
     _check(0.0 <= t.OVERLAP < 1.0, f"TEST.OVERLAP must be >= 0 and < 1, got {t.OVERLAP}")
     _check(t.BLEND in ("gaussian", "constant"), f"TEST.BLEND must be 'gaussian' or 'constant', got {t.BLEND!r}")
     _check(t.UPSAMPLE in ("bilinear", "nearest"), f"TEST.UPSAMPLE must be 'bilinear' or 'nearest', got {t.UPSAMPLE!r}")
@@ -193,11 +198,21 @@ def validate_cfg(cfg: CN) -> None:
     _check(s.MAX_EPOCHS >= 1, f"SOLVER.MAX_EPOCHS must be >= 1, got {s.MAX_EPOCHS}")
     _check(s.CHECKPOINT_PERIOD >= 1, f"SOLVER.CHECKPOINT_PERIOD must be >= 1, got {s.CHECKPOINT_PERIOD}")
     _check(s.IMS_PER_BATCH >= 1, f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}")
+    _check(s.SAMPLES_PER_EPOCH >= 0, f"SOLVER.SAMPLES_PER_EPOCH must be >= 0, got {s.SAMPLES_PER_EPOCH}")
+    _check(0.0 <= s.WARMUP_FRACTION < 1.0, f"SOLVER.WARMUP_FRACTION must be >= 0 and < 1, got {s.WARMUP_FRACTION}")
+    _check(s.WEIGHT_DECAY >= 0, f"SOLVER.WEIGHT_DECAY must be >= 0, got {s.WEIGHT_DECAY}")
+    _check(s.AVERAGE in ("none", "ema", "swa"), f"SOLVER.AVERAGE must be 'none', 'ema' or 'swa', got {s.AVERAGE!r}")
+    _check(0.0 <= s.EMA_DECAY < 1.0, f"SOLVER.EMA_DECAY must be >= 0 and < 1, got {s.EMA_DECAY}")
+    _check(0.0 <= s.SWA_START < 1.0, f"SOLVER.SWA_START must be >= 0 and < 1, got {s.SWA_START}")
+    _check(s.BN_UPDATE_BATCHES >= 0, f"SOLVER.BN_UPDATE_BATCHES must be >= 0, got {s.BN_UPDATE_BATCHES}")
+    _check(s.AMP in ("auto", "bf16", "off"), f"SOLVER.AMP must be 'auto', 'bf16' or 'off', got {s.AMP!r}")
+    _check(s.SAVE in ("best", "final"), f"SOLVER.SAVE must be 'best' or 'final', got {s.SAVE!r}")
     _check(t.IMS_PER_BATCH >= 1, f"TEST.IMS_PER_BATCH must be >= 1, got {t.IMS_PER_BATCH}")
     _check(
         0 < s.BASE_LR_MIN <= s.BASE_LR_MAX,
         f"SOLVER.BASE_LR_MIN must be > 0 and <= SOLVER.BASE_LR_MAX, got {s.BASE_LR_MIN} and {s.BASE_LR_MAX}",
     )
+    _check(cfg.MODEL.NORM in ("batch", "group"), f"MODEL.NORM must be 'batch' or 'group', got {cfg.MODEL.NORM!r}")
     _check(cfg.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be >= 1, got {cfg.MODEL.NUM_CLASSES}")
     device = cfg.MODEL.DEVICE
     _check(

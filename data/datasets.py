@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from data.tiler import TilerOutput
 
-__all__ = ["TILE_NAME", "TileSet", "list_tiles", "tile_group", "kfold_groups", "read_stats", "TileDataset"]
+__all__ = ["TILE_NAME", "TileSet", "list_tiles", "tile_group", "tile_index", "kfold_groups", "read_stats",
+           "TileDataset"]
 
 TILE_NAME = re.compile(r"^(?P<id>.+)_(?P<index>\d+)red(?P<reduce>\d+)\.png$")
 
@@ -49,6 +50,14 @@ class TileSet:
         if missing:
             raise FileNotFoundError(f"{self.masks}: no mask for {len(missing)} tile(s), e.g. {missing[:3]}")
         self.groups = [tile_group(n) for n in self.names]
+
+
+def tile_index(name: str) -> int:
+    """The grid index ``i`` of a tile file name ``<id>_<i>red<r>.png``."""
+    match = TILE_NAME.match(name)
+    if not match:
+        raise ValueError(f"{name}: not a tile name <id>_<i>red<r>.png")
+    return int(match.group("index"))
 
 
 def list_tiles(folder: str) -> List[str]:

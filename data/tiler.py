@@ -89,6 +89,7 @@ class SlideRecord:
     pixel_sumsq: List[int] = field(default_factory=lambda: [0, 0, 0])
     n_pixels: int = 0
     mask_pixels: int = 0
+    shape: List[int] = field(default_factory=list)  # (height, width) of the slide, level 0
 
 
 def _fingerprint(job: TileJob) -> str:
@@ -189,7 +190,8 @@ class TilerOutput:
             record = SlideRecord(**read_json(path))
         except (ValueError, TypeError):
             return None
-        return record if record.fingerprint == fingerprint else None
+        # a record without the slide's shape is from an older tiler: redo it (training needs the grid)
+        return record if record.fingerprint == fingerprint and len(record.shape) == 2 else None
 
     def save_record(self, record: SlideRecord) -> None:
         self.remove_stale(record.id, set(record.kept))
@@ -346,7 +348,7 @@ def _stats(records: List[SlideRecord], size: int, reduce: int) -> Dict[str, obje
         "n_tiles": int(sum(len(r.kept) for r in records)),
         "n_grid_tiles": int(sum(r.n_tiles for r in records)),
         "mask_fraction": round(float(sum(r.mask_pixels for r in records) / n), 8) if n else 0.0,
-        "slides": {r.id: {"kept": len(r.kept), "tiles": r.n_tiles} for r in records},
+        "slides": {r.id: {"kept": len(r.kept), "tiles": r.n_tiles, "shape": list(r.shape)} for r in records},
     }
 
 
@@ -357,6 +359,7 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
     slide, mask = _open_job(job, cfg, workers)
     record = SlideRecord(job.id, os.path.abspath(job.image_path), fingerprint)
     with slide:
+        record.shape = [int(v) for v in slide.shape]
         grid = TileGrid(*slide.shape, size, reduce)
         bar = tqdm(total=grid.n_rows, desc=label, unit="row", leave=False, dynamic_ncols=True)
         try:

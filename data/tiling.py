@@ -31,6 +31,7 @@ __all__ = [
     "centered_padding",
     "TileGrid",
     "pixel_limit",
+    "slide_box",
     "is_tissue",
     "tissue_columns",
     "tissue_windows",
@@ -102,6 +103,18 @@ class TileGrid:
         """Level-0 ``(row, col)`` of the top-left pixel of tile ``index`` (may be negative)."""
         row, col = divmod(int(index), self.n_cols)
         return row * self.span - self.pad_top, col * self.span - self.pad_left
+
+
+def slide_box(grid: TileGrid, whole: bool = True) -> Tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the low-res pixels of the padded grid that lie wholly on the slide
+    (``whole``), or that touch it at all."""
+    r = grid.reduce
+    top, left = grid.pad_top, grid.pad_left
+    bottom, right = top + grid.height, left + grid.width
+    if not whole:
+        return top // r, -(-bottom // r), left // r, -(-right // r)
+    y0, x0 = -(-top // r), -(-left // r)
+    return y0, max(y0 + 1, bottom // r), x0, max(x0 + 1, right // r)
 
 
 def pixel_limit(pixel_threshold: int, size: int) -> int:

@@ -1,9 +1,17 @@
-"""The training augmentation: an albumentations 2.x pipeline equivalent to the original's.
+"""The training augmentations (albumentations 2.x).
 
-Geometry (flips, rot90, perspective, shift-scale-rotate, optical/grid/piecewise distortion)
+``INPUT.AUGMENTATION classic``: the original toolkit's pipeline. Geometry (flips, rot90, perspective, shift-scale-rotate, optical/grid/piecewise distortion)
 applies to image and mask alike (masks with nearest-neighbour interpolation); colour (channel
 shuffle, RGB shift, median blur, to-gray, Gaussian noise, HSV/CLAHE/brightness-contrast/gamma)
 to the image only. ``INPUT.PROB`` scales how often each group fires (0 = no augmentation).
+
+``INPUT.AUGMENTATION histology``: made for random crops of stained tissue
+(:func:`build_histology_transform`). Geometry: flips, rot90, then a rotation by any angle with a
+zoom of 0.8-1.25x and a little shear on the crop *with its margin* (reflect padding only where
+the margin is not enough), a light grid distortion, then the centre crop. Colour, mild as PAS
+needs: stain-matrix jitter (``HEStain``, concentrations scaled by +-8 %), hue/saturation/value,
+brightness/contrast, gamma, and rarely blur or noise. The geometric part is the same call on
+image and mask (nearest-neighbour for the mask), so they stay aligned (tested).
 """
 from __future__ import annotations
 
@@ -11,7 +19,9 @@ import warnings
 
 import cv2
 
-__all__ = ["build_train_transform"]
+__all__ = ["build_train_transform", "build_histology_transform", "AUGMENTATIONS"]
+
+AUGMENTATIONS = ("classic", "histology")
 
 
 def build_train_transform(prob: float, seed: int = None):
@@ -65,3 +75,39 @@ def build_train_transform(prob: float, seed: int = None):
         ],
         seed=seed,
     )
+
+
+def build_histology_transform(prob: float, crop: int, margin: int = 0, seed: int = None, colour: bool = True):
+    """The histology pipeline for ``crop`` px crops read with ``margin`` px on each side;
+    ``prob`` scales how often each transform fires (0: only the centre crop). ``colour=False``
+    keeps only the geometry (for alignment checks)."""
+    import albumentations as A
+
+    p = float(prob)
+    size = crop + 2 * margin
+    reflect = dict(border_mode=cv2.BORDER_REFLECT_101)
+    nearest_mask = dict(interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
+    geometry = []
+    if p > 0:
+        geometry = [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            A.Affine(scale=(0.8, 1.25), rotate=(-180, 180), shear=(-6, 6), balanced_scale=True, p=min(1.0, p),
+                     **reflect, **nearest_mask),
+            A.GridDistortion(num_steps=5, distort_limit=0.15, p=0.2 * p, **reflect, **nearest_mask),
+        ]
+    geometry.append(A.CenterCrop(crop, crop) if margin else A.NoOp())
+    colours = []
+    if colour and p > 0:
+        colours = [
+            A.HEStain(method="preset", preset="standard", intensity_scale_range=(0.92, 1.08),
+                      intensity_shift_range=(-0.03, 0.03), augment_background=False, p=0.5 * p),
+            A.HueSaturationValue(hue_shift_limit=6, sat_shift_limit=15, val_shift_limit=10, p=0.5 * p),
+            A.RandomBrightnessContrast(brightness_limit=0.12, contrast_limit=0.12, p=0.5 * p),
+            A.RandomGamma(gamma_limit=(85, 115), p=0.3 * p),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 3), p=1.0), A.GaussNoise(std_range=(0.01, 0.04), p=1.0)],
+                    p=0.15 * p),
+        ]
+    del size
+    return A.Compose(geometry + colours, seed=seed)

@@ -43,6 +43,7 @@ def model_spec(cfg_or_model) -> Dict[str, object]:
         "ENCODER_NAME": str(m["ENCODER_NAME"]),
         "ENCODER_WEIGHTS": str(m.get("ENCODER_WEIGHTS", "") or ""),
         "NUM_CLASSES": int(m["NUM_CLASSES"]),
+        "NORM": str(m.get("NORM", "batch") or "batch"),  # checkpoints from before the key: BatchNorm
     }
 
 
@@ -92,11 +93,83 @@ def _load_into(module: nn.Module, state: Dict[str, torch.Tensor], path: str, wha
         logger.warning("%s: %d %s tensors not in the file kept their initial values", path, len(missing), what)
 
 
-def timm_encoder(name: str, weights: str = "") -> nn.Module:
-    """A timm ``features_only`` encoder with weights from a tag, a file, or none."""
+def _hub_logs_once() -> None:
+    """huggingface_hub gives its loggers a console handler of their own *and* lets them
+    propagate to the root logger, so every line of it (download retries...) printed twice:
+    drop its handler; the lines reach the console and log.txt through ours."""
+    try:
+        import huggingface_hub.utils.logging as hub_logging
+    except ImportError:  # pragma: no cover - a dependency of timm
+        return
+    root = hub_logging._get_library_root_logger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.propagate = True
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of ``url`` accepts a connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    host = parsed.hostname
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, parsed.port or (443 if parsed.scheme != "http" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str, filenames, revision: Optional[str] = None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+                return True
+        except Exception:  # a malformed repo id or cache: treat as not cached
+            continue
+    return False
+
+
+def check_obtainable(what: str, hub_repo: Optional[str] = None, url: Optional[str] = None,
+                     filenames=("model.safetensors", "pytorch_model.bin"), revision: Optional[str] = None) -> None:
+    """Fail fast, with the one clear line, when pretrained weights are neither in the local
+    cache nor downloadable: a look at the cache, then one connection attempt of a few seconds
+    (instead of the hub client's retries, ~25 s)."""
+    import os as _os
+
+    if hub_repo and _hub_cached(hub_repo, filenames, revision):
+        return
+    if url:
+        import torch.hub
+
+        if _os.path.isfile(_os.path.join(torch.hub.get_dir(), "checkpoints", _os.path.basename(url.split("?")[0]))):
+            return
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE) or _os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    target = constants.ENDPOINT if hub_repo else url
+    if offline or not target or not _reachable(target):
+        raise WeightsError(_offline_hint(what, "not in the local cache, and " + (
+            "HF_HUB_OFFLINE is set" if offline else f"{target} cannot be reached")))
+
+
+def timm_encoder(name: str, weights: str = "", norm: str = "batch") -> nn.Module:
+    """A timm ``features_only`` encoder with weights from a tag, a file, or none; ``norm
+    group`` swaps its BatchNorm for GroupNorm (for training from scratch with small batches:
+    pretrained BatchNorm weights would not fit it)."""
     import timm
 
     kwargs = dict(features_only=True, out_indices=(0, 1, 2, 3, 4))
+    if norm != "batch":
+        from model.unext import norm_layer
+
+        kwargs["norm_layer"] = norm_layer(norm)
     if not weights:
         return timm.create_model(name, pretrained=False, **kwargs)
     if _is_file(weights):
@@ -114,6 +187,14 @@ def timm_encoder(name: str, weights: str = "") -> nn.Module:
             f"available tags: {available or 'none'} (or a local file path)"
         )
     logger.info("Loading pretrained encoder weights timm %s (offline? set MODEL.ENCODER_WEIGHTS to a local file)", full)
+    _hub_logs_once()
+    try:
+        pretrained = timm.models.get_pretrained_cfg(full)
+    except Exception:  # an unusual name: let timm say what is wrong
+        pretrained = None
+    if pretrained is not None:
+        check_obtainable(f"timm {full}", getattr(pretrained, "hf_hub_id", None) or None,
+                         getattr(pretrained, "url", None) or None)
     try:
         return timm.create_model(full, pretrained=True, **kwargs)
     except Exception as exc:
@@ -123,7 +204,8 @@ def timm_encoder(name: str, weights: str = "") -> nn.Module:
 def _unext(spec, encoder_name: str, weights: str) -> nn.Module:
     from model.unext import UneXt
 
-    return UneXt(timm_encoder(encoder_name, weights), num_classes=spec["NUM_CLASSES"])
+    norm = spec.get("NORM", "batch")
+    return UneXt(timm_encoder(encoder_name, weights, norm), num_classes=spec["NUM_CLASSES"], norm=norm)
 
 
 @MODELS.register("UneXt101")
@@ -162,7 +244,12 @@ def _build_smp(spec) -> nn.Module:
     import segmentation_models_pytorch as smp
 
     arch, encoder, weights = spec["ARCHITECTURE"], spec["ENCODER_NAME"], spec["ENCODER_WEIGHTS"]
+    if spec.get("NORM", "batch") != "batch":
+        raise ValueError(f"MODEL.NORM {spec['NORM']!r}: only the UneXt family takes another normalisation; "
+                         f"{arch} keeps BatchNorm (MODEL.NORM batch)")
     file = weights if weights and _is_file(weights) else None
+    if weights and not file:
+        _check_smp_weights(encoder, weights)
     try:
         model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None if file or not weights else weights,
                                  classes=spec["NUM_CLASSES"])
@@ -175,6 +262,19 @@ def _build_smp(spec) -> nn.Module:
         _load_into(model.encoder, {k.replace("encoder.", "", 1): v for k, v in state.items()}, file,
                    f"{encoder} encoder")
     return model
+
+
+def _check_smp_weights(encoder: str, weights: str) -> None:
+    """The local cache or a connection for smp's pretrained encoder weights, before smp tries."""
+    _hub_logs_once()
+    if encoder.startswith("tu-"):
+        return  # timm's own names: timm_encoder's check covers the UneXt family; smp passes True
+    from segmentation_models_pytorch.encoders import encoders
+
+    settings = encoders.get(encoder, {}).get("pretrained_settings", {}).get(weights)
+    if settings and settings.get("repo_id"):
+        check_obtainable(f"smp {encoder} {weights!r}", settings["repo_id"], filenames=("model.safetensors",),
+                         revision=settings.get("revision"))
 
 
 def check_architecture(arch: str) -> None:

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from data.tiling import TileGrid, iter_tile_rows, pixel_limit, tissue_windows
+from data.tiling import TileGrid, iter_tile_rows, pixel_limit, slide_box, tissue_windows
 from data.wsi import Slide
 from utils.rle import RLEStripEncoder, rle_area, runs_to_rle
 
@@ -75,18 +75,6 @@ def lowres_image(slide: Slide, grid: TileGrid) -> np.ndarray:
     for row, band in iter_tile_rows(slide, grid):
         out[row * grid.size:(row + 1) * grid.size] = band
     return out
-
-
-def slide_box(grid: TileGrid, whole: bool = True) -> Tuple[int, int, int, int]:
-    """``(y0, y1, x0, x1)``: the low-res pixels of the padded grid that lie wholly on the slide
-    (``whole``), or that touch it at all."""
-    r = grid.reduce
-    top, left = grid.pad_top, grid.pad_left
-    bottom, right = top + grid.height, left + grid.width
-    if not whole:
-        return top // r, -(-bottom // r), left // r, -(-right // r)
-    y0, x0 = -(-top // r), -(-left // r)
-    return y0, max(y0 + 1, bottom // r), x0, max(x0 + 1, right // r)
 
 
 def fill_outside(image: np.ndarray, box: Tuple[int, int, int, int]) -> np.ndarray:

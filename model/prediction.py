@@ -40,12 +40,13 @@ from model.build import resolve_device
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
 from model.inference import (lowres_image, predict_canvas, prob_to_rle, remove_small_objects, slide_box, threshold_mask,
                              torch_predictor)
+from utils.distributed import local_rank, world_size
 from utils.export import mask_polygons, polygons_geojson
 from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from utils.metrics import dice_from_counts
 from utils.rle import parse_rle, rle_area, rle_encode, runs_intersection
 
-__all__ = ["load_checkpoints", "predict_slides", "list_slides"]
+__all__ = ["load_checkpoints", "predict_slides", "list_slides", "ensemble_threshold"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,8 @@ def _read(opener, size: int, reduce: int) -> Tuple[np.ndarray, TileGrid]:
         return lowres_image(slide, grid), grid
 
 
-def _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, progress, helper) -> Dict[str, object]:
+def _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, progress, helper,
+                 threshold: float) -> Dict[str, object]:
     t = cfg.TEST
     height, width, reduce, size = grid.height, grid.width, grid.reduce, grid.size
     start = time.perf_counter()
@@ -171,14 +173,14 @@ def _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, progre
     prob[y1:] = 0
     prob[:, :x0] = 0
     prob[:, x1:] = 0
-    mask = threshold_mask(prob, t.TH)
+    mask = threshold_mask(prob, threshold)
     if t.MIN_AREA > 0:
         kept = remove_small_objects(mask, int(round(t.MIN_AREA / reduce**2)))
         prob[mask > kept] = 0  # removed objects stay out of the upsampled map too
         mask = kept
     exports = helper.submit(_export, slide_id, image, mask, grid, truth_rle, out_dir)  # while the RLE is encoded
     try:
-        rle, area = prob_to_rle(prob, grid, t.TH, t.UPSAMPLE)
+        rle, area = prob_to_rle(prob, grid, threshold, t.UPSAMPLE)
         del prob
     finally:
         wait([exports])  # the pictures are finished (or failed) before anything else happens
@@ -230,7 +232,7 @@ def _release_freed_memory() -> None:
 
 def _distributed() -> Tuple[int, int]:
     """``(rank, world size)``; under ``torchrun`` joins the (gloo) process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
@@ -240,10 +242,28 @@ def _distributed() -> Tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _settings(cfg: CN, paths: List[str], reduce: int, size: int) -> Dict[str, object]:
+DEFAULT_THRESHOLD = 0.45  # the original toolkit's, for checkpoints that carry no threshold
+
+
+def ensemble_threshold(th: float, ckpts: List[Dict[str, object]]) -> Tuple[float, str]:
+    """The probability threshold of a run and where it comes from: ``TEST.TH`` when it is set
+    (>= 0), else the mean of the thresholds the checkpoints learned in training."""
+    if th >= 0:
+        return float(th), "TEST.TH"
+    learned = [float(c["threshold"]) for c in ckpts if isinstance(c.get("threshold"), (int, float))]
+    if not learned:
+        return DEFAULT_THRESHOLD, f"default {DEFAULT_THRESHOLD} (the checkpoints carry no threshold)"
+    if len(learned) == 1:
+        return learned[0], "learned in training by the checkpoint"
+    mean = float(np.mean(learned))
+    return mean, "mean of the thresholds learned in training by the checkpoints (" + \
+        ", ".join(f"{v:.2f}" for v in learned) + ")"
+
+
+def _settings(cfg: CN, paths: List[str], reduce: int, size: int, threshold: float) -> Dict[str, object]:
     t = cfg.TEST
     return {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
-            "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": t.TH, "min_area": t.MIN_AREA,
+            "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": threshold, "min_area": t.MIN_AREA,
             "upsample": t.UPSAMPLE, "s_th": t.S_TH, "p_th": t.P_TH}
 
 
@@ -264,11 +284,13 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     rank, world = _distributed()
     device = resolve_device(cfg.MODEL.DEVICE)
     if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_rank())
     items = _items(cfg)
     ckpts, paths = load_checkpoints(t.MODEL_WEIGHTS_FOLDER)
     reduce, size = int(ckpts[0]["input"]["reduce"]), int(t.SIZE)
-    settings = _settings(cfg, paths, reduce, size)
+    threshold, threshold_source = ensemble_threshold(t.TH, ckpts)
+    logger.info("Threshold %.3f: %s", threshold, threshold_source)
+    settings = _settings(cfg, paths, reduce, size, threshold)
     out_dir = cfg.OUTPUT_DIR
     state = os.path.join(out_dir, ".predictions")
     csv_path = t.OUTPUT_CSV or os.path.join(out_dir, "submission.csv")
@@ -295,7 +317,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     os.makedirs(state, exist_ok=True)
     logger.info("Predicting %d %s (%d done earlier%s) with %d checkpoint(s) at reduction %d, %d px windows, "
                 "overlap %.2f, threshold %.2f on %s", len(todo), kind, len(mine) - len(todo),
-                f", rank {rank}/{world}" if world > 1 else "", len(ckpts), reduce, size, t.OVERLAP, t.TH, device)
+                f", rank {rank}/{world}" if world > 1 else "", len(ckpts), reduce, size, t.OVERLAP, threshold, device)
     fresh = {}  # the scores of the items predicted in this run, with this run's labels
     # one reader thread and one blending helper for the whole run (threads made per slide
     # would each leave a malloc arena behind: +85 MB peak over 3 slides, measured)
@@ -315,7 +337,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                     queue.append(reader.submit(_read, todo[n + 1][2], size, reduce))
                 bar.set_description(f"[{n + 1}/{len(todo)}] {slide_id}")
                 truth_rle = truth()
-                record = _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, bar, helper)
+                record = _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, bar, helper, threshold)
                 del image
                 _release_freed_memory()
                 record["settings"] = settings
@@ -348,16 +370,17 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
             score = _score(record, truth_rle) if truth_rle is not None else None
         if score is not None:
             scores.append(score)
-    return _write_outputs(records, scores, csv_path, out_dir, start, cfg)
+    return _write_outputs(records, scores, csv_path, out_dir, start, cfg, (threshold, threshold_source))
 
 
 def _write_outputs(records: List[Dict[str, object]], scored: List[Dict[str, object]], csv_path: str, out_dir: str,
-                   start: float, cfg: CN) -> Dict[str, object]:
+                   start: float, cfg: CN, threshold: Tuple[float, str]) -> Dict[str, object]:
     """The CSV (atomically), and with labels dice.csv and metrics.json, then the config that
     made them (so a failed run leaves the earlier outputs and their config as they were)."""
     atomic_write_text(csv_path, "id,predicted\n" + "".join(f"{r['id']},{r['predicted']}\n" for r in records))
     summary = {"slides": len(records), "seconds": round(time.time() - start, 1), "csv": csv_path,
-               "objects": int(sum(r["objects"] for r in records))}
+               "objects": int(sum(r["objects"] for r in records)),
+               "threshold": threshold[0], "threshold_source": threshold[1]}
     if scored:
         inter = sum(r["intersection"] for r in scored)
         total = sum(r["total"] for r in scored)

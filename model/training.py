@@ -1,56 +1,96 @@
-"""K-fold training with a fastai ``Learner``: one checkpoint per fold, curves, pictures and a
-threshold study, resumable after an interruption.
+"""K-fold training with a fastai ``Learner``: one checkpoint per fold (and optionally one
+model trained on everything), curves, pictures and a threshold study, resumable.
 
 Per fold ``k``, in ``OUTPUT_DIR``::
 
     model_<arch>_<encoder>_fold_<k>.pth   checkpoint: weights + model config + tile size,
-                                          reduction, mean/std, best threshold, metrics
-    fold_<k>/history.csv                  per-epoch losses and Dice (fastai CSVLogger)
+                                          reduction, mean/std, learned threshold, metrics
+    model_<arch>_<encoder>_all.pth        with SOLVER.FINAL_MODEL: trained on every image,
+                                          threshold from the out-of-fold study
+    fold_<k>/history.csv                  per-epoch losses and Dice (one line per epoch in log.txt too)
     fold_<k>/curves.png                   training curves
     fold_<k>/thresholds.csv, .png         validation Dice vs threshold
     fold_<k>/triplets.png                 image | ground truth | prediction (+ Dice)
-    fold_<k>/best.pth, last.pth, state.json   fastai states for resume (SOLVER.RESUME)
+    fold_<k>/last.state, best.state       resume states (not checkpoints), removed once the fold
+                                          is done unless SOLVER.KEEP_RESUME_STATES
+    fold_<k>/state.json, result.json      progress and result of the fold, with its settings
 
-and after the folds ``summary.json`` and ``oof_thresholds.csv`` (out-of-fold Dice).
+and after the folds ``summary.json`` and ``oof_thresholds.csv`` (out-of-fold Dice). A rerun of
+the same command resumes: finished folds are kept, an unfinished one continues after its last
+saved epoch; a rerun with other settings is refused (``OVERWRITE True`` starts again).
+
+Training views: the classic fixed tiles (``INPUT.CROP_SIZE 0``), or a fresh random crop per
+sample (``data.sampling``). Schedule: fastai one-cycle (warm-up, then cosine decay) over
+``MAX_EPOCHS``; ``SOLVER.AVERAGE`` keeps an EMA or SWA copy of the weights, which is what
+is validated and saved, its BatchNorm statistics recomputed at the end.
 """
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import json
 import logging
 import os
+import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from yacs.config import CfgNode as CN
 
-from data.datasets import TileDataset, TileSet, kfold_groups, read_stats
-from data.transforms import build_train_transform
+from data.datasets import TileDataset, TileSet, kfold_groups, read_stats, tile_group, tile_index
+from data.sampling import RandomCropDataset, crop_margin, slide_canvases
+from data.tiling import TileGrid
+from data.transforms import build_histology_transform, build_train_transform
 from model.build import build_model, check_architecture, model_spec, param_groups, resolve_device
 from model.checkpoint import load_weights_file, save_checkpoint
-from utils.io import atomic_write_json, atomic_write_text
+from utils.distributed import is_main, world_size
+from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, dice_from_counts
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
 
-__all__ = ["train", "checkpoint_name", "make_learner", "make_dataloaders"]
+__all__ = ["train", "checkpoint_name", "make_learner", "make_dataloaders", "training_settings", "WeightAverager", "ALL"]
 
 logger = logging.getLogger(__name__)
 
+ALL = "all"  # the "fold" of the model trained on every image
+COLLAPSE = 0.5  # warn when the model marks more than this share of the validation pixels
+# Keys that do not change what a fold learns: a rerun may change them and still resume.
+_RUN_ONLY_KEYS = ("OUTPUT_DIR", "OVERWRITE", "SOLVER.RESUME", "SOLVER.FOLDS", "SOLVER.CHECKPOINT_PERIOD",
+                  "SOLVER.KEEP_RESUME_STATES", "SOLVER.FINAL_MODEL", "DATALOADER.NUM_WORKERS", "MODEL.DEVICE",
+                  "TEST", "TILER")
 
-def checkpoint_name(cfg: CN, fold: int) -> str:
+
+def checkpoint_name(cfg: CN, fold) -> str:
     encoder = cfg.MODEL.ENCODER_NAME.replace("/", "_")
-    return f"model_{cfg.MODEL.ARCHITECTURE}_{encoder}_fold_{fold}.pth"
+    suffix = ALL if fold == ALL else f"fold_{fold}"
+    return f"model_{cfg.MODEL.ARCHITECTURE}_{encoder}_{suffix}.pth"
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+def training_settings(cfg: CN) -> Dict[str, object]:
+    """The config values that decide what a fold learns, flattened (``SECTION.KEY: value``)."""
+    flat: Dict[str, object] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if any(name == k or name.startswith(k + ".") for k in _RUN_ONLY_KEYS):
+                continue
+            if isinstance(value, CN):
+                walk(value, name + ".")
+            else:
+                flat[name] = list(value) if isinstance(value, (list, tuple)) else value
+
+    walk(cfg, "")
+    return flat
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def _differences(old: Dict[str, object], new: Dict[str, object]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
 
 
 def _patch_fastai_distributed() -> None:
@@ -77,7 +117,7 @@ def _fastai_metrics():
 
         def __init__(self, kind: str):
             self.kind = kind
-            self.acc = DiceAccumulator(THRESHOLDS if kind == "th" else ())
+            self.acc = DiceAccumulator(THRESHOLDS if kind == "th" else (0.5,))
 
         def reset(self):
             self.acc.reset()
@@ -100,28 +140,71 @@ def _fastai_metrics():
     return [DiceMetric("soft"), DiceMetric("th")]
 
 
-def _callbacks(fold: int, state_file: str, start_epoch: int, append: bool, period: int = 1):
-    """CSV history, best-model tracking and the per-epoch resume state.
+class WeightAverager:
+    """An exponential (``ema``) or equal (``swa``) running average of a model's state_dict.
 
-    fastai's ``fit(start_epoch=k)`` skips epochs by cancelling them, but its Recorder still
-    closes them with empty logs, which breaks the tracker and adds empty CSV rows: these
-    versions ignore the skipped epochs.
-    """
-    from fastai.callback.core import Callback
-    from fastai.callback.progress import CSVLogger
-    from fastai.callback.tracker import SaveModelCallback
+    Kept as plain tensors rather than a deep copy of the model (``AveragedModel``), which
+    modules with weight normalisation (fastai's pixel shuffle in UneXt) cannot give. Integer
+    buffers (BatchNorm's batch counts) take the latest value. The EMA decay warms up as
+    ``min(decay, (1 + n) / (10 + n))`` so that early weights fade quickly."""
+
+    def __init__(self, kind: str, decay: float = 0.99):
+        if kind not in ("ema", "swa"):
+            raise ValueError(f"weight averaging must be 'ema' or 'swa', got {kind!r}")
+        self.kind, self.decay = kind, float(decay)
+        self.state: Dict[str, torch.Tensor] = {}
+        self.n_averaged = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        current = model.state_dict()
+        if not self.n_averaged:
+            self.state = {k: v.detach().clone() for k, v in current.items()}
+        else:
+            n = self.n_averaged
+            weight = 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)) if self.kind == "ema" else 1.0 / (n + 1)
+            keys = [k for k, v in self.state.items() if v.is_floating_point()]
+            torch._foreach_lerp_([self.state[k] for k in keys], [current[k].detach() for k in keys], weight)
+            for k, v in self.state.items():
+                if not v.is_floating_point():
+                    v.copy_(current[k])
+        self.n_averaged += 1
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"kind": self.kind, "n_averaged": self.n_averaged, "state": self.state}
+
+    def load_state_dict(self, saved: Dict[str, object]) -> None:
+        self.n_averaged = int(saved["n_averaged"])
+        self.state = {k: v.clone() for k, v in saved["state"].items()}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _callbacks(cfg: CN, label: str, fold_dir: str, start_epoch: int, append: bool, best_value: float,
+               n_epochs: int):
+    """History (CSV), one log line per epoch (progress bar on a terminal), weight averaging,
+    best-epoch tracking and the resume state; the returned dict names them."""
+    from fastai.callback.core import Callback, CancelValidException
+    from fastai.learner import Recorder
+    from tqdm import tqdm
+
+    s = cfg.SOLVER
+    log_every = is_main()
 
     class History(Callback):
-        """fastai's CSVLogger, made resumable: on resume it keeps the rows of the epochs
-        before ``start_epoch`` (dropping any epoch that was logged but not saved) and appends."""
+        """The per-epoch CSV (fastai's CSVLogger, made resumable: on resume it keeps the rows
+        of the epochs before ``start_epoch`` and appends). Also swallows fastai's own printing."""
 
-        order = CSVLogger.order
+        order = Recorder.order + 1
 
         def before_fit(self):
             self.file = None
-            if _rank() != 0:
+            self.learn.logger = lambda *_: None  # no raw lists on stdout; EpochLog writes the lines
+            if not is_main():
                 return
-            path = os.path.join(self.path, f"fold_{fold}", "history.csv")
+            path = os.path.join(fold_dir, "history.csv")
             rows = []
             if append and os.path.isfile(path):
                 with open(path, newline="") as fh:
@@ -131,40 +214,184 @@ def _callbacks(fold: int, state_file: str, start_epoch: int, append: bool, perio
                 rows = [list(self.recorder.metric_names)]
             atomic_write_text(path, "".join(",".join(r) + "\n" for r in rows))
             self.file = open(path, "a")
-            self.old_logger, self.learn.logger = self.logger, self._write_line
 
-        def _write_line(self, log):
-            if self.file is not None and len(log) >= len(self.recorder.metric_names) - 1:  # a full epoch
-                self.file.write(",".join(str(t) for t in log) + "\n")
+        def after_epoch(self):
+            if self.file is not None and self.epoch >= start_epoch:
+                self.file.write(",".join(str(t) for t in self.recorder.log) + "\n")
                 self.file.flush()
-            self.old_logger(log)
 
         def after_fit(self):
             if self.file is not None:
                 self.file.close()
-                self.learn.logger = self.old_logger
 
-    class BestModel(SaveModelCallback):
+    class EpochLog(Callback):
+        """A progress bar over the batches on a terminal only; one log line per epoch always
+        (so a log file holds one readable line per epoch, not bar redraws), and the collapse
+        guard."""
+
+        order = Recorder.order + 2
+
+        def before_epoch(self):
+            self.start = time.time()
+            tty = sys.stderr.isatty() and log_every
+            self.bar = tqdm(total=len(self.dls.train), desc=f"{label} epoch {self.epoch + 1}/{n_epochs}",
+                            unit="batch", leave=False, disable=not tty or self.epoch < start_epoch)
+
+        def after_batch(self):
+            if self.training:
+                self.bar.update(1)
+
         def after_epoch(self):
-            if self.epoch >= start_epoch:
-                super().after_epoch()
+            self.bar.close()
+            if self.epoch < start_epoch or not log_every:
+                return
+            values = dict(zip(self.recorder.metric_names, self.recorder.log))
+            parts = [f"{k} {v:.4f}" for k, v in values.items()
+                     if k not in ("epoch", "time") and isinstance(v, (float, np.floating))]
+            logger.info("%s epoch %d/%d: %s (%.0f s)", label, self.epoch + 1, n_epochs, ", ".join(parts),
+                        time.time() - self.start)
+            acc = self.learn.metrics[0].acc
+            share = acc.foreground_fraction(0.5)
+            if acc.pixels and share > COLLAPSE:
+                logger.warning("%s epoch %d: the model marks %.0f%% of the validation pixels as foreground "
+                               "(%.0f%% are): it may have collapsed; try a lower SOLVER.BASE_LR_MAX, SOLVER.AVERAGE "
+                               "ema, or more INPUT.FOREGROUND_FRACTION", label, self.epoch + 1, 100 * share,
+                               100 * acc.true_fraction)
 
-    class EpochState(Callback):
-        """After every epoch (after the tracker), save weights + optimizer and the epoch."""
+    class WeightAverage(Callback):
+        """An EMA (every step) or SWA (every epoch from SWA_START on) copy of the weights;
+        validation runs on it, then the training weights come back."""
 
-        order = SaveModelCallback.order + 1
+        order = 5
+
+        def __init__(self):
+            self.avg = None
+            self.raw = None
+            self.swa_from = int(np.ceil(s.SWA_START * n_epochs))
+            self.pending_state = None
+
+        def before_fit(self):
+            if s.AVERAGE == "none":
+                return
+            self.avg = WeightAverager(s.AVERAGE, s.EMA_DECAY)
+            if self.pending_state is not None:
+                self.avg.load_state_dict(self.pending_state)
+                self.pending_state = None
+
+        @property
+        def active(self) -> bool:
+            return self.avg is not None and self.avg.n_averaged > 0
+
+        def after_step(self):
+            if s.AVERAGE == "ema":
+                self.avg.update(_unwrap(self.learn.model))
+
+        def after_train(self):
+            if s.AVERAGE == "swa" and self.epoch >= self.swa_from:
+                self.avg.update(_unwrap(self.learn.model))
+
+        def before_validate(self):
+            if self.active:
+                base = _unwrap(self.learn.model)
+                self.raw = {k: v.detach().clone() for k, v in base.state_dict().items()}
+                base.load_state_dict(self.avg.state)
+
+        def restore(self):
+            if self.raw is not None:
+                _unwrap(self.learn.model).load_state_dict(self.raw)
+                self.raw = None
+
+        def training_state(self) -> Dict[str, torch.Tensor]:
+            """The training (not averaged) weights, whatever is loaded now."""
+            if self.raw is not None:
+                return self.raw
+            return _unwrap(self.learn.model).state_dict()
+
+    class BestState(Callback):
+        """After validation: the evaluated weights (averaged when averaging) of the best epoch
+        by validation Dice, to ``best.state``."""
+
+        order = Recorder.order + 3
+
+        def __init__(self):
+            self.best = best_value
 
         def after_epoch(self):
-            if self.epoch < start_epoch or _rank() != 0:
+            if self.epoch < start_epoch:
                 return
-            if (self.epoch + 1) % period and self.epoch + 1 < self.n_epoch:
-                return
-            self.learn.save("last", with_opt=True)
-            atomic_write_json(state_file, {"epoch": int(self.epoch), "best": float(best.best)})
+            value = dict(zip(self.recorder.metric_names, self.recorder.log)).get("dice_th")
+            if isinstance(value, (float, np.floating)) and value > self.best:
+                self.best = float(value)
+                if is_main():
+                    _save_state(os.path.join(fold_dir, "best.state"),
+                                {"model": _unwrap(self.learn.model).state_dict(), "epoch": int(self.epoch)})
 
-    best = BestModel(monitor="dice_th", comp=np.greater, fname="best", reset_on_fit=False)
-    best.best = -np.inf
-    return History(), best, EpochState()
+    class ResumeState(Callback):
+        """Every CHECKPOINT_PERIOD epochs (and after the last): training weights, optimiser,
+        averaged copy and progress to ``last.state`` + ``state.json``; then the training
+        weights are put back."""
+
+        order = Recorder.order + 4
+
+        def after_epoch(self):
+            if self.epoch >= start_epoch and is_main() and (
+                    (self.epoch + 1) % s.CHECKPOINT_PERIOD == 0 or self.epoch + 1 == self.n_epoch):
+                _save_state(os.path.join(fold_dir, "last.state"), {
+                    "model": average.training_state(),
+                    "opt": _plain_opt_state(self.learn.opt),
+                    "average": average.avg.state_dict() if average.avg is not None else None,
+                    "epoch": int(self.epoch)})
+                atomic_write_json(os.path.join(fold_dir, "state.json"),
+                                  {"epoch": int(self.epoch), "best": float(best.best),
+                                   "settings": training_settings(cfg)})
+            average.restore()
+
+    class SkipValidation(Callback):
+        """The model trained on everything has no validation images."""
+
+        def before_validate(self):
+            raise CancelValidException()
+
+    average, best = WeightAverage(), BestState()
+    cbs = {"history": History(), "log": EpochLog(), "average": average, "best": best, "resume": ResumeState()}
+    cbs["skip_valid"] = SkipValidation()
+    return cbs
+
+
+def _plain_opt_state(opt) -> Dict[str, object]:
+    """fastai's optimiser state as plain lists and dicts (loadable with ``weights_only``)."""
+    def plain(value):
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        if isinstance(value, (int, np.integer)):
+            return int(value)
+        if isinstance(value, (float, np.floating)):  # fastai's schedulers set numpy floats
+            return float(value)
+        return value
+
+    sd = opt.state_dict()
+    return {"state": [{k: plain(v) for k, v in s.items()} for s in sd["state"]],
+            "hypers": [{k: plain(v) for k, v in h.items()} for h in sd["hypers"]]}
+
+
+def _load_opt_state(opt, saved: Dict[str, object]) -> None:
+    from fastcore.foundation import L
+
+    opt.load_state_dict({"state": list(saved["state"]), "hypers": L(dict(h) for h in saved["hypers"])})
+
+
+def _save_state(path: str, state: Dict[str, object]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_state(path: str) -> Dict[str, object]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: unreadable resume state ({type(exc).__name__}); delete it, or set "
+                         "OVERWRITE True to start the fold again") from None
 
 
 def _seed_transform(transform):
@@ -180,29 +407,122 @@ def _seed_transform(transform):
     return apply
 
 
+def _bf16_autocast():
+    """A fastai callback: the forward pass under bfloat16 autocast; the loss, the gradients'
+    accumulation, the weights and the optimiser stay float32."""
+    from fastai.callback.core import Callback
+
+    class BF16Autocast(Callback):
+        order = 10
+
+        def before_batch(self):
+            self.ctx = torch.autocast(self.dls.device.type, dtype=torch.bfloat16)
+            self.ctx.__enter__()
+
+        def after_pred(self):
+            self._leave()
+            self.learn.pred = self.learn.pred.float()
+
+        def after_batch(self):
+            self._leave()
+
+        def after_cancel_batch(self):
+            self._leave()
+
+        def _leave(self):
+            if getattr(self, "ctx", None) is not None:
+                self.ctx.__exit__(None, None, None)
+                self.ctx = None
+
+    return BF16Autocast()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX or AVX512-BF16): there, bf16 autocast
+    speeds training up; elsewhere it is emulated, and slower than float32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def make_learner(cfg: CN, dls, model, path: str, model_dir: str, cbs, device):
     """The fastai Learner of train_net: loss, Dice metrics, encoder/decoder parameter groups,
-    mixed precision on CUDA."""
+    Adam with decoupled weight decay SOLVER.WEIGHT_DECAY, mixed precision (SOLVER.AMP: fp16 on
+    CUDA by default; bf16 on request, or on a CPU with native bf16 under 'auto'). fastai's
+    progress bars are left out (train_net logs one line per epoch)."""
+    from fastai.callback.progress import ProgressCallback
     from fastai.learner import Learner
 
     learn = Learner(dls, model, loss_func=build_loss(cfg), metrics=_fastai_metrics(), splitter=param_groups,
-                    path=path, model_dir=model_dir, cbs=cbs)
-    if device.type == "cuda":
+                    path=path, model_dir=model_dir, cbs=cbs, wd=cfg.SOLVER.WEIGHT_DECAY)
+    if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
+        learn.remove_cb(ProgressCallback)
+    if training_precision(cfg.SOLVER.AMP, device) == "bf16":
+        learn.add_cb(_bf16_autocast())
+    elif training_precision(cfg.SOLVER.AMP, device) == "fp16":
         learn.to_fp16()
     return learn
 
 
+def training_precision(amp: str, device) -> str:
+    """``SOLVER.AMP`` on ``device``: 'fp16' (CUDA, auto), 'bf16' (asked for, or auto on a CPU
+    with native bfloat16) or 'fp32'."""
+    if amp == "bf16":
+        return "bf16"
+    if amp == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return "bf16"
+    return "fp32"
+
+
+def _train_transform(cfg: CN, margin: int = 0):
+    i = cfg.INPUT
+    if i.AUGMENTATION == "histology":
+        return build_histology_transform(i.PROB, i.CROP_SIZE or i.SIZE_TRAIN, margin)
+    transform = build_train_transform(i.PROB)
+    if transform is not None and margin:
+        import albumentations as A
+
+        transform = A.Compose([*transform.transforms, A.CenterCrop(i.CROP_SIZE, i.CROP_SIZE)])
+    return transform
+
+
+def _grids(tiles: TileSet, cfg: CN) -> Dict[str, TileGrid]:
+    """Each slide's tile grid, from the shapes the tiler recorded in its stats file."""
+    stats = read_json(tiles.stats_file) if os.path.isfile(tiles.stats_file) else {}
+    grids = {}
+    for slide_id, info in stats.get("slides", {}).items():
+        if len(info.get("shape", [])) == 2:
+            grids[slide_id] = TileGrid(*info["shape"], cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN)
+    return grids
+
+
 def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
+    """Training loader (fixed tiles, or INPUT.CROP_SIZE random crops, SAMPLES_PER_EPOCH per
+    epoch) and validation loader (the held-out tiles, whole); returns them and the validation
+    dataset."""
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
 
-    transform = _seed_transform(build_train_transform(cfg.INPUT.PROB))
-    train_ds = TileDataset(tiles, train_names, mean, std, transform)
+    crop = cfg.INPUT.CROP_SIZE
+    if crop:
+        margin = crop_margin(crop, cfg.INPUT.PROB > 0)
+        canvases = slide_canvases(tiles.images, tiles.masks, train_names, _grids(tiles, cfg), tile_group,
+                                  tile_index)
+        samples = cfg.SOLVER.SAMPLES_PER_EPOCH or len(train_names)
+        train_ds = RandomCropDataset(canvases, crop, samples, cfg.INPUT.FOREGROUND_FRACTION, mean, std,
+                                     _seed_transform(_train_transform(cfg, margin)), margin)
+    else:
+        train_ds = TileDataset(tiles, train_names, mean, std, _seed_transform(_train_transform(cfg)))
     valid_ds = TileDataset(tiles, valid_names, mean, std, None)
     bs, workers = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS
     # persistent workers: no new worker processes every epoch
     extra = dict(num_workers=workers, persistent_workers=workers > 0, device=device)
-    train_dl = DataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train_ds) > bs, **extra)
+    train_dl = DataLoader(train_ds, bs=bs, shuffle=not crop, drop_last=len(train_ds) > bs, **extra)
     valid_dl = DataLoader(valid_ds, bs=bs, shuffle=False, **extra)
     return DataLoaders(train_dl, valid_dl, device=device), valid_ds
 
@@ -253,87 +573,195 @@ def _read_history(path: str) -> Dict[str, List[float]]:
     return history
 
 
-def _train_fold(cfg: CN, fold: int, tiles: TileSet, fold_of: Dict[str, int], mean, std, device) -> Dict[str, object]:
-    import fastai.callback.schedule  # noqa: F401 - adds fit_one_cycle
+# --- the stages of one fold -----------------------------------------------------------------
+class _Fold:
+    """What one fold (or the all-images model) trains on, and where it writes."""
 
-    out = cfg.OUTPUT_DIR
-    fold_dir = os.path.join(out, f"fold_{fold}")
-    ckpt_path = os.path.join(out, checkpoint_name(cfg, fold))
-    train_names = [n for n, g in zip(tiles.names, tiles.groups) if fold_of[g] != fold]
-    valid_names = [n for n, g in zip(tiles.names, tiles.groups) if fold_of[g] == fold]
-    logger.info("Fold %d: %d training tiles, %d validation tiles (%s)", fold, len(train_names), len(valid_names),
-                ", ".join(sorted({g for g in tiles.groups if fold_of[g] == fold}))[:200])
-    torch.manual_seed(cfg.MODEL.SEED + fold)
-    np.random.seed((cfg.MODEL.SEED + fold) % 2**32)
-    dls, valid_ds = make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device)
-    model = build_model(cfg, weights=not cfg.MODEL.WEIGHTS)
-    if cfg.MODEL.WEIGHTS:
-        load_weights_file(model, cfg.MODEL.WEIGHTS)
-        logger.info("Fold %d: initialised from %s", fold, cfg.MODEL.WEIGHTS)
-    os.makedirs(fold_dir, exist_ok=True)  # only once the model could be built
-    if _rank() == 0:  # the config of these outputs, written once nothing can fail on bad input
-        atomic_write_text(os.path.join(out, "config.yaml"), cfg.dump())
-    state_file = os.path.join(fold_dir, "state.json")
-    resume = cfg.SOLVER.RESUME and os.path.isfile(state_file) and os.path.isfile(os.path.join(fold_dir, "last.pth"))
-    state = {}
-    if resume:
-        with open(state_file) as fh:
-            state = json.load(fh)
-    start_epoch = int(state["epoch"]) + 1 if resume else 0
-    history, best, epoch_state = _callbacks(fold, state_file, start_epoch, append=resume,
-                                            period=cfg.SOLVER.CHECKPOINT_PERIOD)
-    if state.get("best") is not None:
-        best.best = float(state["best"])
-    learn = make_learner(cfg, dls, model, out, f"fold_{fold}", [history, best, epoch_state], device)
-    if resume:
-        learn.create_opt()
-        learn.load("last", with_opt=True, device=device)
-        logger.info("Fold %d: resuming after epoch %d of %d", fold, start_epoch, cfg.SOLVER.MAX_EPOCHS)
-    if start_epoch < cfg.SOLVER.MAX_EPOCHS:
-        schedule = dict(lr_max=slice(cfg.SOLVER.BASE_LR_MIN, cfg.SOLVER.BASE_LR_MAX), start_epoch=start_epoch)
-        if _world_size() > 1:  # torchrun: DistributedDataParallel through fastai + accelerate
-            _patch_fastai_distributed()
-            # SyncBatchNorm is CUDA-only; gloo on CPU
-            with learn.distrib_ctx(sync_bn=device.type == "cuda", cpu=device.type == "cpu"):
-                learn.fit_one_cycle(cfg.SOLVER.MAX_EPOCHS, **schedule)
-        else:
+    def __init__(self, cfg: CN, fold, tiles: TileSet, fold_of: Dict[str, int]):
+        self.cfg, self.fold, self.tiles = cfg, fold, tiles
+        self.label = "Final model" if fold == ALL else f"Fold {fold}"
+        self.dir = os.path.join(cfg.OUTPUT_DIR, ALL if fold == ALL else f"fold_{fold}")
+        self.checkpoint = os.path.join(cfg.OUTPUT_DIR, checkpoint_name(cfg, fold))
+        self.result_file = os.path.join(self.dir, "result.json")
+        self.state_file = os.path.join(self.dir, "state.json")
+        held_out = set() if fold == ALL else {g for g in tiles.groups if fold_of[g] == fold}
+        self.valid_ids = sorted(held_out)
+        self.train_names = [n for n, g in zip(tiles.names, tiles.groups) if g not in held_out]
+        self.valid_names = [n for n, g in zip(tiles.names, tiles.groups) if g in held_out]
+        self.seed = cfg.MODEL.SEED + (cfg.SOLVER.N_FOLDS if fold == ALL else fold)
+
+
+def _resume_point(fold: _Fold) -> Dict[str, object]:
+    """``{}`` for a fresh start, or the saved progress of an unfinished run of this fold with
+    the same settings; an unfinished run with other settings is refused (or, with OVERWRITE,
+    forgotten)."""
+    last = os.path.join(fold.dir, "last.state")
+    if not (os.path.isfile(fold.state_file) and os.path.isfile(last)):
+        return {}
+    state = read_json(fold.state_file)
+    settings = training_settings(fold.cfg)
+    if state.get("settings") != settings:
+        if fold.cfg.OVERWRITE:
+            return {}
+        raise FileExistsError(
+            f"{fold.dir}: an unfinished run with other settings ({_differences(state.get('settings') or {}, settings)}); "
+            "rerun it with its own settings to resume, or set OVERWRITE True to start again, or another OUTPUT_DIR")
+    return state
+
+
+def _fit(fold: _Fold, learn, cbs, start_epoch: int, device) -> None:
+    cfg = fold.cfg
+    if start_epoch >= cfg.SOLVER.MAX_EPOCHS:
+        return
+    schedule = dict(lr_max=slice(cfg.SOLVER.BASE_LR_MIN, cfg.SOLVER.BASE_LR_MAX), start_epoch=start_epoch,
+                    pct_start=cfg.SOLVER.WARMUP_FRACTION, wd=cfg.SOLVER.WEIGHT_DECAY)
+    if world_size() > 1:  # torchrun: DistributedDataParallel through fastai + accelerate
+        _patch_fastai_distributed()
+        # SyncBatchNorm is CUDA-only; gloo on CPU
+        with learn.distrib_ctx(sync_bn=device.type == "cuda", cpu=device.type == "cpu"):
             learn.fit_one_cycle(cfg.SOLVER.MAX_EPOCHS, **schedule)
-    learn.load("best", device=device, with_opt=False)
-    if _rank() != 0:  # the other ranks only helped to train
-        return {"fold": fold, "checkpoint": ckpt_path}
-    acc, per_tile = _evaluate(learn.model, valid_ds, device, cfg.SOLVER.IMS_PER_BATCH)
-    threshold, dice = acc.best()
-    table = acc.per_threshold()
-    valid_ids = sorted({g for g in tiles.groups if fold_of[g] == fold})
-    metrics = {"dice_th": dice, "dice_soft": acc.soft, "threshold": threshold, "valid_tiles": len(valid_names),
-               "train_tiles": len(train_names), "valid_ids": valid_ids}
+    else:
+        learn.fit_one_cycle(cfg.SOLVER.MAX_EPOCHS, **schedule)
+
+
+def _final_weights(fold: _Fold, learn, cbs, device) -> str:
+    """Load the weights the fold saves; returns what they are."""
+    cfg, model = fold.cfg, _unwrap(learn.model)
+    best_file = os.path.join(fold.dir, "best.state")
+    if cfg.SOLVER.SAVE == "best" and fold.fold != ALL and os.path.isfile(best_file):
+        state = _load_state(best_file)
+        model.load_state_dict(state["model"])
+        return f"the best epoch by validation Dice ({int(state['epoch']) + 1})"
+    average = cbs["average"]
+    if average.avg is None or not average.avg.n_averaged:
+        return "the last epoch"
+    model.load_state_dict(average.avg.state)
+    n = cfg.SOLVER.BN_UPDATE_BATCHES
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if n and has_bn:  # BatchNorm statistics of the averaged weights, from training batches
+        from torch.optim.swa_utils import update_bn
+
+        update_bn((x for x, _ in itertools.islice(learn.dls.train, n)), model)
+    return f"the {cfg.SOLVER.AVERAGE.upper()} average" + (f" (BatchNorm statistics from {n} batches)"
+                                                           if n and has_bn else "")
+
+
+def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
+            oof_threshold: Optional[float] = None) -> Dict[str, object]:
+    """Validate the saved weights, write the checkpoint and the pictures; return the result."""
+    cfg = fold.cfg
     info = {
         "model": model_spec(cfg),
         "input": {"size": cfg.INPUT.SIZE_TRAIN, "reduce": cfg.INPUT.SIZE_REDUCTION_TRAIN, "mean": mean, "std": std},
-        "threshold": float(threshold),
-        "fold": int(fold),
+        "fold": -1 if fold.fold == ALL else int(fold.fold),
         "n_folds": int(cfg.SOLVER.N_FOLDS),
-        "metrics": metrics,
         "loss": cfg.SOLVER.LOSS_FUNCTION_NAME,
         "epochs": int(cfg.SOLVER.MAX_EPOCHS),
+        "weights": what,
     }
-    if _rank() == 0:
-        save_checkpoint(ckpt_path, learn.model, info)
-        atomic_write_text(os.path.join(fold_dir, "thresholds.csv"),
-                          "threshold,dice\n" + "".join(f"{t:.2f},{d:.6f}\n" for t, d in table.items()))
-        plot_thresholds(table, os.path.join(fold_dir, "thresholds.png"), f"fold {fold}:")
-        plot_triplets(_triplets(valid_ds, per_tile, threshold), os.path.join(fold_dir, "triplets.png"),
-                      f"fold {fold}, threshold {threshold:.2f}")
-        plot_curves(_read_history(os.path.join(fold_dir, "history.csv")), os.path.join(fold_dir, "curves.png"),
-                    f"fold {fold}")
-    logger.info("Fold %d: validation Dice %.4f at threshold %.2f (soft %.4f) -> %s", fold, dice, threshold,
-                acc.soft, ckpt_path)
-    return {"fold": fold, "checkpoint": ckpt_path, **metrics,
+    if fold.fold == ALL:
+        threshold = 0.5 if oof_threshold is None else float(oof_threshold)
+        metrics = {"train_tiles": len(fold.train_names), "valid_ids": [],
+                   "threshold_source": "out-of-fold study" if oof_threshold is not None else "default 0.5"}
+        save_checkpoint(fold.checkpoint, model, {**info, "threshold": threshold, "metrics": metrics})
+        logger.info("%s: %s, threshold %.2f (%s) -> %s", fold.label, what, threshold, metrics["threshold_source"],
+                    fold.checkpoint)
+        return {"fold": ALL, "checkpoint": fold.checkpoint, "threshold": threshold, **metrics}
+    acc, per_tile = _evaluate(model, valid_ds, device, cfg.SOLVER.IMS_PER_BATCH)
+    threshold, dice = acc.best()
+    table = acc.per_threshold()
+    metrics = {"dice_th": dice, "dice_soft": acc.soft, "threshold": threshold, "valid_tiles": len(fold.valid_names),
+               "train_tiles": len(fold.train_names), "valid_ids": fold.valid_ids,
+               "dice_at_0.5": table.get(0.5, float("nan"))}
+    save_checkpoint(fold.checkpoint, model, {**info, "threshold": float(threshold), "metrics": metrics})
+    atomic_write_text(os.path.join(fold.dir, "thresholds.csv"),
+                      "threshold,dice\n" + "".join(f"{t:.2f},{d:.6f}\n" for t, d in table.items()))
+    plot_thresholds(table, os.path.join(fold.dir, "thresholds.png"), f"{fold.label.lower()}:")
+    plot_triplets(_triplets(valid_ds, per_tile, threshold), os.path.join(fold.dir, "triplets.png"),
+                  f"{fold.label.lower()}, threshold {threshold:.2f}")
+    plot_curves(_read_history(os.path.join(fold.dir, "history.csv")), os.path.join(fold.dir, "curves.png"),
+                fold.label.lower())
+    share = acc.foreground_fraction(threshold)
+    if share > COLLAPSE:
+        logger.warning("%s: the saved model marks %.0f%% of the validation pixels as foreground (%.0f%% are): "
+                       "it has probably collapsed", fold.label, 100 * share, 100 * acc.true_fraction)
+    logger.info("%s: %s: validation Dice %.4f at threshold %.2f (%.4f at 0.50, soft %.4f) -> %s", fold.label, what,
+                dice, threshold, metrics["dice_at_0.5"], acc.soft, fold.checkpoint)
+    return {"fold": fold.fold, "checkpoint": fold.checkpoint, **metrics,
             "counts": {"inter": acc.inter.tolist(), "total": acc.total.tolist()}}
 
 
+def _clean_states(fold: _Fold) -> None:
+    if fold.cfg.SOLVER.KEEP_RESUME_STATES:
+        return
+    for name in ("last.state", "best.state"):
+        path = os.path.join(fold.dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _train_fold(cfg: CN, fold: _Fold, mean, std, device, oof_threshold: Optional[float] = None) -> Dict[str, object]:
+    """Data -> model -> (resume) -> fit -> saved weights -> checkpoint, pictures -> clean-up."""
+    import fastai.callback.schedule  # noqa: F401 - adds fit_one_cycle
+
+    logger.info("%s: %d training tiles, %d validation tiles (%s)", fold.label, len(fold.train_names),
+                len(fold.valid_names), ", ".join(fold.valid_ids)[:200] or "none: trained on every image")
+    torch.manual_seed(fold.seed)
+    np.random.seed(fold.seed % 2**32)
+    valid_names = fold.valid_names or fold.train_names[:1]  # fastai wants a validation set; skipped for ALL
+    dls, valid_ds = make_dataloaders(cfg, fold.tiles, fold.train_names, valid_names, mean, std, device)
+    model = build_model(cfg, weights=not cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.WEIGHTS:
+        load_weights_file(model, cfg.MODEL.WEIGHTS)
+        logger.info("%s: initialised from %s", fold.label, cfg.MODEL.WEIGHTS)
+    state = _resume_point(fold)
+    os.makedirs(fold.dir, exist_ok=True)  # only once the model could be built
+    if is_main():  # the config of these outputs, written once nothing can fail on bad input
+        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+    start_epoch = int(state["epoch"]) + 1 if state else 0
+    cbs = _callbacks(cfg, fold.label, fold.dir, start_epoch, append=bool(state),
+                     best_value=float(state.get("best", -np.inf)) if state else -np.inf,
+                     n_epochs=cfg.SOLVER.MAX_EPOCHS)
+    if fold.fold != ALL:
+        del cbs["skip_valid"]
+    learn = make_learner(cfg, dls, model, cfg.OUTPUT_DIR, fold.dir, list(cbs.values()), device)
+    if state:
+        saved = _load_state(os.path.join(fold.dir, "last.state"))
+        learn.create_opt()
+        _unwrap(learn.model).load_state_dict(saved["model"])
+        _load_opt_state(learn.opt, saved["opt"])
+        cbs["average"].pending_state = saved.get("average")
+        logger.info("%s: resuming after epoch %d of %d", fold.label, start_epoch, cfg.SOLVER.MAX_EPOCHS)
+    _fit(fold, learn, cbs, start_epoch, device)
+    if not is_main():  # the other ranks only helped to train
+        return {"fold": fold.fold, "checkpoint": fold.checkpoint}
+    what = _final_weights(fold, learn, cbs, device)
+    result = _report(fold, _unwrap(learn.model), valid_ds, mean, std, device, what, oof_threshold)
+    result["settings"] = training_settings(cfg)
+    atomic_write_json(fold.result_file, result)
+    _clean_states(fold)
+    return result
+
+
+def _finished(fold: _Fold) -> Optional[Dict[str, object]]:
+    """The result of a fold finished earlier with the same settings; a finished fold with
+    other settings is refused unless OVERWRITE (train again) or SOLVER.RESUME (keep it)."""
+    cfg = fold.cfg
+    if not os.path.exists(fold.checkpoint):
+        return None
+    result = read_json(fold.result_file) if os.path.isfile(fold.result_file) else None
+    if result is not None and (result.get("settings") == training_settings(cfg) or cfg.SOLVER.RESUME):
+        return result
+    if cfg.OVERWRITE:
+        return None
+    why = (f"with other settings ({_differences(result.get('settings') or {}, training_settings(cfg))})"
+           if result is not None else "by another run")
+    raise FileExistsError(f"{fold.checkpoint} exists, trained {why}; set OVERWRITE True to train again "
+                          "(SOLVER.RESUME True keeps it as it is), or use another OUTPUT_DIR")
+
+
 def train(cfg: CN) -> Dict[str, object]:
-    """Train the configured folds; return (and write) the summary."""
+    """Train the configured folds (and the all-images model); return (and write) the summary."""
     start = time.time()
     device = resolve_device(cfg.MODEL.DEVICE)
     build_loss(cfg)  # a wrong loss or architecture name fails before any work
@@ -345,45 +773,62 @@ def train(cfg: CN) -> Dict[str, object]:
     bad = [f for f in folds if not 0 <= f < cfg.SOLVER.N_FOLDS]
     if bad:
         raise ValueError(f"SOLVER.FOLDS {bad}: folds are numbered 0..{cfg.SOLVER.N_FOLDS - 1}")
-    for fold in folds:
-        path = os.path.join(cfg.OUTPUT_DIR, checkpoint_name(cfg, fold))
-        if os.path.exists(path) and not cfg.SOLVER.RESUME and not cfg.OVERWRITE:
-            raise FileExistsError(f"{path} exists; set SOLVER.RESUME True to keep finished folds and continue, "
-                                  "OVERWRITE True to train again, or another OUTPUT_DIR")
-    logger.info("Training %s/%s on %s: %d tiles from %d slides/images, folds %s, mean %s std %s",
-                cfg.MODEL.ARCHITECTURE, cfg.MODEL.ENCODER_NAME, device, len(tiles.names), len(set(tiles.groups)),
-                folds, [round(v, 4) for v in mean], [round(v, 4) for v in std])
+    if cfg.INPUT.CROP_SIZE % 32:
+        raise ValueError(f"INPUT.CROP_SIZE {cfg.INPUT.CROP_SIZE}: the models need a multiple of 32 px")
+    if cfg.INPUT.CROP_SIZE and not _grids(tiles, cfg):
+        raise ValueError(f"{tiles.stats_file}: no slide shapes recorded (tiles of an older tiles_creator.py); "
+                         "INPUT.CROP_SIZE needs them: rerun tiles_creator.py with OVERWRITE True")
+    runs = [_Fold(cfg, f, tiles, fold_of) for f in folds]
+    if cfg.SOLVER.FINAL_MODEL:
+        runs.append(_Fold(cfg, ALL, tiles, fold_of))
+    done = {run.fold: _finished(run) for run in runs}  # refuses other settings before any work
+    if cfg.SOLVER.RESUME:
+        logger.info("SOLVER.RESUME is no longer needed: a rerun with the same settings resumes")
+    views = (f"random {cfg.INPUT.CROP_SIZE} px crops ({cfg.INPUT.FOREGROUND_FRACTION:.0%} on foreground), "
+             f"{cfg.SOLVER.SAMPLES_PER_EPOCH or 'one per tile'} per epoch" if cfg.INPUT.CROP_SIZE
+             else f"fixed {cfg.INPUT.SIZE_TRAIN} px tiles")
+    logger.info("Training %s/%s on %s (%s): %d tiles from %d slides/images, folds %s%s; %s, %d epochs, %s augmentation, "
+                "averaging %s, saving %s; mean %s std %s", cfg.MODEL.ARCHITECTURE, cfg.MODEL.ENCODER_NAME, device,
+                training_precision(cfg.SOLVER.AMP, device),
+                len(tiles.names), len(set(tiles.groups)), folds, " + a final model on all" if cfg.SOLVER.FINAL_MODEL
+                else "", views, cfg.SOLVER.MAX_EPOCHS, cfg.INPUT.AUGMENTATION, cfg.SOLVER.AVERAGE, cfg.SOLVER.SAVE,
+                [round(v, 4) for v in mean], [round(v, 4) for v in std])
     results = []
-    for fold in folds:
-        path = os.path.join(cfg.OUTPUT_DIR, checkpoint_name(cfg, fold))
-        summary_file = os.path.join(cfg.OUTPUT_DIR, f"fold_{fold}", "result.json")
-        if cfg.SOLVER.RESUME and os.path.isfile(path) and os.path.isfile(summary_file):
-            with open(summary_file) as fh:
-                results.append(json.load(fh))
-            logger.info("Fold %d: finished earlier (%s), skipped", fold, path)
+    for run in runs:
+        if run.fold == ALL:
             continue
-        result = _train_fold(cfg, fold, tiles, fold_of, mean, std, device)
-        if _rank() != 0:
+        if done[run.fold] is not None:
+            results.append(done[run.fold])
+            logger.info("%s: finished earlier (%s), skipped", run.label, run.checkpoint)
             continue
-        atomic_write_json(summary_file, result)
-        results.append(result)
-    if _rank() != 0:
+        results.append(_train_fold(cfg, run, mean, std, device))
+    if not is_main():  # under torchrun the other ranks help with the final model too
+        if cfg.SOLVER.FINAL_MODEL and done[ALL] is None:
+            _train_fold(cfg, runs[-1], mean, std, device)
         return {}
     inter = np.sum([r["counts"]["inter"] for r in results], axis=0)
     total = np.sum([r["counts"]["total"] for r in results], axis=0)
     oof = {float(t): dice_from_counts(i, s) for t, i, s in zip(THRESHOLDS, inter, total)}
     best_th = max(oof, key=lambda t: (oof[t], -t))
     summary = {
-        "folds": [{k: v for k, v in r.items() if k != "counts"} for r in results],
+        "folds": [{k: v for k, v in r.items() if k not in ("counts", "settings")} for r in results],
         "mean_fold_dice": float(np.mean([r["dice_th"] for r in results])),
         "oof_dice": oof[best_th],
         "oof_threshold": best_th,
-        "seconds": round(time.time() - start, 1),
+        "oof_dice_at_0.5": oof.get(0.5),
     }
-    if _rank() == 0:
-        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "summary.json"), summary)
-        atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "oof_thresholds.csv"),
-                          "threshold,dice\n" + "".join(f"{t:.2f},{d:.6f}\n" for t, d in oof.items()))
+    atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "oof_thresholds.csv"),
+                      "threshold,dice\n" + "".join(f"{t:.2f},{d:.6f}\n" for t, d in oof.items()))
+    logger.info("Out-of-fold Dice %.4f at threshold %.2f (%.4f at 0.50); mean fold Dice %.4f", summary["oof_dice"],
+                best_th, oof.get(0.5, float("nan")), summary["mean_fold_dice"])
+    if cfg.SOLVER.FINAL_MODEL:
+        run = runs[-1]
+        final = done[ALL] or _train_fold(cfg, run, mean, std, device, oof_threshold=best_th)
+        if done[ALL] is not None:
+            logger.info("%s: finished earlier (%s), skipped", run.label, run.checkpoint)
+        summary["final_model"] = {k: v for k, v in final.items() if k != "settings"}
+    summary["seconds"] = round(time.time() - start, 1)
+    atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "summary.json"), summary)
     logger.info("Done in %.0f s: mean fold Dice %.4f; out-of-fold Dice %.4f at threshold %.2f",
                 summary["seconds"], summary["mean_fold_dice"], summary["oof_dice"], best_th)
     logger.info("Checkpoints and pictures: %s", os.path.abspath(cfg.OUTPUT_DIR))

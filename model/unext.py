@@ -14,15 +14,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["UneXt", "ASPP", "FPN", "UnetBlock", "convert_original_state_dict", "is_original_state_dict"]
+__all__ = ["UneXt", "ASPP", "FPN", "UnetBlock", "convert_original_state_dict", "is_original_state_dict", "norm_layer",
+           "NORMS"]
+
+NORMS = ("batch", "group")
+
+
+def norm_layer(kind: str = "batch"):
+    """``channels -> normalisation module``: BatchNorm (the original's), or GroupNorm with
+    groups of 4 channels (at most 32 groups), which does not depend on the batch (Wu & He 2018):
+    the same statistics in training and inference, whatever the batch size."""
+    if kind == "batch":
+        return nn.BatchNorm2d
+    if kind == "group":
+        return lambda channels, **kwargs: nn.GroupNorm(min(32, max(1, channels // 4)), channels, **kwargs)
+    raise ValueError(f"MODEL.NORM must be one of {NORMS}, got {kind!r}")
 
 
 class _ASPPModule(nn.Module):
-    def __init__(self, inplanes: int, planes: int, kernel_size: int, padding: int, dilation: int, groups: int = 1):
+    def __init__(self, inplanes: int, planes: int, kernel_size: int, padding: int, dilation: int, groups: int = 1,
+                 norm=nn.BatchNorm2d):
         super().__init__()
         self.atrous_conv = nn.Conv2d(inplanes, planes, kernel_size=kernel_size, stride=1, padding=padding,
                                      dilation=dilation, bias=False, groups=groups)
-        self.bn = nn.BatchNorm2d(planes)
+        self.bn = norm(planes)
         self.relu = nn.ReLU()
 
     def forward(self, x):
@@ -32,24 +47,25 @@ class _ASPPModule(nn.Module):
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling with a global max-pool branch."""
 
-    def __init__(self, inplanes: int, mid_c: int = 256, dilations=(1, 2, 3, 4), out_c: Optional[int] = None):
+    def __init__(self, inplanes: int, mid_c: int = 256, dilations=(1, 2, 3, 4), out_c: Optional[int] = None,
+                 norm=nn.BatchNorm2d):
         super().__init__()
         self.aspps = nn.ModuleList(
-            [_ASPPModule(inplanes, mid_c, 1, padding=0, dilation=1)]
-            + [_ASPPModule(inplanes, mid_c, 3, padding=d, dilation=d, groups=4) for d in dilations]
+            [_ASPPModule(inplanes, mid_c, 1, padding=0, dilation=1, norm=norm)]
+            + [_ASPPModule(inplanes, mid_c, 3, padding=d, dilation=d, groups=4, norm=norm) for d in dilations]
         )
         self.global_pool = nn.Sequential(
             nn.AdaptiveMaxPool2d((1, 1)), nn.Conv2d(inplanes, mid_c, 1, stride=1, bias=False),
-            nn.BatchNorm2d(mid_c), nn.ReLU(),
+            norm(mid_c), nn.ReLU(),
         )
         out_c = out_c if out_c is not None else mid_c
         self.out_conv = nn.Sequential(
-            nn.Conv2d(mid_c * (2 + len(dilations)), out_c, 1, bias=False), nn.BatchNorm2d(out_c), nn.ReLU(inplace=True)
+            nn.Conv2d(mid_c * (2 + len(dilations)), out_c, 1, bias=False), norm(out_c), nn.ReLU(inplace=True)
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 m.weight.data.fill_(1)
                 m.bias.data.zero_()
 
@@ -66,11 +82,11 @@ class ASPP(nn.Module):
 class FPN(nn.Module):
     """Hypercolumns: every decoder level upsampled to the last one and concatenated."""
 
-    def __init__(self, input_channels: List[int], output_channels: List[int]):
+    def __init__(self, input_channels: List[int], output_channels: List[int], norm=nn.BatchNorm2d):
         super().__init__()
         self.convs = nn.ModuleList([
             nn.Sequential(nn.Conv2d(i, o * 2, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-                          nn.BatchNorm2d(o * 2), nn.Conv2d(o * 2, o, kernel_size=3, padding=1))
+                          norm(o * 2), nn.Conv2d(o * 2, o, kernel_size=3, padding=1))
             for i, o in zip(input_channels, output_channels)
         ])
 
@@ -85,12 +101,12 @@ class FPN(nn.Module):
 class UnetBlock(nn.Module):
     """Pixel-shuffle upsampling, skip connection (batch-normed), two 3x3 convs."""
 
-    def __init__(self, up_in_c: int, x_in_c: int, nf: Optional[int] = None):
+    def __init__(self, up_in_c: int, x_in_c: int, nf: Optional[int] = None, norm=nn.BatchNorm2d):
         from fastai.layers import ConvLayer, PixelShuffle_ICNR  # fastai only when a UneXt is built
 
         super().__init__()
         self.shuf = PixelShuffle_ICNR(up_in_c, up_in_c // 2)
-        self.bn = nn.BatchNorm2d(x_in_c)
+        self.bn = norm(x_in_c)
         ni = up_in_c // 2 + x_in_c
         nf = nf if nf is not None else max(up_in_c // 2, 32)
         self.conv1 = ConvLayer(ni, nf, norm_type=None)
@@ -110,7 +126,7 @@ class UneXt(nn.Module):
     of shape ``(N, num_classes, H, W)`` for an input ``(N, 3, H, W)`` with H, W multiples of 32.
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int = 1, stride: int = 1):
+    def __init__(self, encoder: nn.Module, num_classes: int = 1, stride: int = 1, norm: str = "batch"):
         from fastai.layers import ConvLayer
 
         super().__init__()
@@ -122,13 +138,14 @@ class UneXt(nn.Module):
                 f"this one has {list(reductions)}"
             )
         self.encoder = encoder
-        self.aspp = ASPP(channels[4], 256, out_c=512, dilations=[stride * 1, stride * 2, stride * 3, stride * 4])
+        n = norm_layer(norm)
+        self.aspp = ASPP(channels[4], 256, out_c=512, dilations=[stride * 1, stride * 2, stride * 3, stride * 4], norm=n)
         self.drop_aspp = nn.Dropout2d(0.5)
-        self.dec4 = UnetBlock(512, channels[3], 256)
-        self.dec3 = UnetBlock(256, channels[2], 128)
-        self.dec2 = UnetBlock(128, channels[1], 64)
-        self.dec1 = UnetBlock(64, channels[0], 32)
-        self.fpn = FPN([512, 256, 128, 64], [16] * 4)
+        self.dec4 = UnetBlock(512, channels[3], 256, norm=n)
+        self.dec3 = UnetBlock(256, channels[2], 128, norm=n)
+        self.dec2 = UnetBlock(128, channels[1], 64, norm=n)
+        self.dec1 = UnetBlock(64, channels[0], 32, norm=n)
+        self.fpn = FPN([512, 256, 128, 64], [16] * 4, norm=n)
         self.drop = nn.Dropout2d(0.1)
         self.final_conv = ConvLayer(32 + 16 * 4, num_classes, ks=1, norm_type=None, act_cls=None)
 

@@ -21,6 +21,15 @@ def shared_path():
     return shared
 
 
+def free_port() -> int:
+    """A TCP port that nothing listens on now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_script(script, *args, cwd=REPO, timeout=600):
     """Run an entry script as a user would; return the CompletedProcess (text)."""
     return subprocess.run(

@@ -17,7 +17,7 @@ def test_defaults_are_the_originals():
     assert (cfg.INPUT.SATURATION_THRESHOLD, cfg.INPUT.PIXEL_THRESHOLD) == (40, 200)
     assert (cfg.SOLVER.N_FOLDS, cfg.SOLVER.MAX_EPOCHS, cfg.SOLVER.IMS_PER_BATCH) == (4, 100, 32)
     assert (cfg.SOLVER.BASE_LR_MIN, cfg.SOLVER.BASE_LR_MAX) == (5e-6, 5e-4)
-    assert cfg.TEST.TH == 0.45
+    assert cfg.TEST.TH < 0  # the thresholds the checkpoints learned (0.45, the original's, when they carry none)
     for section, keys in {
         "MODEL": "ARCHITECTURE ENCODER_NAME ENCODER_WEIGHTS DEVICE NUM_CLASSES SEED",
         "INPUT": "SIZE_TRAIN SIZE_REDUCTION_TRAIN SATURATION_THRESHOLD PIXEL_THRESHOLD SIZE_TEST "
@@ -77,6 +77,13 @@ def test_yaml_base_and_opts_merge(tmp_path):
         ("DATASETS:\n  FORMAT: csv\n", "DATASETS.FORMAT must be one of"),
         ("INPUT:\n  PIXEL_MEAN: [0.1, 0.2]\n", "INPUT.PIXEL_MEAN must be empty or have 3 values"),
         ("MODEL:\n  DEVICE: gpu\n", "MODEL.DEVICE must be"),
+        ("INPUT:\n  CROP_SIZE: -8\n", "INPUT.CROP_SIZE must be >= 0"),
+        ("INPUT:\n  FOREGROUND_FRACTION: 1.5\n", "INPUT.FOREGROUND_FRACTION must be within 0..1"),
+        ("INPUT:\n  AUGMENTATION: heavy\n", "INPUT.AUGMENTATION must be 'classic' or 'histology'"),
+        ("SOLVER:\n  AVERAGE: polyak\n", "SOLVER.AVERAGE must be 'none', 'ema' or 'swa'"),
+        ("SOLVER:\n  SAVE: last\n", "SOLVER.SAVE must be 'best' or 'final'"),
+        ("SOLVER:\n  EMA_DECAY: 1.0\n", "SOLVER.EMA_DECAY must be >= 0 and < 1"),
+        ("SOLVER:\n  WARMUP_FRACTION: 1\n", "SOLVER.WARMUP_FRACTION must be >= 0 and < 1"),
         ("- a\n- b\n", "expected a mapping"),
         ("INPUT: [\n", "not valid YAML"),
     ],

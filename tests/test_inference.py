@@ -11,9 +11,10 @@ from data.tiling import TileGrid, is_tissue, pixel_limit
 from data.wsi import open_slide
 from model.build import build_model
 from model.checkpoint import save_checkpoint
+from model.prediction import ensemble_threshold
 from model.inference import (blend_weights, fill_outside, lowres_image, mask_to_rle, predict_canvas, prob_to_rle,
                              remove_small_objects, slide_box, window_starts)
-from tests.conftest import requires_shared, run_script
+from tests.conftest import free_port, requires_shared, run_script
 from tests.slides import mosaic_region, shared, write_slide
 from utils.export import mask_polygons, polygons_geojson
 from utils.rle import parse_rle, rle_decode, rle_dice, rle_encode
@@ -243,13 +244,47 @@ def test_small_objects_and_rle_dice():
     assert rle_dice(empty, empty) == 1.0
 
 
-def _checkpoint(path, reduce=4, size=64, seed=0):
+def _checkpoint(path, reduce=4, size=64, seed=0, threshold=0.5):
     torch.manual_seed(seed)
     model = build_model({"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1})
     save_checkpoint(str(path), model, {
         "model": {"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1},
         "input": {"size": size, "reduce": reduce, "mean": [0.8, 0.7, 0.8], "std": [0.15, 0.2, 0.12]},
-        "threshold": 0.5, "fold": 0, "metrics": {}})
+        "threshold": threshold, "fold": 0, "metrics": {}})
+
+
+def test_ensemble_threshold_comes_from_the_key_or_the_checkpoints():
+    ckpts = [{"threshold": 0.3}, {"threshold": 0.5}]
+    assert ensemble_threshold(0.7, ckpts) == (0.7, "TEST.TH")
+    th, source = ensemble_threshold(-1.0, ckpts)
+    assert th == pytest.approx(0.4) and "mean of the thresholds learned in training" in source and "0.30, 0.50" in source
+    assert ensemble_threshold(-1.0, ckpts[:1]) == (0.3, "learned in training by the checkpoint")
+    th, source = ensemble_threshold(-1.0, [{"fold": 0}])
+    assert th == 0.45 and "carry no threshold" in source
+
+
+@requires_shared
+def test_test_net_uses_the_learned_thresholds_unless_test_th_is_set(tmp_path):
+    pairs = tmp_path / "pairs"
+    for sub in ("images", "masks"):
+        (pairs / sub).mkdir(parents=True)
+    os.symlink(shared("aidpath", "images", "10003.png"), pairs / "images" / "10003.png")
+    os.symlink(shared("aidpath", "masks", "10003.png"), pairs / "masks" / "10003.png")
+    models = tmp_path / "models"
+    models.mkdir()
+    _checkpoint(models / "a.pth", reduce=8, size=64, seed=0, threshold=0.46)
+    _checkpoint(models / "b.pth", reduce=8, size=64, seed=1, threshold=0.52)
+    common = ["TEST.PAIRS_FOLDER", pairs, "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.SIZE", 64, "DATASETS.MASK_CHANNEL",
+              0, "DATASETS.MASK_THRESHOLD", 127, "TEST.P_TH", -1]
+    learned = run_script("test_net.py", *common, "OUTPUT_DIR", tmp_path / "learned")
+    assert learned.returncode == 0, learned.stderr[-3000:]
+    assert "Threshold 0.490: mean of the thresholds learned in training by the checkpoints (0.46, 0.52)" in learned.stderr
+    metrics = json.load(open(tmp_path / "learned" / "metrics.json"))
+    assert metrics["threshold"] == pytest.approx(0.49) and metrics["threshold_source"].startswith("mean of")
+    explicit = run_script("test_net.py", *common, "TEST.TH", 0.49, "OUTPUT_DIR", tmp_path / "explicit")
+    assert explicit.returncode == 0 and "Threshold 0.490: TEST.TH" in explicit.stderr
+    assert ((tmp_path / "learned" / "submission.csv").read_text() ==
+            (tmp_path / "explicit" / "submission.csv").read_text())
 
 
 @requires_shared
@@ -366,7 +401,7 @@ def test_torchrun_shards_slides_and_rank_0_assembles_the_csv(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     # test_net ends with os._exit (no module teardown): the console and the log are complete
     assert single.stderr.count("Done in") == 1 and "Done in" in (tmp_path / "single" / "log.txt").read_text()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "test_net.py"), *map(str, args), "OUTPUT_DIR", str(tmp_path / "ddp")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

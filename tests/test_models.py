@@ -47,6 +47,32 @@ def test_every_model_forward_backward_same_size(arch, encoder):
     assert sum(p.numel() for g in groups for p in g) == sum(p.numel() for p in model.parameters())
 
 
+def test_unext_with_group_norm_has_no_batch_statistics_and_round_trips(tmp_path):
+    cfg = _cfg("UneXt", "resnet18")
+    cfg.MODEL.NORM = "group"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) > 20  # encoder and decoder
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        # no batch statistics: an image's output does not depend on the rest of its batch
+        assert torch.allclose(model(x[:1]), expected[:1], atol=1e-5)
+    path = str(tmp_path / "gn.pth")
+    save_checkpoint(path, model, {"model": {"ARCHITECTURE": "UneXt", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "",
+                                            "NUM_CLASSES": 1, "NORM": "group"},
+                                  "input": {"size": 64, "reduce": 4, "mean": [0.5] * 3, "std": [0.2] * 3}})
+    loaded, info = model_from_checkpoint(path)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), expected)
+    bn = _cfg("Unet", "resnet18")
+    bn.MODEL.NORM = "group"
+    with pytest.raises(ValueError, match="only the UneXt family"):
+        build_model(bn)
+
+
 def test_registered_names_cover_the_original_and_smp():
     names = architectures()
     for name in ("UneXt101", "UneXt50", "Unet", "UnetPlusPlus", "FPN", "DeepLabV3Plus", "Segformer", "UPerNet"):
@@ -75,6 +101,40 @@ def test_pretrained_weights_offline_give_a_clear_error(monkeypatch):
     assert "MODEL.ENCODER_WEIGHTS" in message and "local" in message and "resnet18" in message
     with pytest.raises(WeightsError, match="no such weights"):
         build_model(_cfg("UneXt", "resnet18", "no_such_tag"))
+
+
+def test_pretrained_weights_fail_fast_with_one_line_when_unreachable(tmp_path):
+    """No cache and no connection: the one clear line within seconds (not the hub client's
+    five retries), and no third-party line printed twice."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from model.build import _reachable
+
+    with socket.socket() as sock:  # a local port that refuses connections
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.perf_counter()
+    assert not _reachable(f"https://127.0.0.1:{port}", timeout=2.0)
+    assert time.perf_counter() - start < 2.5
+    # the whole script, as a user runs it: an empty cache and an endpoint that cannot be reached
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
+               HF_ENDPOINT=f"https://127.0.0.1:{port}", HF_HUB_OFFLINE="0")
+    for arch in ("UneXt", "Unet"):
+        code = ("import time, sys; from utils.setup import setup_logging; setup_logging(); "
+                "from model.build import build_model, WeightsError; t = time.perf_counter()\n"
+                f"try:\n    build_model({{'ARCHITECTURE': '{arch}', 'ENCODER_NAME': 'resnet18', "
+                "'ENCODER_WEIGHTS': 'imagenet', 'NUM_CLASSES': 1})\n"
+                "except WeightsError as e:\n    print(f'{time.perf_counter() - t:.2f}|{e}')")
+        result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+                                env=env, capture_output=True, text=True, timeout=120)
+        seconds, message = result.stdout.strip().split("|", 1)
+        assert "could not obtain the pretrained weights" in message and "cannot be reached" in message
+        assert float(seconds) < 5.0, seconds  # the import of timm is outside the timing
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == len(set(lines)), result.stderr
 
 
 def test_local_weights_file_is_loaded(tmp_path):

@@ -12,7 +12,8 @@ import torch
 from data.datasets import TileDataset, TileSet, kfold_groups, tile_group
 from data.transforms import build_train_transform
 from model.checkpoint import model_from_checkpoint
-from tests.conftest import REPO, kill_9_when, run_script, start_script
+from model.training import WeightAverager
+from tests.conftest import REPO, free_port, kill_9_when, run_script, start_script
 from tests.slides import shared
 
 
@@ -86,33 +87,49 @@ def test_one_epoch_writes_every_output(aidpath_tiles, tmp_path):
     assert not (out / "model_UneXt_resnet18_fold_1.pth").exists()  # only the selected folds
     summary = json.load(open(out / "summary.json"))
     assert [f["fold"] for f in summary["folds"]] == [0, 2] and 0 <= summary["oof_dice"] <= 1
-    assert (out / "config.yaml").exists() and "out-of-fold Dice" in (out / "log.txt").read_text()
-    # a second run does not overwrite the first
+    log = (out / "log.txt").read_text()
+    assert (out / "config.yaml").exists() and "Out-of-fold Dice" in log
+    # a log a person can read: one line per epoch, no progress-bar redraws
+    assert log.count("Fold 0 epoch 1/1: train_loss") == 1 and "\r" not in log and "ERROR" not in log
+    # every .pth at the top level is a checkpoint; the resume states are gone once a fold is done
+    assert sorted(p.name for p in out.glob("*.pth")) == [f"model_UneXt_resnet18_fold_{k}.pth" for k in (0, 2)]
+    assert not list(out.rglob("*.state")) and not list(out.glob("fold_*/*.pth"))
+    # the same command again keeps the finished folds; other settings are refused, nothing touched
     again = run_script("train_net.py", *_train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 1, "SOLVER.FOLDS", "[0]"))
-    assert again.returncode == 1 and "SOLVER.RESUME" in again.stderr
+    assert again.returncode == 0 and "Fold 0: finished earlier" in again.stderr
+    before = (out / "model_UneXt_resnet18_fold_0.pth").stat().st_mtime_ns
+    other = run_script("train_net.py", *_train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 2, "SOLVER.FOLDS", "[0]"))
+    errors = [line for line in other.stderr.splitlines() if "ERROR" in line]
+    assert other.returncode == 1 and len(errors) == 1 and "SOLVER.MAX_EPOCHS 1 -> 2" in errors[0]
+    assert "OVERWRITE True" in errors[0]
+    assert (out / "model_UneXt_resnet18_fold_0.pth").stat().st_mtime_ns == before
 
 
-def test_resume_continues_from_the_saved_epoch(aidpath_tiles, tmp_path):
+@pytest.mark.parametrize("views", ["tiles", "crops"])
+def test_a_plain_rerun_resumes_from_the_saved_epoch(aidpath_tiles, tmp_path, views):
     out = tmp_path / "out"
-    args = _train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 3, "SOLVER.FOLDS", "[1]")
+    extra = ["INPUT.CROP_SIZE", 32, "SOLVER.SAMPLES_PER_EPOCH", 24, "SOLVER.AVERAGE", "ema"] if views == "crops" else []
+    args = _train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 3, "SOLVER.FOLDS", "[1]", *extra)
     proc = start_script("train_net.py", *args)
     state = out / "fold_1" / "state.json"
     kill_9_when(proc, state.exists, poll=0.05)
     done = json.load(open(state))["epoch"]
-    assert done < 2
-    result = run_script("train_net.py", *args, "SOLVER.RESUME", True)
+    assert done < 2 and (out / "fold_1" / "last.state").exists()
+    changed = run_script("train_net.py", *args, "SOLVER.BASE_LR_MAX", 0.01)  # other settings: refused
+    assert changed.returncode == 1 and "an unfinished run with other settings" in changed.stderr
+    result = run_script("train_net.py", *args)  # the same command: resumes
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming after epoch {done + 1} of 3" in result.stderr
     rows = list(csv.DictReader(open(out / "fold_1" / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(3))  # no epoch lost or repeated
-    assert (out / "model_UneXt_resnet18_fold_1.pth").exists()
+    assert (out / "model_UneXt_resnet18_fold_1.pth").exists() and not list(out.rglob("*.state"))
 
 
 def test_two_process_ddp_on_cpu(aidpath_tiles, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo): one short epoch, rank 0 writes the checkpoint."""
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "train_net.py"),
            *map(str, _train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 1, "SOLVER.FOLDS", "[0]"))]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -124,14 +141,66 @@ def test_two_process_ddp_on_cpu(aidpath_tiles, tmp_path):
     assert result.stderr.count("out-of-fold Dice") == 1  # only rank 0 reports
 
 
-def test_same_seed_same_run(aidpath_tiles, tmp_path):
-    """Two runs with the same MODEL.SEED train identically (augmentation included)."""
+@pytest.mark.parametrize("views", ["tiles", "crops"])
+def test_same_seed_same_run(aidpath_tiles, tmp_path, views):
+    """Two runs with the same MODEL.SEED train identically (augmentation and crops included)."""
+    extra = (["INPUT.CROP_SIZE", 64, "SOLVER.SAMPLES_PER_EPOCH", 16, "INPUT.AUGMENTATION", "histology",
+              "SOLVER.AVERAGE", "ema", "DATALOADER.NUM_WORKERS", 1] if views == "crops" else [])
     histories = []
     for name in ("a", "b"):
         out = tmp_path / name
         result = run_script("train_net.py", *_train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 2,
-                                                          "SOLVER.FOLDS", "[0]", "INPUT.PROB", 1.0))
+                                                          "SOLVER.FOLDS", "[0]", "INPUT.PROB", 1.0, *extra))
         assert result.returncode == 0, result.stderr[-2000:]
         rows = list(csv.DictReader(open(out / "fold_0" / "history.csv")))
         histories.append([(r["train_loss"], r["valid_loss"]) for r in rows])
     assert histories[0] == histories[1] and len(histories[0]) == 2
+
+
+def test_weight_averager_is_an_ema_or_an_equal_average():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema, swa = WeightAverager("ema", decay=0.5), WeightAverager("swa")
+    seen = []
+    for step in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step))
+        model[1].num_batches_tracked.fill_(step)
+        ema.update(model)
+        swa.update(model)
+        seen.append(float(step))
+    expected = seen[0]
+    for n, value in enumerate(seen[1:], start=1):
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * value
+    assert torch.allclose(ema.state["0.weight"], torch.full((2, 3), expected))
+    assert torch.allclose(swa.state["0.weight"], torch.full((2, 3), float(np.mean(seen))))
+    assert int(ema.state["1.num_batches_tracked"]) == 5  # integer buffers: the latest value
+    again = WeightAverager("ema", 0.5)
+    again.load_state_dict(ema.state_dict())
+    assert again.n_averaged == 6 and torch.equal(again.state["0.weight"], ema.state["0.weight"])
+
+
+def test_crops_ema_final_weights_and_a_model_on_all_images(aidpath_tiles, tmp_path):
+    out = tmp_path / "out"
+    result = run_script("train_net.py", *_train_args(
+        aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 2, "SOLVER.FOLDS", "[0, 1]", "INPUT.CROP_SIZE", 64,
+        "SOLVER.SAMPLES_PER_EPOCH", 16, "INPUT.AUGMENTATION", "histology", "SOLVER.AVERAGE", "ema", "SOLVER.SAVE",
+        "final", "SOLVER.FINAL_MODEL", True, "SOLVER.KEEP_RESUME_STATES", True, "SOLVER.BN_UPDATE_BATCHES", 2,
+        "SOLVER.AMP", "bf16"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on cpu (bf16)" in result.stderr  # bfloat16 autocast asked for: forward in bf16, weights in fp32
+    assert "random 64 px crops (33% on foreground), 16 per epoch" in result.stderr
+    summary = json.load(open(out / "summary.json"))
+    for fold in (0, 1):
+        model, info = model_from_checkpoint(str(out / f"model_UneXt_resnet18_fold_{fold}.pth"))
+        assert info["weights"].startswith("the EMA average (BatchNorm statistics from 2 batches)")
+        assert (out / f"fold_{fold}" / "last.state").exists()  # kept on request
+    model, info = model_from_checkpoint(str(out / "model_UneXt_resnet18_all.pth"))
+    assert info["fold"] == -1 and info["metrics"]["valid_ids"] == [] and info["metrics"]["train_tiles"] == len(TileSet(str(aidpath_tiles), 64, 8).names)
+    assert info["threshold"] == summary["oof_threshold"] and info["metrics"]["threshold_source"] == "out-of-fold study"
+    assert summary["final_model"]["checkpoint"].endswith("model_UneXt_resnet18_all.pth")
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    log = (out / "log.txt").read_text()
+    assert log.count("Final model epoch") == 2 and "Final model: the EMA average" in log

@@ -29,6 +29,8 @@ class DiceAccumulator:
         self.soft_total = 0.0
         self.inter = torch.zeros(len(self.thresholds), dtype=torch.float64)
         self.total = torch.zeros(len(self.thresholds), dtype=torch.float64)
+        self.pixels = 0.0  # pixels seen, and how many of them are foreground in the truth
+        self.target_sum = 0.0
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -37,6 +39,8 @@ class DiceAccumulator:
         self.soft_inter += float((prob * target).sum())
         self.soft_total += float(prob.sum() + target.sum())
         target_sum = float(target.sum())
+        self.pixels += float(target.numel())
+        self.target_sum += target_sum
         th = self.thresholds.to(prob.device)
         # pixels above each threshold: count through a histogram of probabilities
         for k, t in enumerate(th):
@@ -50,12 +54,12 @@ class DiceAccumulator:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        counts = torch.cat([torch.tensor([self.soft_inter, self.soft_total], dtype=torch.float64),
-                            self.inter, self.total])
+        counts = torch.cat([torch.tensor([self.soft_inter, self.soft_total, self.pixels, self.target_sum],
+                                         dtype=torch.float64), self.inter, self.total])
         dist.all_reduce(counts)
-        self.soft_inter, self.soft_total = float(counts[0]), float(counts[1])
+        self.soft_inter, self.soft_total, self.pixels, self.target_sum = (float(v) for v in counts[:4])
         n = len(self.thresholds)
-        self.inter, self.total = counts[2:2 + n].clone(), counts[2 + n:].clone()
+        self.inter, self.total = counts[4:4 + n].clone(), counts[4 + n:].clone()
 
     @property
     def soft(self) -> float:
@@ -64,6 +68,19 @@ class DiceAccumulator:
     def per_threshold(self) -> Dict[float, float]:
         return {float(t): dice_from_counts(float(i), float(s))
                 for t, i, s in zip(self.thresholds, self.inter, self.total)}
+
+    def foreground_fraction(self, threshold: float = 0.5) -> float:
+        """Share of the pixels predicted foreground at the sweep threshold nearest ``threshold``
+        (0 before any update)."""
+        if not self.pixels:
+            return 0.0
+        k = int(torch.argmin((self.thresholds - threshold).abs()))
+        return float(self.total[k] - self.target_sum) / self.pixels
+
+    @property
+    def true_fraction(self) -> float:
+        """Share of the pixels that are foreground in the truth."""
+        return self.target_sum / self.pixels if self.pixels else 0.0
 
     def best(self):
         """``(threshold, dice)`` of the best threshold (the lowest on ties)."""

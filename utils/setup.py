@@ -42,6 +42,18 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """``[time] message``, with ``ERROR: `` before errors (the log file's format names the
+    level itself, so the message never carries it: no ``ERROR: ERROR:`` in log.txt)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        if record.levelno >= logging.ERROR:
+            prefix = f"[{record.asctime}] "
+            return prefix + "ERROR: " + text[len(prefix):] if text.startswith(prefix) else "ERROR: " + text
+        return text
+
+
 class _TqdmHandler(logging.StreamHandler):
     """Console handler that prints above progress bars instead of through them."""
 
@@ -81,7 +93,7 @@ def setup_logging(debug: bool = False) -> logging.Logger:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
         handler = _TqdmHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(CONSOLE_FORMAT, datefmt="%H:%M:%S"))
+        handler.setFormatter(_ConsoleFormatter(CONSOLE_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)
     for noisy in ("tifffile", "PIL", "matplotlib", "asyncio", "numcodecs", "zarr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -147,17 +159,17 @@ def launch(
     except ConfigError as exc:
         if args.debug:
             log.exception("config error")
-        log.error("ERROR: %s", _one_line(exc))
+        log.error("%s", _one_line(exc))
         return EXIT_USAGE
     try:
         main(cfg, args)
     except KeyboardInterrupt:
-        log.error("ERROR: interrupted; rerun the same command to resume")
+        log.error("interrupted; rerun the same command to resume")
         return 130
     except Exception as exc:  # one clear line; the traceback only on request
         if args.debug:
             log.exception("failed")
-        log.error("ERROR: %s", _one_line(exc))
+        log.error("%s", _one_line(exc))
         return EXIT_ERROR
     return 0
 

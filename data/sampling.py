@@ -1,0 +1,213 @@
+"""Fresh random views for training: crops sampled anywhere on each slide's tile grid.
+
+The tiler cuts every slide (or pair image) into a regular grid of ``S x S`` tiles numbered
+row-major (``data.tiling.TileGrid``). :class:`SlideCanvas` puts a slide's kept tiles back on
+that grid, so any low-res region can be read, across tile borders; outside the slide it is the
+slide's mirror image (as test_net fills the grid's padding), and a tile the tiler dropped as
+background reads as white glass with an empty mask.
+
+:class:`RandomCropDataset` draws, for every sample, a crop of ``crop`` px:
+
+* with probability ``foreground`` it is centred (with a random jitter of up to a quarter of
+  the crop) on a foreground pixel drawn uniformly among all the training masks' foreground
+  pixels (nnU-Net forces a third of its patches to hold foreground);
+* otherwise its centre is uniform over the area of the kept tiles.
+
+A ``margin`` around the crop is read as well, so that rotations and zooms of the
+augmentation see real tissue, not a reflected border; the transform ends with a centre crop.
+An epoch is ``samples`` draws. Draws use torch's random generator, which the DataLoader seeds
+per worker from the run's seed: the same ``MODEL.SEED`` and worker count give the same run.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data.tiling import TileGrid, slide_box
+
+__all__ = ["SlideCanvas", "RandomCropDataset", "slide_canvases", "crop_margin"]
+
+WHITE = 255  # a tile dropped by the background filter: glass
+
+
+class SlideCanvas:
+    """The kept tiles of one slide on its padded low-res grid, read region by region."""
+
+    def __init__(self, images: str, masks: str, slide_id: str, grid: TileGrid, names: Dict[int, str],
+                 cache_tiles: int = 64):
+        self.images, self.masks, self.id, self.grid = images, masks, slide_id, grid
+        self.names = dict(names)  # tile index -> file name
+        self.size = grid.size
+        self.box = slide_box(grid)  # (y0, y1, x0, x1): low-res pixels wholly on the slide
+        self._cache: "OrderedDict[int, Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self._cache_tiles = cache_tiles
+
+    def tile(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The RGB uint8 tile and 0/1 mask ``index`` (kept tiles only), through a small cache."""
+        hit = self._cache.get(index)
+        if hit is not None:
+            self._cache.move_to_end(index)
+            return hit
+        name = self.names[index]
+        image = cv2.imread(os.path.join(self.images, name), cv2.IMREAD_COLOR)
+        mask = cv2.imread(os.path.join(self.masks, name), cv2.IMREAD_GRAYSCALE)
+        if image is None or mask is None:
+            raise ValueError(f"{os.path.join(self.images, name)}: unreadable tile or mask")
+        hit = (cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (mask > 0).astype(np.uint8))
+        self._cache[index] = hit
+        if len(self._cache) > self._cache_tiles:
+            self._cache.popitem(last=False)
+        return hit
+
+    def _read_inside(self, y0: int, y1: int, x0: int, x1: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Grid pixels ``[y0, y1) x [x0, x1)`` (inside the grid), assembled from the tiles."""
+        s, n_cols = self.size, self.grid.n_cols
+        image = np.full((y1 - y0, x1 - x0, 3), WHITE, np.uint8)
+        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        for row in range(y0 // s, (y1 - 1) // s + 1):
+            for col in range(x0 // s, (x1 - 1) // s + 1):
+                index = row * n_cols + col
+                if index not in self.names:
+                    continue
+                ty0, ty1 = max(y0, row * s), min(y1, (row + 1) * s)
+                tx0, tx1 = max(x0, col * s), min(x1, (col + 1) * s)
+                tile_image, tile_mask = self.tile(index)
+                src = (slice(ty0 - row * s, ty1 - row * s), slice(tx0 - col * s, tx1 - col * s))
+                dst = (slice(ty0 - y0, ty1 - y0), slice(tx0 - x0, tx1 - x0))
+                image[dst] = tile_image[src]
+                mask[dst] = tile_mask[src]
+        return image, mask
+
+    def read(self, y: int, x: int, height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The low-res region at grid position ``(y, x)``; what lies off the slide is the
+        slide's mirror image (``BORDER_REFLECT_101``, as test_net fills the grid's padding),
+        however far off."""
+        by0, by1, bx0, bx1 = self.box
+        rows = _reflect(np.arange(y, y + height), by0, by1)
+        cols = _reflect(np.arange(x, x + width), bx0, bx1)
+        r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        image, mask = self._read_inside(r0, r1, c0, c1)
+        if (r0, r1, c0, c1) == (y, y + height, x, x + width):  # wholly on the slide
+            return image, mask
+        index = np.ix_(rows - r0, cols - c0)
+        return image[index], mask[index]
+
+    def tile_origin(self, index: int) -> Tuple[int, int]:
+        """Low-res grid ``(row, col)`` of the top-left pixel of tile ``index``."""
+        row, col = divmod(int(index), self.grid.n_cols)
+        return row * self.size, col * self.size
+
+
+def _reflect(positions: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``positions`` mirrored into ``[start, stop)`` without repeating the edge (reflect-101)."""
+    n = stop - start
+    if n <= 1:
+        return np.full_like(positions, start)
+    period = 2 * (n - 1)
+    p = np.mod(positions - start, period)
+    return start + np.where(p >= n, period - p, p)
+
+
+def slide_canvases(images: str, masks: str, names: Sequence[str], grids: Dict[str, TileGrid],
+                   group_of, index_of) -> List[SlideCanvas]:
+    """One :class:`SlideCanvas` per slide of ``names`` (tile file names), in first-seen order."""
+    by_slide: "OrderedDict[str, Dict[int, str]]" = OrderedDict()
+    for name in names:
+        by_slide.setdefault(group_of(name), {})[index_of(name)] = name
+    missing = [g for g in by_slide if g not in grids]
+    if missing:
+        raise ValueError(f"no grid recorded for {missing[:3]}: tiles made by an older tiles_creator.py; "
+                         "rerun it with OVERWRITE True")
+    return [SlideCanvas(images, masks, g, grids[g], tiles) for g, tiles in by_slide.items()]
+
+
+class RandomCropDataset(Dataset):
+    """``samples`` random ``(image, mask)`` crops per epoch from the slides' tile grids.
+
+    Items are ``(3, crop, crop)`` float32 images normalised with ``mean``/``std`` (0..1 RGB)
+    and ``(1, crop, crop)`` 0/1 masks. ``transform`` (albumentations, image + mask) gets the
+    crop with ``margin`` px on each side and must return ``crop x crop``; without a transform
+    the centre is cut."""
+
+    def __init__(self, canvases: List[SlideCanvas], crop: int, samples: int, foreground: float, mean, std,
+                 transform=None, margin: int = 0):
+        if not canvases:
+            raise ValueError("no training tiles to sample crops from")
+        self.canvases, self.crop, self.samples = canvases, int(crop), int(samples)
+        self.foreground, self.margin, self.transform = float(foreground), int(margin), transform
+        self.mean = np.asarray(mean, dtype=np.float32) * 255.0
+        self.std = np.asarray(std, dtype=np.float32) * 255.0
+        # every kept tile (for background draws) and its foreground pixel count
+        self.tiles: List[Tuple[int, int]] = []  # (canvas, tile index)
+        counts = []
+        for c, canvas in enumerate(canvases):
+            for index in sorted(canvas.names):
+                self.tiles.append((c, index))
+                counts.append(int(canvas.tile(index)[1].sum()))
+            canvas._cache.clear()  # workers start with an empty cache (no copy per process)
+        self.fg_counts = np.asarray(counts, dtype=np.int64)
+        self.fg_cumsum = np.cumsum(self.fg_counts)
+
+    def __len__(self) -> int:
+        return self.samples
+
+    @staticmethod
+    def _randint(high: int) -> int:
+        return int(torch.randint(0, max(1, int(high)), (1,)).item())
+
+    def draw(self) -> Tuple[int, int, int]:
+        """``(canvas, y, x)`` of the next crop's top-left corner (grid pixels)."""
+        crop, s = self.crop, self.canvases[0].size
+        total_fg = int(self.fg_cumsum[-1]) if len(self.fg_cumsum) else 0
+        if total_fg and float(torch.rand(1)) < self.foreground:
+            k = self._randint(total_fg)  # a foreground pixel, uniformly among all of them
+            t = int(np.searchsorted(self.fg_cumsum, k, side="right"))
+            c, index = self.tiles[t]
+            canvas = self.canvases[c]
+            ys, xs = np.nonzero(canvas.tile(index)[1])
+            j = self._randint(len(ys))
+            ty, tx = canvas.tile_origin(index)
+            jitter = max(1, crop // 4)
+            cy = ty + int(ys[j]) + self._randint(2 * jitter + 1) - jitter
+            cx = tx + int(xs[j]) + self._randint(2 * jitter + 1) - jitter
+        else:  # a uniform point of the kept tissue
+            c, index = self.tiles[self._randint(len(self.tiles))]
+            canvas = self.canvases[c]
+            ty, tx = canvas.tile_origin(index)
+            cy, cx = ty + self._randint(s), tx + self._randint(s)
+        y0, y1, x0, x1 = canvas.box  # the crop stays on the slide where the slide is big enough
+        y = int(np.clip(cy - crop // 2, y0, max(y0, y1 - crop)))
+        x = int(np.clip(cx - crop // 2, x0, max(x0, x1 - crop)))
+        return c, y, x
+
+    def sample(self) -> Tuple[np.ndarray, np.ndarray]:
+        """One raw crop (RGB uint8, 0/1 mask) with its margin, before augmentation."""
+        c, y, x = self.draw()
+        m = self.margin
+        return self.canvases[c].read(y - m, x - m, self.crop + 2 * m, self.crop + 2 * m)
+
+    def __getitem__(self, i: int):
+        image, mask = self.sample()
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        elif self.margin:
+            m = self.margin
+            image, mask = image[m:-m, m:-m], mask[m:-m, m:-m]
+        if image.shape[:2] != (self.crop, self.crop):
+            raise ValueError(f"the training transform returned {image.shape[:2]}, not {self.crop} x {self.crop}")
+        image = (image.astype(np.float32) - self.mean) / self.std
+        return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                torch.from_numpy(np.ascontiguousarray(mask[None], dtype=np.float32)))
+
+
+def crop_margin(crop: int, geometric: bool) -> Optional[int]:
+    """Margin read around a crop for the augmentation (a quarter of the crop when it rotates
+    and zooms), 0 without geometric augmentation."""
+    return max(8, crop // 4) if geometric else 0
