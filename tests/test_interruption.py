@@ -78,9 +78,9 @@ def test_test_net_kill_9_keeps_the_old_csv_then_rerun_is_byte_identical(tmp_path
     proc = start_script("test_net.py", *args, "OUTPUT_DIR", out)
     state = out / ".predictions"
 
-    def new_record():  # kill once 1-2 slides of 4 are done (records of this run: threshold 0.45)
+    def new_record():  # kill once 1-2 slides of 4 are done (records of this run: the checkpoint's 0.5)
         done = [n for n in os.listdir(state) if n.endswith(".json") and not n.startswith(".")]
-        return any('"th": 0.45' in (state / n).read_text() for n in done)
+        return any('"th": 0.5' in (state / n).read_text() for n in done)
 
     kill_9_when(proc, new_record)
     assert (out / "submission.csv").read_bytes() == previous  # the old CSV, whole

@@ -40,6 +40,7 @@ def _cfg(work: str, batch: int, workers: int):
     cfg.SOLVER.LOSS_FUNCTION_NAME = "bce_dice"
     cfg.SOLVER.IMS_PER_BATCH = batch
     cfg.DATALOADER.NUM_WORKERS = workers
+    cfg.SOLVER.AMP = "off"  # float32 like the plain loop (SOLVER.AMP auto would use bf16 on a CPU with AMX)
     return cfg
 
 
