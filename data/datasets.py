@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from data.tiler import TilerOutput
 
 __all__ = ["TILE_NAME", "TileSet", "list_tiles", "tile_group", "tile_index", "kfold_groups", "read_stats",
-           "TileDataset"]
+           "read_tile_pair", "normalize_tile", "TileDataset"]
 
 TILE_NAME = re.compile(r"^(?P<id>.+)_(?P<index>\d+)red(?P<reduce>\d+)\.png$")
 
@@ -105,6 +105,20 @@ def read_stats(tiles: TileSet, mean: Sequence[float] = (), std: Sequence[float] 
     return [float(v) for v in mean], [float(v) for v in std]
 
 
+def read_tile_pair(images: str, masks: str, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """The RGB uint8 tile ``name`` of folder ``images`` and its 0/1 mask in ``masks``."""
+    image = cv2.imread(os.path.join(images, name), cv2.IMREAD_COLOR)
+    mask = cv2.imread(os.path.join(masks, name), cv2.IMREAD_GRAYSCALE)
+    if image is None or mask is None:
+        raise ValueError(f"{os.path.join(images, name)}: unreadable tile or mask")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (mask > 0).astype(np.uint8)
+
+
+def normalize_tile(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """``(3, H, W)`` float32 tensor of an RGB uint8 image, with ``mean``/``std`` in 0..255."""
+    return torch.from_numpy(((image.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())
+
+
 class TileDataset(Dataset):
     """``(image, mask)`` pairs: image ``(3, S, S)`` float32 normalised, mask ``(1, S, S)`` 0/1."""
 
@@ -120,15 +134,10 @@ class TileDataset(Dataset):
 
     def load(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
         """The raw RGB uint8 tile and 0/1 mask of item ``i``."""
-        name = self.names[i]
-        image = cv2.imread(os.path.join(self.tiles.images, name), cv2.IMREAD_COLOR)
-        mask = cv2.imread(os.path.join(self.tiles.masks, name), cv2.IMREAD_GRAYSCALE)
-        if image is None or mask is None:
-            raise ValueError(f"{os.path.join(self.tiles.images, name)}: unreadable tile or mask")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (mask > 0).astype(np.uint8)
+        return read_tile_pair(self.tiles.images, self.tiles.masks, self.names[i])
 
     def normalize(self, image: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(((image.astype(np.float32) - self.mean) / self.std).transpose(2, 0, 1).copy())
+        return normalize_tile(image, self.mean, self.std)
 
     def __getitem__(self, i: int):
         image, mask = self.load(i)

@@ -20,15 +20,14 @@ per worker from the run's seed: the same ``MODEL.SEED`` and worker count give th
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.datasets import normalize_tile, read_tile_pair
 from data.tiling import TileGrid, slide_box
 
 __all__ = ["SlideCanvas", "RandomCropDataset", "slide_canvases", "crop_margin"]
@@ -54,12 +53,7 @@ class SlideCanvas:
         if hit is not None:
             self._cache.move_to_end(index)
             return hit
-        name = self.names[index]
-        image = cv2.imread(os.path.join(self.images, name), cv2.IMREAD_COLOR)
-        mask = cv2.imread(os.path.join(self.masks, name), cv2.IMREAD_GRAYSCALE)
-        if image is None or mask is None:
-            raise ValueError(f"{os.path.join(self.images, name)}: unreadable tile or mask")
-        hit = (cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (mask > 0).astype(np.uint8))
+        hit = read_tile_pair(self.images, self.masks, self.names[index])
         self._cache[index] = hit
         if len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)
@@ -202,12 +196,11 @@ class RandomCropDataset(Dataset):
             image, mask = image[m:-m, m:-m], mask[m:-m, m:-m]
         if image.shape[:2] != (self.crop, self.crop):
             raise ValueError(f"the training transform returned {image.shape[:2]}, not {self.crop} x {self.crop}")
-        image = (image.astype(np.float32) - self.mean) / self.std
-        return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+        return (normalize_tile(image, self.mean, self.std),
                 torch.from_numpy(np.ascontiguousarray(mask[None], dtype=np.float32)))
 
 
-def crop_margin(crop: int, geometric: bool) -> Optional[int]:
+def crop_margin(crop: int, geometric: bool) -> int:
     """Margin read around a crop for the augmentation (a quarter of the crop when it rotates
     and zooms), 0 without geometric augmentation."""
     return max(8, crop // 4) if geometric else 0

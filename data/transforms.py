@@ -84,7 +84,6 @@ def build_histology_transform(prob: float, crop: int, margin: int = 0, seed: int
     import albumentations as A
 
     p = float(prob)
-    size = crop + 2 * margin
     reflect = dict(border_mode=cv2.BORDER_REFLECT_101)
     nearest_mask = dict(interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)
     geometry = []
@@ -109,5 +108,4 @@ def build_histology_transform(prob: float, crop: int, margin: int = 0, seed: int
             A.OneOf([A.GaussianBlur(blur_limit=(3, 3), p=1.0), A.GaussNoise(std_range=(0.01, 0.04), p=1.0)],
                     p=0.15 * p),
         ]
-    del size
     return A.Compose(geometry + colours, seed=seed)
