@@ -52,10 +52,12 @@ _C.INPUT.SATURATION_THRESHOLD = 40
 # tissue pixels and its pixel sum exceeds the same number (so black padding is dropped).
 # A negative value keeps every tile.
 _C.INPUT.PIXEL_THRESHOLD = 200
-# Side of an inference tile, in pixels of the downscaled slide (used by test_net.py).
-_C.INPUT.SIZE_TEST = 256
-# Downscale factor used at inference (integer >= 1; used by test_net.py).
-_C.INPUT.SIZE_REDUCTION_TEST = 16
+# Pixel size of the training tiles in µm/px; > 0 sets the scale physically: a slide of p µm/px
+# is resampled to MPP_TRAIN / SIZE_REDUCTION_TRAIN µm/px, then tiled at SIZE_REDUCTION_TRAIN as
+# usual, so slides from scanners of different resolutions give tiles of one physical scale.
+# Needs every slide's pixel size (metadata or DATASETS.MPP). 0 = the reduction alone (pixel
+# sizes are still recorded, and reach the checkpoints, when known).
+_C.INPUT.MPP_TRAIN = 0.0
 # Probability of each augmentation in the training pipeline (0..1).
 _C.INPUT.PROB = 0.5
 # Training views: 0 = the classic fixed tiles of SIZE_TRAIN px, one pass per epoch; > 0 = a
@@ -102,6 +104,9 @@ _C.DATASETS.MASK_CHANNEL = -1
 _C.DATASETS.MASK_THRESHOLD = 0
 # pairs: swap foreground and background after thresholding.
 _C.DATASETS.MASK_INVERT = False
+# Pixel size (µm/px, level 0) of the training slides or images, when their metadata lacks it or
+# is wrong; 0 = from each file's metadata (SVS MPP, OME PhysicalSize, TIFF/NDPI resolution).
+_C.DATASETS.MPP = 0.0
 
 # -----------------------------------------------------------------------------
 # TILER (tiles_creator.py)
@@ -192,8 +197,14 @@ _C.TEST.IMS_PER_BATCH = 8
 _C.TEST.MODEL_WEIGHTS_FOLDER = "output/models"
 # Side of the sliding-window tile, in pixels of the downscaled slide.
 _C.TEST.SIZE = 256
-# Downscale factor of the sliding window (integer >= 1).
-_C.TEST.REDUCE = 16
+# Pixel size (µm/px, level 0) of the slides or images to predict, when their metadata lacks it
+# or is wrong; 0 = from each file's metadata. With a pixel size here and in the checkpoints,
+# each slide is read at the checkpoints' physical scale (any real factor); without one, at the
+# checkpoints' reduction (with a warning).
+_C.TEST.MPP = 0.0
+# Measure every predicted object (objects.csv, GeoJSON measurements, per-slide counts, areas
+# and densities in metrics.json; object-level scores with labels).
+_C.TEST.MEASURE = True
 # Probability threshold (0..1) that turns the predicted probability into the mask. Negative:
 # the threshold each checkpoint learned in training, averaged over the ensemble (0.45 for a
 # checkpoint that carries none). The log says which threshold was used and where it came from.

@@ -19,10 +19,21 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from config.defaults import get_cfg_defaults
+from data.wsi import MAX_MPP
 
 __all__ = ["ConfigError", "load_cfg", "merge_dict", "merge_opts", "validate_cfg"]
 
 BASE_KEY = "_BASE_"
+
+# Keys of earlier versions that no longer exist, and what replaced them: setting one is an error
+# that says so (never a value silently ignored).
+RETIRED_KEYS = {
+    "INPUT.SIZE_TEST": "the sliding window's side is TEST.SIZE",
+    "INPUT.SIZE_REDUCTION_TEST": "test_net reads at the checkpoints' scale: their reduction, or their "
+                                 "pixel size in um/px with TEST.MPP / the slides' metadata",
+    "TEST.REDUCE": "test_net reads at the checkpoints' scale: their reduction, or their pixel size in "
+                   "um/px with TEST.MPP / the slides' metadata",
+}
 
 
 class ConfigError(ValueError):
@@ -60,21 +71,30 @@ def _coerce(value, default, key: str, source: str):
     raise ConfigError(f"{source}: {key} has an unsupported type {type(default).__name__}")
 
 
-def merge_dict(cfg: CN, values: dict, source: str, prefix: str = "") -> None:
-    """Merge a nested dict into ``cfg``; unknown keys and wrong types raise ConfigError."""
+def _unknown(source: str, key: str) -> ConfigError:
+    if key in RETIRED_KEYS:
+        return ConfigError(f"{source}: {key} was removed: {RETIRED_KEYS[key]}; delete it")
+    return ConfigError(f"{source}: unknown config key {key}")
+
+
+def merge_dict(cfg: CN, values: dict, source: str, prefix: str = "", sources: Optional[dict] = None) -> None:
+    """Merge a nested dict into ``cfg``; unknown keys and wrong types raise ConfigError.
+    ``sources`` (optional) records, per key set, the file it came from."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of keys, got {type(values).__name__}")
     for name, value in values.items():
         key = f"{prefix}{name}"
         if not isinstance(name, str) or name not in cfg:
-            raise ConfigError(f"{source}: unknown config key {key}")
+            raise _unknown(source, key)
         current = cfg[name]
         if isinstance(current, CN):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {key} is a section; give it keys, not {value!r}")
-            merge_dict(current, value, source, prefix=f"{key}.")
+            merge_dict(current, value, source, prefix=f"{key}.", sources=sources)
         else:
             cfg[name] = _coerce(value, current, key, source)
+            if sources is not None:
+                sources[key] = source
 
 
 def _read_yaml(path: str, seen: tuple = ()) -> dict:
@@ -121,7 +141,7 @@ def _parse_value(text: str):
         return text
 
 
-def merge_opts(cfg: CN, opts: Sequence[str]) -> None:
+def merge_opts(cfg: CN, opts: Sequence[str], sources: Optional[dict] = None) -> None:
     """Merge ``["KEY", "VALUE", ...]`` command-line overrides into ``cfg``."""
     opts = list(opts or [])
     if len(opts) % 2:
@@ -133,17 +153,19 @@ def merge_opts(cfg: CN, opts: Sequence[str]) -> None:
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
             if part not in node or not isinstance(node[part], CN):
-                raise ConfigError(f"command line: unknown config key {key}")
+                raise _unknown("command line", key)
             node = node[part]
         leaf = parts[-1]
         if leaf not in node:
-            raise ConfigError(f"command line: unknown config key {key}")
+            raise _unknown("command line", key)
         if isinstance(node[leaf], CN):
             raise ConfigError(f"command line: {key} is a section, not a key")
         value = _parse_value(text)
         if isinstance(node[leaf], str) and not isinstance(value, str) and value is not None:
             value = text  # "MODEL.ENCODER_NAME 123" is still a name
         node[leaf] = _coerce(value, node[leaf], key, "command line")
+        if sources is not None:
+            sources[key] = "command line"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -155,14 +177,12 @@ def validate_cfg(cfg: CN) -> None:
     """Reject impossible values, naming the key."""
     i, d, t = cfg.INPUT, cfg.DATASETS, cfg.TEST
     _check(i.SIZE_TRAIN > 0, f"INPUT.SIZE_TRAIN must be > 0, got {i.SIZE_TRAIN}")
-    _check(i.SIZE_TEST > 0, f"INPUT.SIZE_TEST must be > 0, got {i.SIZE_TEST}")
     _check(t.SIZE > 0, f"TEST.SIZE must be > 0, got {t.SIZE}")
-    for key, value in (
-        ("INPUT.SIZE_REDUCTION_TRAIN", i.SIZE_REDUCTION_TRAIN),
-        ("INPUT.SIZE_REDUCTION_TEST", i.SIZE_REDUCTION_TEST),
-        ("TEST.REDUCE", t.REDUCE),
-    ):
-        _check(value >= 1, f"{key} must be an integer >= 1, got {value}")
+    _check(i.SIZE_REDUCTION_TRAIN >= 1, f"INPUT.SIZE_REDUCTION_TRAIN must be an integer >= 1, got {i.SIZE_REDUCTION_TRAIN}")
+    for key, value, zero in (("INPUT.MPP_TRAIN", i.MPP_TRAIN, "the reduction alone"),
+                             ("DATASETS.MPP", d.MPP, "from the metadata"), ("TEST.MPP", t.MPP, "from the metadata")):
+        _check(value == 0 or 0 < value <= MAX_MPP,
+               f"{key} must be 0 ({zero}) or a pixel size > 0 and <= {MAX_MPP:g} um/px, got {value:g}")
     for key, value in (("INPUT.SATURATION_THRESHOLD", i.SATURATION_THRESHOLD), ("TEST.S_TH", t.S_TH)):
         _check(0 <= value <= 255, f"{key} must be within 0..255, got {value}")
     _check(0.0 <= i.PROB <= 1.0, f"INPUT.PROB must be within 0..1, got {i.PROB}")
@@ -224,9 +244,17 @@ def validate_cfg(cfg: CN) -> None:
 def load_cfg(config_file: Optional[str] = None, opts: Optional[Iterable[str]] = None) -> CN:
     """Defaults, then ``config_file`` (if any), then ``opts``; validated and frozen."""
     cfg = get_cfg_defaults()
+    sources = {}
     if config_file:
-        merge_dict(cfg, _read_yaml(config_file), source=config_file)
-    merge_opts(cfg, list(opts or []))
-    validate_cfg(cfg)
+        merge_dict(cfg, _read_yaml(config_file), source=config_file, sources=sources)
+    merge_opts(cfg, list(opts or []), sources=sources)
+    try:
+        validate_cfg(cfg)
+    except ConfigError as exc:  # name where the offending key was set, as unknown keys do
+        message = str(exc)
+        key = message.split(" ", 1)[0]
+        if key in sources:
+            raise ConfigError(f"{sources[key]}: {message}") from None
+        raise
     cfg.freeze()
     return cfg

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Optional, Dict, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -50,6 +50,15 @@ class TileSet:
         if missing:
             raise FileNotFoundError(f"{self.masks}: no mask for {len(missing)} tile(s), e.g. {missing[:3]}")
         self.groups = [tile_group(n) for n in self.names]
+
+    @property
+    def mpp(self) -> Optional[float]:
+        """The tiles' pixel size (um/px) recorded by the tiler, when every slide's was known."""
+        if not os.path.isfile(self.stats_file):
+            return None
+        with open(self.stats_file, "r", encoding="utf-8") as fh:
+            value = json.load(fh).get("tile_mpp")
+        return float(value) if value else None
 
 
 def tile_index(name: str) -> int:

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from utils.io import atomic_write_text
+from utils.io import atomic_write_csv
 from utils.rle import rle_encode
 
 __all__ = ["SampleSpec", "SAMPLE", "draw_slide", "write_pyramid", "generate_sample"]
@@ -42,6 +42,11 @@ NUCLEUS = (94, 58, 128)
 BOWMAN = (242, 230, 238)
 CAPSULE = (186, 110, 160)
 TUFT = (176, 96, 160)
+
+
+# Pixel size the sample slides claim (um/px), as a 10x scan: a sample glomerulus (radius 60-100 px)
+# is then 120-200 um across, as real ones are.
+SAMPLE_MPP = 1.0
 
 
 @dataclass(frozen=True)
@@ -180,12 +185,14 @@ def draw_slide(spec: SampleSpec) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def write_pyramid(path: str, image: np.ndarray, downsamples: Sequence[int] = (4, 16), tile: int = 256,
-                  quality: int = 90) -> None:
-    """A tiled JPEG TIFF with reduced-resolution SubIFD levels (written atomically)."""
+                  quality: int = 90, mpp: float = SAMPLE_MPP) -> None:
+    """A tiled JPEG TIFF with reduced-resolution SubIFD levels (written atomically); level 0's
+    pixel size ``mpp`` (um/px) goes in its resolution tags (0: none)."""
     kwargs = dict(tile=(tile, tile), photometric="rgb", compression="jpeg", compressionargs={"level": quality})
+    resolution = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if mpp else {}
     tmp = path + ".tmp"
     with tifffile.TiffWriter(tmp) as tif:
-        tif.write(image, subifds=len(downsamples), **kwargs)
+        tif.write(image, subifds=len(downsamples), **kwargs, **resolution)
         for d in downsamples:
             size = (max(1, image.shape[1] // d), max(1, image.shape[0] // d))
             tif.write(cv2.resize(image, size, interpolation=cv2.INTER_AREA), subfiletype=1, **kwargs)
@@ -212,10 +219,10 @@ def generate_sample(out: str, specs: Sequence[SampleSpec] = SAMPLE, force: bool 
         for spec in members:
             image, mask = draw_slide(spec)
             write_pyramid(os.path.join(folder, f"{spec.slide_id}.tiff"), image)
-            rows.append(f"{spec.slide_id},{rle_encode(mask)}\n")
+            rows.append([spec.slide_id, rle_encode(mask)])
             logger.info("Sample slide %s/%s: %d x %d, %.1f%% glomerulus", split, spec.slide_id, spec.width,
                         spec.height, 100.0 * mask.mean())
-        atomic_write_text(csvs[split], "id,encoding\n" + "".join(rows))  # the CSV last: it marks completion
+        atomic_write_csv(csvs[split], ["id", "encoding"], rows)  # the CSV last: it marks completion
     return csvs
 
 

@@ -32,8 +32,10 @@ from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
 from data.sources import TileJob, load_pair_mask, pairs_jobs, wsi_jobs
-from data.tiling import ArrayMask, RLEMask, TileGrid, iter_tile_rows, mask_band, pixel_limit, tissue_columns
-from data.wsi import ArraySlide, Slide, SlideError, open_slide, read_image
+from data.tiling import (ArrayMask, ResampledMask, RLEMask, TileGrid, iter_tile_rows, mask_band, pixel_limit,
+                         tissue_columns)
+from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, check_mpp, image_pixel_size,
+                      open_slide, read_image, resolve_mpp)
 from utils.io import atomic_write_bytes, atomic_write_json, read_json
 from utils.rle import parse_rle
 from utils.setup import save_config
@@ -65,6 +67,8 @@ def _settings(cfg: CN) -> Dict[str, object]:
         "INPUT.SATURATION_THRESHOLD": cfg.INPUT.SATURATION_THRESHOLD,
         "INPUT.PIXEL_THRESHOLD": cfg.INPUT.PIXEL_THRESHOLD,
     }
+    if cfg.INPUT.MPP_TRAIN > 0:  # only then: folders tiled before these keys existed stay valid
+        settings.update({"INPUT.MPP_TRAIN": cfg.INPUT.MPP_TRAIN, "DATASETS.MPP": cfg.DATASETS.MPP})
     if cfg.DATASETS.FORMAT == "pairs":
         settings.update(
             {
@@ -89,7 +93,11 @@ class SlideRecord:
     pixel_sumsq: List[int] = field(default_factory=lambda: [0, 0, 0])
     n_pixels: int = 0
     mask_pixels: int = 0
-    shape: List[int] = field(default_factory=list)  # (height, width) of the slide, level 0
+    shape: List[int] = field(default_factory=list)  # (height, width) tiled (after resampling), level 0
+    mpp: Optional[float] = None  # the slide's pixel size (um/px, level 0), when known
+    mpp_source: str = ""
+    resample: float = 1.0  # slide px per tiled level-0 px (INPUT.MPP_TRAIN)
+    tile_mpp: Optional[float] = None  # the tiles' pixel size, when known
 
 
 def _fingerprint(job: TileJob) -> str:
@@ -187,11 +195,14 @@ class TilerOutput:
         if not os.path.isfile(path):
             return None
         try:
-            record = SlideRecord(**read_json(path))
+            saved = read_json(path)
+            record = SlideRecord(**saved)
         except (ValueError, TypeError):
             return None
-        # a record without the slide's shape is from an older tiler: redo it (training needs the grid)
-        return record if record.fingerprint == fingerprint and len(record.shape) == 2 else None
+        # a record without the slide's shape or pixel size is from an older tiler: redo it
+        # (training needs the grid, the checkpoints the scale)
+        current = len(record.shape) == 2 and "tile_mpp" in saved
+        return record if record.fingerprint == fingerprint and current else None
 
     def save_record(self, record: SlideRecord) -> None:
         self.remove_stale(record.id, set(record.kept))
@@ -279,24 +290,60 @@ def tile_slide(
     return record
 
 
-def _open_job(job: TileJob, cfg: CN, workers: int) -> Tuple[Slide, object]:
+def _pixel_size(job: TileJob, cfg: CN, slide: Optional[Slide] = None) -> Optional[PixelSize]:
+    """The pixel size of a job's image (DATASETS.MPP, else its metadata), checked."""
+    if cfg.DATASETS.MPP:
+        return PixelSize(check_mpp(cfg.DATASETS.MPP, "DATASETS.MPP"), "DATASETS.MPP")
+    if slide is None:
+        found, _ = image_pixel_size(job.image_path)
+        if found is not None:
+            check_mpp(found.mpp, f"{job.image_path} ({found.source}; set DATASETS.MPP to override)")
+        return found
+    return resolve_mpp(slide, 0.0, "DATASETS.MPP")
+
+
+def _resample_factor(job: TileJob, cfg: CN, mpp: Optional[PixelSize], note: str) -> float:
+    """Slide px per tiled px: 1, or with INPUT.MPP_TRAIN what brings the slide to
+    ``MPP_TRAIN / SIZE_REDUCTION_TRAIN`` um/px (an error when its pixel size is unknown)."""
+    if cfg.INPUT.MPP_TRAIN <= 0:
+        return 1.0
+    if mpp is None:
+        raise SlideError(f"{job.image_path}: pixel size unknown ({note}); INPUT.MPP_TRAIN needs it: set "
+                         "DATASETS.MPP")
+    factor = cfg.INPUT.MPP_TRAIN / cfg.INPUT.SIZE_REDUCTION_TRAIN / mpp.mpp
+    return 1.0 if abs(factor - 1.0) < 1e-3 else factor
+
+
+def _open_job(job: TileJob, cfg: CN, workers: int) -> Tuple[Slide, object, Optional[PixelSize], float]:
+    """The job's slide and mask, resampled when INPUT.MPP_TRAIN asks; its pixel size and the
+    resampling factor."""
     if job.rle is not None:
         slide = open_slide(job.image_path, workers=workers)
         try:
             runs = parse_rle(job.rle, slide.shape, name=job.id)
+            mpp = _pixel_size(job, cfg, slide)
+            factor = _resample_factor(job, cfg, mpp, slide.mpp_note)
         except ValueError:
             slide.close()
             raise
-        return slide, RLEMask(runs, slide.shape)
-    image = read_image(job.image_path)
-    d = cfg.DATASETS
-    mask = load_pair_mask(job.mask_path, d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT)
-    if mask.shape != image.shape[:2]:
-        raise SlideError(
-            f"{job.mask_path}: mask is {mask.shape[1]} x {mask.shape[0]} but image "
-            f"{job.image_path} is {image.shape[1]} x {image.shape[0]} (W x H)"
-        )
-    return ArraySlide(image, job.image_path), ArrayMask(mask)
+        mask = RLEMask(runs, slide.shape)
+    else:
+        image = read_image(job.image_path)
+        d = cfg.DATASETS
+        mask = load_pair_mask(job.mask_path, d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT)
+        if mask.shape != image.shape[:2]:
+            raise SlideError(
+                f"{job.mask_path}: mask is {mask.shape[1]} x {mask.shape[0]} but image "
+                f"{job.image_path} is {image.shape[1]} x {image.shape[0]} (W x H)"
+            )
+        slide, mask = ArraySlide(image, job.image_path), ArrayMask(mask)
+        slide.pixel_size, slide.mpp_note = image_pixel_size(job.image_path)
+        mpp = _pixel_size(job, cfg)
+        factor = _resample_factor(job, cfg, mpp, slide.mpp_note)
+    if factor != 1.0:
+        slide = ResampledSlide(slide, factor)
+        mask = ResampledMask(mask, factor, slide.shape)
+    return slide, mask, mpp, factor
 
 
 def _jobs(cfg: CN) -> List[TileJob]:
@@ -306,7 +353,7 @@ def _jobs(cfg: CN) -> List[TileJob]:
     return wsi_jobs(d.WSI_FOLDER, d.LABELS_CSV)
 
 
-def _validate(jobs: List[TileJob], workers: int) -> None:
+def _validate(jobs: List[TileJob], workers: int, cfg: CN) -> None:
     """Check every input before writing anything: slides open and their RLE parses; pair
     images and masks are readable images of the same size (headers only)."""
     from PIL import Image, UnidentifiedImageError
@@ -315,7 +362,9 @@ def _validate(jobs: List[TileJob], workers: int) -> None:
         if job.rle is not None:
             with open_slide(job.image_path, workers=workers) as slide:
                 parse_rle(job.rle, slide.shape, name=job.id)
+                _resample_factor(job, cfg, _pixel_size(job, cfg, slide), slide.mpp_note)
             continue
+        _resample_factor(job, cfg, _pixel_size(job, cfg), "no pixel size in its header")
         sizes = []
         for path in (job.image_path, job.mask_path):
             try:
@@ -348,16 +397,43 @@ def _stats(records: List[SlideRecord], size: int, reduce: int) -> Dict[str, obje
         "n_tiles": int(sum(len(r.kept) for r in records)),
         "n_grid_tiles": int(sum(r.n_tiles for r in records)),
         "mask_fraction": round(float(sum(r.mask_pixels for r in records) / n), 8) if n else 0.0,
-        "slides": {r.id: {"kept": len(r.kept), "tiles": r.n_tiles, "shape": list(r.shape)} for r in records},
+        "tile_mpp": _common_tile_mpp(records),
+        "slides": {r.id: {"kept": len(r.kept), "tiles": r.n_tiles, "shape": list(r.shape), "mpp": r.mpp,
+                          "mpp_source": r.mpp_source, "resample": r.resample, "tile_mpp": r.tile_mpp}
+                   for r in records},
     }
+
+
+def _common_tile_mpp(records: List[SlideRecord]) -> Optional[float]:
+    """The tiles' pixel size (um/px) when every slide's is known and they agree within 2 %
+    (it reaches the checkpoints); else None, with a warning saying why."""
+    values = [r.tile_mpp for r in records]
+    if not values:
+        return None
+    if not all(values):
+        missing = [r.id for r in records if not r.tile_mpp]
+        if len(missing) < len(records):
+            logger.warning("Pixel size unknown for %d of %d slides (%s): the tiles' scale is not recorded; set "
+                           "DATASETS.MPP, or INPUT.MPP_TRAIN to tile at one physical scale", len(missing),
+                           len(records), ", ".join(missing[:5]))
+        return None
+    if max(values) > 1.02 * min(values):
+        logger.warning("The tiles' pixel sizes differ (%.4g to %.4g um/px): set INPUT.MPP_TRAIN to tile every "
+                       "slide at one physical scale; the scale is not recorded", min(values), max(values))
+        return None
+    return round(float(np.mean(values)), 6)
 
 
 def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, workers: int,
               fingerprint: str, label: str) -> SlideRecord:
     """Tile one job; on any failure its tiles written so far are removed."""
     size, reduce = cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN
-    slide, mask = _open_job(job, cfg, workers)
+    slide, mask, mpp, factor = _open_job(job, cfg, workers)
     record = SlideRecord(job.id, os.path.abspath(job.image_path), fingerprint)
+    if mpp is not None:
+        record.mpp, record.mpp_source = round(mpp.mpp, 6), mpp.source
+        record.tile_mpp = round(mpp.mpp * factor * reduce, 6)
+    record.resample = round(factor, 6)
     with slide:
         record.shape = [int(v) for v in slide.shape]
         grid = TileGrid(*slide.shape, size, reduce)
@@ -385,10 +461,12 @@ def create_tiles(cfg: CN) -> Dict[str, object]:
     workers = cfg.TILER.NUM_WORKERS or os.cpu_count() or 1
     what = "slides" if cfg.DATASETS.FORMAT == "wsi_rle" else "image pairs"
     jobs = _jobs(cfg)
-    _validate(jobs, workers)
+    _validate(jobs, workers, cfg)
     output = TilerOutput(cfg.DATASETS.TRAIN_FOLDER, size, reduce, cfg.TILER.PNG_COMPRESSION)
     output.prepare(_settings(cfg), cfg.OVERWRITE)
-    logger.info("Tiling %d %s at %d px, reduction %d -> %s", len(jobs), what, size, reduce, output.root)
+    logger.info("Tiling %d %s at %d px, reduction %d%s -> %s", len(jobs), what, size, reduce,
+                f" of slides resampled to {cfg.INPUT.MPP_TRAIN / reduce:.4g} um/px (tiles of {cfg.INPUT.MPP_TRAIN:g} "
+                "um/px)" if cfg.INPUT.MPP_TRAIN > 0 else "", output.root)
     records, skipped = [], 0
     writer = _Writer(output, workers)
     try:

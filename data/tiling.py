@@ -37,6 +37,7 @@ __all__ = [
     "tissue_windows",
     "RLEMask",
     "ArrayMask",
+    "ResampledMask",
     "iter_tile_rows",
     "mask_band",
 ]
@@ -198,6 +199,28 @@ class ArrayMask:
         if rv.any() and cv.any():
             out[np.ix_(rv, cv)] = self.mask[np.ix_(r[rv], c[cv])]
         return out
+
+
+class ResampledMask:
+    """A mask (``RLEMask`` / ``ArrayMask``) resampled by ``scale`` (base px per new px) to
+    ``shape``: new pixel ``(r, c)`` is base pixel ``(floor((r + .5) g), floor((c + .5) g))``
+    (nearest), read through a window of the base at the nearest integer step (within half a
+    step), so a band never decodes more than the output's pixels."""
+
+    def __init__(self, base, scale: float, shape: Tuple[int, int]):
+        self.base, self.scale, self.shape = base, float(scale), check_shape(shape)
+
+    def window(self, rows: Tuple[int, int], cols: Tuple[int, int], step: int = 1) -> np.ndarray:
+        g = self.scale
+        sr = np.floor((np.arange(rows[0], rows[1], step) + 0.5) * g).astype(np.int64)
+        sc = np.floor((np.arange(cols[0], cols[1], step) + 0.5) * g).astype(np.int64)
+        if not len(sr) or not len(sc):
+            return np.zeros((len(sr), len(sc)), dtype=np.uint8)
+        q = max(1, int(step * g))
+        dense = self.base.window((int(sr[0]), int(sr[-1]) + 1), (int(sc[0]), int(sc[-1]) + 1), q)
+        ri = np.minimum(np.rint((sr - sr[0]) / q).astype(np.int64), dense.shape[0] - 1)
+        ci = np.minimum(np.rint((sc - sc[0]) / q).astype(np.int64), dense.shape[1] - 1)
+        return np.ascontiguousarray(dense[np.ix_(ri, ci)])
 
 
 class _RowDownscaler:

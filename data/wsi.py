@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -29,10 +30,17 @@ __all__ = [
     "LevelInfo",
     "Slide",
     "ArraySlide",
+    "ResampledSlide",
     "TiffSlide",
     "open_slide",
     "read_image",
     "SLIDE_EXTENSIONS",
+    "MAX_MPP",
+    "PixelSize",
+    "check_mpp",
+    "resolve_mpp",
+    "tiff_pixel_size",
+    "image_pixel_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,6 +53,119 @@ LEVEL_TOLERANCE = 0.01
 
 class SlideError(ValueError):
     """A slide or image that cannot be read; the message starts with the file path."""
+
+
+# Largest plausible pixel size (µm/px): a 100 µm pixel is already coarser than a glomerulus.
+MAX_MPP = 100.0
+
+
+@dataclass(frozen=True)
+class PixelSize:
+    """A pixel size in µm/px (the mean of the x and y sizes) and where it was read."""
+
+    mpp: float
+    source: str
+
+
+def check_mpp(value: float, where: str) -> float:
+    """``value`` when it is a possible pixel size (0 < value <= :data:`MAX_MPP` µm/px), else a
+    :class:`SlideError` naming ``where`` (a slide and its metadata, or a config key)."""
+    if not (value > 0 and value <= MAX_MPP):  # also rejects NaN
+        raise SlideError(f"{where}: pixel size {value:g} um/px is impossible (expected > 0 and <= {MAX_MPP:g})")
+    return float(value)
+
+
+_OME_UNITS_UM = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u00b5m": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6,
+                 "Å": 1e-4, "angstrom": 1e-4}
+
+
+def _ome_pixel_size(xml: str):
+    """``(x, y, description)`` µm/px from OME-XML ``Pixels PhysicalSizeX/Y`` (+ units), or None."""
+    found = {}
+    for axis in "XY":
+        match = re.search(rf'<(?:\w+:)?Pixels\b[^>]*?\bPhysicalSize{axis}="([^"]+)"', xml)
+        if not match:
+            return None
+        unit = re.search(rf'<(?:\w+:)?Pixels\b[^>]*?\bPhysicalSize{axis}Unit="([^"]+)"', xml)
+        unit_name = unit.group(1) if unit else "µm"  # OME's default unit
+        if unit_name not in _OME_UNITS_UM:
+            return None
+        found[axis] = float(match.group(1)) * _OME_UNITS_UM[unit_name]
+    return found["X"], found["Y"], "OME-XML PhysicalSizeX/Y"
+
+
+def tiff_pixel_size(tif, page) -> Tuple[Optional[PixelSize], str]:
+    """Level 0's pixel size from a tifffile ``TiffFile`` and its first page: SVS ``MPP =``,
+    OME-XML ``PhysicalSizeX/Y``, Philips ``DICOM_PIXEL_SPACING``, then the TIFF X/YResolution
+    tags with their ResolutionUnit (NDPI stores its size there, in centimetres).
+
+    Returns ``(PixelSize or None, note)``: the note says why nothing was taken. A metadata value
+    that is there but impossible is returned as is (checked by :func:`resolve_mpp`, so that a
+    config key can still replace it). Resolution tags in inches that give more than
+    :data:`MAX_MPP` µm/px (72, 96, 150 dpi...) are a display resolution, not a pixel size."""
+    description = page.description or ""
+    if getattr(tif, "is_svs", False):
+        match = re.search(r"\bMPP\s*=\s*([-+0-9.eE]+)", description)
+        if match:
+            return PixelSize(float(match.group(1)), "SVS MPP in ImageDescription"), ""
+    xml = getattr(tif, "ome_metadata", None) if getattr(tif, "is_ome", False) else None
+    if xml:
+        found = _ome_pixel_size(xml)
+        if found:
+            return PixelSize((found[0] + found[1]) / 2, found[2]), ""
+    match = re.search(r'DICOM_PIXEL_SPACING"[^>]*>\s*"?([0-9.eE+-]+)"?\s+"?([0-9.eE+-]+)', description)
+    if match:  # Philips TIFF: row and column spacing in mm
+        return PixelSize(500.0 * (float(match.group(1)) + float(match.group(2))), "Philips DICOM_PIXEL_SPACING"), ""
+    tags = page.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None, "no pixel size in its metadata"
+    unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2  # TIFF's default: inch
+    unit_um = {2: 25400.0, 3: 10000.0}.get(unit)
+    if unit_um is None:
+        return None, "resolution tags without a unit"
+    sizes = []
+    for name in ("XResolution", "YResolution"):
+        value = tags[name].value
+        per_unit = value[0] / value[1] if isinstance(value, tuple) and value[1] else float(value if not isinstance(value, tuple) else 0)
+        if per_unit <= 0:
+            return PixelSize(0.0, f"TIFF {name}"), ""
+        sizes.append(unit_um / per_unit)
+    mpp = (sizes[0] + sizes[1]) / 2
+    name = "NDPI resolution tags" if getattr(tif, "is_ndpi", False) else "TIFF X/YResolution"
+    if unit == 2 and mpp > MAX_MPP:
+        return None, f"resolution tags of {25400.0 / mpp:g} dpi: a display resolution, not a pixel size"
+    return PixelSize(mpp, f"{name} ({'inch' if unit == 2 else 'cm'})"), ""
+
+
+def image_pixel_size(path: str) -> Tuple[Optional[PixelSize], str]:
+    """The pixel size in an ordinary image's header (PNG pHYs, JPEG JFIF / EXIF density), read
+    with Pillow without decoding; display resolutions (<= 254 dpi) are not pixel sizes."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            dpi = image.info.get("dpi")
+    except Exception:
+        return None, "no pixel size in its header"
+    if not dpi or not all(float(v) > 0 for v in dpi[:2]):
+        return None, "no pixel size in its header"
+    mpp = 25400.0 / ((float(dpi[0]) + float(dpi[1])) / 2)
+    if mpp > MAX_MPP:
+        return None, f"a header resolution of {float(dpi[0]):g} dpi: a display resolution, not a pixel size"
+    return PixelSize(mpp, "image header resolution"), ""
+
+
+def resolve_mpp(slide: "Slide", override: float, key: str) -> Optional[PixelSize]:
+    """The pixel size to use for ``slide``: the config key ``key`` (``override`` > 0) wins over
+    the slide's metadata; an impossible value from either raises :class:`SlideError` naming its
+    source; None when neither knows it."""
+    if override:
+        return PixelSize(check_mpp(override, key), key)
+    found = slide.pixel_size
+    if found is None:
+        return None
+    check_mpp(found.mpp, f"{slide.path} ({found.source}; set {key} to override)")
+    return found
 
 
 @dataclass(frozen=True)
@@ -69,6 +190,10 @@ class Slide:
 
     path: str = "<memory>"
     levels: List[LevelInfo]
+    # Level 0's pixel size from the file's metadata (None when it has none); ``mpp_note`` says
+    # why it is missing.
+    pixel_size: Optional[PixelSize] = None
+    mpp_note: str = "no pixel size in its metadata"
 
     # --- to implement -------------------------------------------------------------------
     def _read_raw(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -155,7 +280,9 @@ class Slide:
     def describe(self) -> str:
         h, w = self.shape
         downs = ", ".join(f"{lv.downsample:g}" for lv in self.levels)
-        return f"{w} x {h} px (W x H), {len(self.levels)} level(s) at downsample {downs}"
+        size = (f"{self.pixel_size.mpp:.4g} um/px ({self.pixel_size.source})" if self.pixel_size
+                else f"pixel size unknown ({self.mpp_note})")
+        return f"{w} x {h} px (W x H), {len(self.levels)} level(s) at downsample {downs}, {size}"
 
     def close(self) -> None:
         pass
@@ -197,6 +324,38 @@ class ArraySlide(Slide):
 
     def _read_raw(self, level, y0, y1, x0, x1):
         return _to_rgb(self._image[y0:y1, x0:x1], self._image.shape[2])
+
+
+class ResampledSlide(Slide):
+    """``base`` resampled by ``scale`` (base level-0 px per new px; > 1 shrinks): one level,
+    read region by region from the base's nearest pyramid level below the scale, resized
+    (``INTER_AREA`` shrinking, ``INTER_LINEAR`` enlarging). Regions are aligned to within one
+    base pixel (each read rounds its source box outward). Used to bring slides of different
+    pixel sizes to one physical scale."""
+
+    def __init__(self, base: Slide, scale: float):
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.base, self.scale, self.path = base, float(scale), base.path
+        h, w = base.shape
+        self.levels = [LevelInfo((max(1, round(h / scale)), max(1, round(w / scale))), 1.0)]
+        if base.pixel_size is not None:
+            self.pixel_size = PixelSize(base.pixel_size.mpp * scale, base.pixel_size.source + f", resampled x{1 / scale:.4g}")
+        self.mpp_note = base.mpp_note
+
+    def _read_raw(self, level, y0, y1, x0, x1):
+        g = self.scale
+        src = self.base.best_level(g)
+        d = self.base.levels[src].downsample
+        lh, lw = self.base.levels[src].shape
+        sy0, sy1 = max(0, math.floor(y0 * g / d)), min(lh, max(math.floor(y0 * g / d) + 1, math.ceil(y1 * g / d)))
+        sx0, sx1 = max(0, math.floor(x0 * g / d)), min(lw, max(math.floor(x0 * g / d) + 1, math.ceil(x1 * g / d)))
+        region = self.base.read_level(src, sy0, sx0, sy1 - sy0, sx1 - sx0)
+        shrink = (sy1 - sy0) > (y1 - y0)
+        return cv2.resize(region, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+    def close(self) -> None:
+        self.base.close()
 
 
 class _LogCapture(logging.Handler):
@@ -329,6 +488,7 @@ class TiffSlide(Slide):
             lh, lw = shape[axes.index("Y")], shape[axes.index("X")]
             if k == 0:
                 h0, w0 = lh, lw
+                self.pixel_size, self.mpp_note = tiff_pixel_size(self._tif, page)
             self.levels.append(LevelInfo((lh, lw), (h0 / lh + w0 / lw) / 2.0))
 
     def _check_pixels(self, level, channels: int, tifffile) -> None:

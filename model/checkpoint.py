@@ -4,7 +4,8 @@ A checkpoint is a dict saved with ``torch.save``::
 
     {"format": "glomeruli/1",
      "model": {"ARCHITECTURE", "ENCODER_NAME", "ENCODER_WEIGHTS", "NUM_CLASSES"},
-     "input": {"size", "reduce", "mean", "std"},   # tile size/reduction, RGB 0..1 stats
+     "input": {"size", "reduce", "mean", "std", "mpp"},  # tile size/reduction, RGB 0..1 stats,
+                                                       # tiles' um/px (None: unknown)
      "threshold": float, "fold": int, "metrics": {...},
      "state_dict": {...}}
 

@@ -27,7 +27,7 @@ from data.wsi import Slide
 from utils.rle import RLEStripEncoder, rle_area, runs_to_rle
 
 __all__ = ["blend_weights", "window_starts", "lowres_image", "slide_box", "fill_outside", "predict_canvas", "threshold_mask",
-           "remove_small_objects", "prob_to_rle", "mask_to_rle", "torch_predictor"]
+           "remove_small_objects", "prob_to_rle", "prob_to_runs", "mask_to_rle", "torch_predictor"]
 
 
 def blend_weights(size: int, mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
@@ -179,7 +179,14 @@ UPSAMPLE_MODES = ("bilinear", "nearest")
 
 def prob_to_rle(prob: np.ndarray, grid: TileGrid, threshold: float, upsample: str = "bilinear",
                 strip_pixels: int = 1 << 24) -> Tuple[str, int]:
-    """Full-resolution RLE of ``upsampled prob > threshold``, built column strip by column
+    """:func:`prob_to_runs` as ``(rle, foreground pixels)``."""
+    runs = prob_to_runs(prob, grid, threshold, upsample, strip_pixels)
+    return runs_to_rle(runs), rle_area(runs)
+
+
+def prob_to_runs(prob: np.ndarray, grid: TileGrid, threshold: float, upsample: str = "bilinear",
+                 strip_pixels: int = 1 << 24) -> np.ndarray:
+    """Full-resolution runs (``utils.rle``) of ``upsampled prob > threshold``, built column strip by column
     strip: never the full-resolution mask nor the full-resolution probability map.
 
     ``prob`` is the padded low-res map of ``grid``. ``bilinear`` upsamples it by ``grid.reduce``
@@ -188,8 +195,6 @@ def prob_to_rle(prob: np.ndarray, grid: TileGrid, threshold: float, upsample: st
     each low-res pixel a ``reduce x reduce`` block. Strips (and, inside a strip, the rows) whose
     low-res neighbourhood is all at or below the threshold cost nothing: a bilinear value is a
     convex combination of its four neighbours. A strip holds at most ``strip_pixels`` pixels.
-
-    Returns ``(rle, foreground pixels)``.
     """
     if upsample not in UPSAMPLE_MODES:
         raise ValueError(f"TEST.UPSAMPLE must be one of {UPSAMPLE_MODES}, got {upsample!r}")
@@ -225,8 +230,7 @@ def prob_to_rle(prob: np.ndarray, grid: TileGrid, threshold: float, upsample: st
         if y1 > y0:  # else the foreground lies in the padding only
             strip[:, y0:y1] = up[off_x:off_x + (x1 - x0), y0 + off_y:y1 + off_y]
         encoder.add(strip.T)
-    runs = encoder.runs()  # the foreground area is the runs' total length
-    return runs_to_rle(runs), rle_area(runs)
+    return encoder.runs()
 
 
 def mask_to_rle(mask_lr: np.ndarray, grid: TileGrid, strip_cols: int = 2048) -> Tuple[str, int]:

@@ -7,12 +7,21 @@ Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
     predictions/<id>.geojson       QuPath annotations ("Glomerulus"), level-0 pixel coordinates
     predictions/<id>_mask.png      the predicted mask at the model's scale (1/reduce)
     predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours
+    objects.csv                    one row per predicted object (TEST.MEASURE): centroid, area, equivalent
+                                   diameter, perimeter, circularity, box, mean probability; um columns
+                                   when the pixel size is known
+    metrics.json                   per-slide summary (objects, tissue mm2, objects per mm2, median area),
+                                   with labels the pooled Dice and object precision / recall / F1
+
+Scale: each item is read at the checkpoints' physical scale (their tiles' um/px over the item's
+pixel size from its metadata or TEST.MPP: any real factor, from the nearest pyramid level plus a
+resize); when either pixel size is unknown, at the checkpoints' reduction, with a warning.
 
 With ``TEST.PAIRS_FOLDER`` the items are the images of an image/mask pairs folder (laid out as
 ``DATASETS.PAIRS_FOLDER``, the DATASETS mask encoding applies, masks optional) instead of slides;
 there ``TEST.LABELS_CSV``, when set, is a CSV whose ``id`` column picks the images.
 ``TEST.MODEL_WEIGHTS_FOLDER`` may also name a single checkpoint file.
-    dice.csv, metrics.json         with TEST.LABELS_CSV: per-slide and pooled Dice
+    dice.csv                       with TEST.LABELS_CSV: per-item Dice and object-level scores
     .predictions/<id>.json         per-slide result: a rerun skips finished slides
 """
 from __future__ import annotations
@@ -22,10 +31,12 @@ import datetime
 import glob
 import json
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -35,18 +46,21 @@ from yacs.config import CfgNode as CN
 
 from data.sources import files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_id_of
 from data.tiling import RLEMask, TileGrid, mask_band
-from data.wsi import SLIDE_EXTENSIONS, ArraySlide, open_slide, read_image
+from data.wsi import (SLIDE_EXTENSIONS, ArraySlide, PixelSize, check_mpp, image_pixel_size, open_slide, read_image,
+                      resolve_mpp)
 from model.build import resolve_device
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
-from model.inference import (lowres_image, predict_canvas, prob_to_rle, remove_small_objects, slide_box, threshold_mask,
-                             torch_predictor)
+from model.inference import (lowres_image, predict_canvas, prob_to_runs, remove_small_objects, slide_box,
+                             threshold_mask, torch_predictor)
 from utils.distributed import local_rank, world_size
 from utils.export import mask_polygons, polygons_geojson
-from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from utils.metrics import dice_from_counts
-from utils.rle import parse_rle, rle_area, rle_encode, runs_intersection
+from utils.objects import OBJECT_COLUMNS, Objects, find_objects, match_objects, object_rows, object_scores
+from utils.rle import parse_rle, rle_area, rle_encode, runs_intersection, runs_to_rle
 
-__all__ = ["load_checkpoints", "predict_slides", "list_slides", "ensemble_threshold"]
+__all__ = ["load_checkpoints", "predict_slides", "list_slides", "ensemble_threshold", "integer_reduction",
+           "slide_summary", "open_image_slide"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +127,16 @@ def _write_png(path: str, image: np.ndarray) -> None:
     atomic_write_bytes(path, data.tobytes())
 
 
+def open_image_slide(path: str):
+    """An image of a pairs folder as a slide: TIFF-family files through the slide reader
+    (lazy, with their metadata), others read whole, with the pixel size of their header."""
+    if path.lower().endswith(SLIDE_EXTENSIONS):
+        return open_slide(path)
+    slide = ArraySlide(read_image(path), path)
+    slide.pixel_size, slide.mpp_note = image_pixel_size(path)
+    return slide
+
+
 def _items(cfg: CN):
     """``(id, source path, open() -> Slide, truth() -> true RLE or None)`` for slides or
     pairs; opening and reading the truth wait until an item is predicted (not on resume)."""
@@ -133,8 +157,7 @@ def _items(cfg: CN):
                 return None
             return rle_encode(load_pair_mask(mask_path, d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT))
 
-        return [(image_id, path, lambda p=path: ArraySlide(read_image(p), p),
-                 lambda m=masks.get(image_id): truth(m))
+        return [(image_id, path, lambda p=path: open_image_slide(p), lambda m=masks.get(image_id): truth(m))
                 for image_id, path in sorted(images.items())]
     labels = read_labels_csv(t.LABELS_CSV) if t.LABELS_CSV else {}
     slides = list_slides(t.WSI_FOLDER)
@@ -152,47 +175,189 @@ def _items(cfg: CN):
             for slide_id, path in slides]
 
 
-def _read(opener, size: int, reduce: int) -> Tuple[np.ndarray, TileGrid]:
-    """The item's padded low-res image (as the tiler sees it) and its grid."""
+@dataclass
+class _Input:
+    """An item read for prediction: its padded low-res image on the grid of the integer
+    reduction ``grid.reduce`` and the real ``factor`` (level-0 px per model px) it is predicted at."""
+
+    image: np.ndarray
+    grid: TileGrid
+    factor: float
+    mpp: Optional[PixelSize]
+    scale_note: str
+    tissue_px: int  # level-0 pixels of tissue (the background test's saturation, per pixel)
+
+
+def _scale(slide, ckpt_mpp: Optional[float], reduce: int, override: float) -> Tuple[float, Optional[PixelSize], str]:
+    """``(factor, the slide's pixel size, how the scale was chosen)``: the checkpoints' physical
+    scale when both pixel sizes are known, else their reduction."""
+    mpp = resolve_mpp(slide, override, "TEST.MPP")
+    if mpp is not None and ckpt_mpp:
+        factor = ckpt_mpp / mpp.mpp
+        return factor, mpp, (f"{mpp.mpp:.4g} um/px ({mpp.source}), read at 1/{factor:.4g} for the checkpoints' "
+                             f"{ckpt_mpp:.4g} um/px")
+    if not ckpt_mpp:
+        why = "the checkpoints carry no pixel size"
+    else:
+        why = f"pixel size unknown ({slide.mpp_note}; TEST.MPP sets it)"
+        logger.warning("%s: %s: read at the checkpoints' reduction %d, whatever its scale", slide.path, why, reduce)
+    return float(reduce), mpp, f"read at the checkpoints' reduction {reduce} ({why})"
+
+
+def integer_reduction(factor: float) -> int:
+    """The integer reduction whose grid an item of real ``factor`` is read on: ``factor`` itself
+    when it is one (within 0.1 %), else the next integer below (then resized by the rest)."""
+    nearest = max(1, round(factor))
+    if abs(factor - nearest) <= 1e-3 * factor:
+        return nearest
+    return max(1, math.floor(factor))
+
+
+def _tissue_pixels(image: np.ndarray, grid: TileGrid, saturation_threshold: int, band: int = 512) -> int:
+    """Level-0 pixels of tissue: low-res pixels on the slide whose HSV saturation exceeds the
+    threshold (the tiler's per-pixel test), times ``reduce**2``; band by band (bounded memory)."""
+    y0, y1, x0, x1 = slide_box(grid, whole=False)
+    count = 0
+    for top in range(y0, y1, band):
+        part = np.ascontiguousarray(image[top:min(top + band, y1), x0:x1])
+        saturation = cv2.cvtColor(part, cv2.COLOR_RGB2HSV)[..., 1]
+        count += int(cv2.countNonZero((saturation > saturation_threshold).view(np.uint8)))
+    return count * grid.reduce ** 2
+
+
+def _read(opener, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: CN) -> _Input:
+    """Stage 1: open the item, choose its scale, read it as the padded low-res image."""
     with opener() as slide:
+        factor, mpp, note = _scale(slide, ckpt_mpp, reduce, cfg.TEST.MPP)
         height, width = slide.shape
-        grid = TileGrid(height, width, size, reduce)
-        return lowres_image(slide, grid), grid
+        grid = TileGrid(height, width, size, integer_reduction(factor))
+        image = lowres_image(slide, grid)
+    return _Input(image, grid, factor, mpp, note, _tissue_pixels(image, grid, cfg.TEST.S_TH))
 
 
-def _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, progress, helper,
-                 threshold: float) -> Dict[str, object]:
-    t = cfg.TEST
-    height, width, reduce, size = grid.height, grid.width, grid.reduce, grid.size
-    start = time.perf_counter()
-    prob, n_windows = predict_canvas(image, predict, size, t.OVERLAP, t.BLEND, t.IMS_PER_BATCH, t.S_TH, t.P_TH,
-                                     progress, box=slide_box(grid), helper=helper)
-    windows_s = time.perf_counter() - start
+def _predict(cfg: CN, item: _Input, predict, progress, helper) -> Tuple[np.ndarray, int]:
+    """Stage 2: the probability map on ``item.grid`` (0 off the slide) and the windows run.
+    At a real factor the image is resized to it, predicted, and the map resized back."""
+    t, grid, image = cfg.TEST, item.grid, item.image
+    size, box = grid.size, slide_box(grid)
+    options = dict(overlap=t.OVERLAP, blend=t.BLEND, batch_size=t.IMS_PER_BATCH, saturation_threshold=t.S_TH,
+                   pixel_threshold=t.P_TH, progress=progress, helper=helper)
+    if item.factor == grid.reduce:
+        prob, n_windows = predict_canvas(image, predict, size, box=box, **options)
+    else:
+        h, w = image.shape[:2]
+        scale = grid.reduce / item.factor
+        sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+        small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        y0, y1, x0, x1 = box
+        small_box = (math.ceil(y0 * sh / h), max(math.ceil(y0 * sh / h) + 1, math.floor(y1 * sh / h)),
+                     math.ceil(x0 * sw / w), max(math.ceil(x0 * sw / w) + 1, math.floor(x1 * sw / w)))
+        small_prob, n_windows = predict_canvas(small, predict, size, box=small_box, **options)
+        del small
+        prob = cv2.resize(small_prob, (w, h), interpolation=cv2.INTER_LINEAR)
     y0, y1, x0, x1 = slide_box(grid, whole=False)  # nothing is predicted off the slide
     prob[:y0] = 0
     prob[y1:] = 0
     prob[:, :x0] = 0
     prob[:, x1:] = 0
+    return prob, n_windows
+
+
+def _final_mask(cfg: CN, grid: TileGrid, prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Stage 3a: the low-res mask; objects under ``TEST.MIN_AREA`` are removed from it and
+    from ``prob`` (in place), so they stay out of the upsampled mask too."""
     mask = threshold_mask(prob, threshold)
-    if t.MIN_AREA > 0:
-        kept = remove_small_objects(mask, int(round(t.MIN_AREA / reduce**2)))
-        prob[mask > kept] = 0  # removed objects stay out of the upsampled map too
+    if cfg.TEST.MIN_AREA > 0:
+        kept = remove_small_objects(mask, int(round(cfg.TEST.MIN_AREA / grid.reduce**2)))
+        prob[mask > kept] = 0
         mask = kept
-    exports = helper.submit(_export, slide_id, image, mask, grid, truth_rle, out_dir)  # while the RLE is encoded
+    return mask
+
+
+def _postprocess(cfg: CN, item: _Input, prob: np.ndarray, threshold: float):
+    """Stage 3b: the full-resolution runs of the mask and its measured objects (with
+    ``TEST.MEASURE``; else None)."""
+    grid = item.grid
+    runs = prob_to_runs(prob, grid, threshold, cfg.TEST.UPSAMPLE)
+    objects = None
+    if cfg.TEST.MEASURE:
+        objects = find_objects(runs, (grid.height, grid.width), prob, (grid.pad_top, grid.pad_left), grid.reduce,
+                               simplify=max(1.0, grid.reduce / 2.0))
+    return runs, objects
+
+
+def slide_summary(n_objects: int, areas_px, tissue_px: int, mpp: Optional[float]) -> Dict[str, object]:
+    """What a pathologist reads off a slide: object count, tissue area (mm2), objects per mm2
+    of tissue, median object area (um2; px when the pixel size is unknown)."""
+    median = float(np.median(areas_px)) if len(areas_px) else None
+    summary = {"objects": int(n_objects), "tissue_px": int(tissue_px), "median_area_px": median,
+               "mpp": mpp, "tissue_mm2": None, "objects_per_mm2": None, "median_area_um2": None}
+    if mpp:
+        tissue_mm2 = tissue_px * mpp * mpp / 1e6
+        summary.update(tissue_mm2=round(tissue_mm2, 4),
+                       objects_per_mm2=round(n_objects / tissue_mm2, 4) if tissue_mm2 > 0 else None,
+                       median_area_um2=None if median is None else round(median * mpp * mpp, 2))
+    return summary
+
+
+def _geojson(slide_id: str, objects: Objects, rows: List[Dict[str, object]]) -> Dict[str, object]:
+    """The objects as QuPath annotations, each with its measurements (QuPath's
+    ``measurements`` map: they show in its measurement table)."""
+    collection = polygons_geojson(objects.polygons)
+    for feature, row in zip(collection["features"], rows):
+        feature["properties"]["name"] = f"{slide_id} #{row['object']}"
+        feature["properties"]["measurements"] = {
+            name: row[key] for name, key in GEOJSON_MEASUREMENTS if row[key] != ""
+        }
+    return collection
+
+
+# QuPath measurement names of the objects.csv columns.
+GEOJSON_MEASUREMENTS = (("Object", "object"), ("Centroid X px", "x"), ("Centroid Y px", "y"),
+                        ("Centroid X um", "x_um"), ("Centroid Y um", "y_um"), ("Area px", "area_px"),
+                        ("Area um^2", "area_um2"), ("Equivalent diameter um", "diameter_um"),
+                        ("Perimeter um", "perimeter_um"), ("Circularity", "circularity"),
+                        ("Mean probability", "mean_prob"))
+
+
+def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progress, helper,
+                 threshold: float) -> Dict[str, object]:
+    """Stages 2-4 for one item; returns its record."""
+    grid = item.grid
+    start = time.perf_counter()
+    prob, n_windows = _predict(cfg, item, predict, progress, helper)
+    windows_s = time.perf_counter() - start
+    mask = _final_mask(cfg, grid, prob, threshold)
+    # the pictures are drawn while the RLE is encoded (and the objects measured)
+    pictures = helper.submit(_pictures, slide_id, item.image, mask, grid, truth_rle, out_dir, not cfg.TEST.MEASURE)
     try:
-        rle, area = prob_to_rle(prob, grid, threshold, t.UPSAMPLE)
+        runs, objects = _postprocess(cfg, item, prob, threshold)
         del prob
     finally:
-        wait([exports])  # the pictures are finished (or failed) before anything else happens
-    n_objects = exports.result()
-    return {"id": slide_id, "predicted": rle, "area": area,
-            "objects": n_objects, "windows": n_windows, "shape": [height, width],
-            "seconds": {"windows": round(windows_s, 3), "outputs": round(time.perf_counter() - start - windows_s, 3)}}
+        wait([pictures])  # the pictures are finished (or failed) before anything else happens
+    n_lowres = pictures.result()
+    mpp = item.mpp.mpp if item.mpp else None
+    record = {"id": slide_id, "predicted": runs_to_rle(runs), "area": rle_area(runs), "windows": n_windows,
+              "shape": [grid.height, grid.width], "factor": round(item.factor, 6), "scale": item.scale_note,
+              "mpp": mpp, "mpp_source": item.mpp.source if item.mpp else None}
+    if objects is not None:
+        rows = object_rows(slide_id, objects, mpp)
+        atomic_write_text(os.path.join(out_dir, "predictions", f"{slide_id}.geojson"),
+                          json.dumps(_geojson(slide_id, objects, rows)))
+        record["objects"] = len(objects)
+        record["object_table"] = [[row[c] for c in OBJECT_COLUMNS] for row in rows]
+        record["summary"] = slide_summary(len(objects), objects.area, item.tissue_px, mpp)
+    else:
+        record["objects"] = n_lowres
+        record["summary"] = slide_summary(n_lowres, [], item.tissue_px, mpp)
+    record["seconds"] = {"windows": round(windows_s, 3), "outputs": round(time.perf_counter() - start - windows_s, 3)}
+    return record
 
 
-def _export(slide_id, image, mask, grid, truth_rle, out_dir) -> int:
-    """``predictions/<id>.geojson``, ``_mask.png`` and ``_overlay.png`` (with the true contours
-    when ``truth_rle`` is given); returns the number of objects (8-connected, at model scale)."""
+def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, geojson: bool) -> int:
+    """Stage 4 (pictures): ``predictions/<id>_mask.png`` and ``_overlay.png`` (with the true
+    contours when ``truth_rle`` is given) and, when ``geojson`` (no measurements), the GeoJSON of
+    the low-res mask; returns the number of objects of the low-res mask (8-connected)."""
     height, width = grid.height, grid.width
     truth_lr = None
     if truth_rle is not None:  # for the overlay; the Dice is computed when the outputs are assembled
@@ -200,9 +365,10 @@ def _export(slide_id, image, mask, grid, truth_rle, out_dir) -> int:
         truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
     pictures = os.path.join(out_dir, "predictions")
     os.makedirs(pictures, exist_ok=True)
-    polygons = mask_polygons(mask, scale=grid.reduce, offset=(grid.pad_left, grid.pad_top),
-                             clip=(float(width), float(height)))
-    atomic_write_text(os.path.join(pictures, f"{slide_id}.geojson"), json.dumps(polygons_geojson(polygons)))
+    if geojson:
+        polygons = mask_polygons(mask, scale=grid.reduce, offset=(grid.pad_left, grid.pad_top),
+                                 clip=(float(width), float(height)))
+        atomic_write_text(os.path.join(pictures, f"{slide_id}.geojson"), json.dumps(polygons_geojson(polygons)))
     y0, y1, x0, x1 = slide_box(grid)  # the pictures show the slide, not the grid's padding
     crop = (slice(y0, y1), slice(x0, x1))
     _write_png(os.path.join(pictures, f"{slide_id}_mask.png"), mask[crop] * 255)
@@ -213,12 +379,15 @@ def _export(slide_id, image, mask, grid, truth_rle, out_dir) -> int:
 
 
 def _score(record: Dict[str, object], truth_rle: str) -> Dict[str, object]:
-    """Dice of a prediction record against the true RLE, from the runs (no masks)."""
+    """Dice and object-level counts of a prediction record against the true RLE, from the
+    runs (no masks)."""
     shape = tuple(record["shape"])
     pred_runs = parse_rle(record["predicted"], shape, record["id"])
     true_runs = parse_rle(truth_rle, shape, record["id"])
     inter, total = runs_intersection(pred_runs, true_runs), rle_area(pred_runs) + rle_area(true_runs)
-    return {"id": record["id"], "dice": dice_from_counts(inter, total), "intersection": inter, "total": total}
+    counts = match_objects(pred_runs, true_runs, shape[0])
+    return {"id": record["id"], "dice": dice_from_counts(inter, total), "intersection": inter, "total": total,
+            "counts": counts, **object_scores([counts]), "count_error": counts["predicted"] - counts["true"]}
 
 
 def _release_freed_memory() -> None:
@@ -264,7 +433,7 @@ def _settings(cfg: CN, paths: List[str], reduce: int, size: int, threshold: floa
     t = cfg.TEST
     return {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
             "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": threshold, "min_area": t.MIN_AREA,
-            "upsample": t.UPSAMPLE, "s_th": t.S_TH, "p_th": t.P_TH}
+            "upsample": t.UPSAMPLE, "s_th": t.S_TH, "p_th": t.P_TH, "mpp": t.MPP, "measure": t.MEASURE}
 
 
 def _finished(record_path: str, settings: Dict[str, object], source: str):
@@ -275,6 +444,64 @@ def _finished(record_path: str, settings: Dict[str, object], source: str):
     if record.get("settings") == settings and record.get("source") == os.path.abspath(source):
         return record
     return None
+
+
+def _check_items(cfg: CN, items, shapes: Dict[str, tuple]) -> None:
+    """Check every item before spending time on any: slides open, their pixel sizes are
+    possible, their labels parse (pairs: the pixel size from the image header)."""
+    t = cfg.TEST
+    for slide_id, path, opener, truth in items:
+        if slide_id in shapes:
+            continue
+        if t.PAIRS_FOLDER:
+            if not t.MPP and not path.lower().endswith(SLIDE_EXTENSIONS):
+                found, _ = image_pixel_size(path)
+                if found is not None:
+                    check_mpp(found.mpp, f"{path} ({found.source}; set TEST.MPP to override)")
+            continue
+        with opener() as slide:
+            shape = slide.shape
+            resolve_mpp(slide, t.MPP, "TEST.MPP")
+        truth_rle = truth()
+        if truth_rle is not None:
+            parse_rle(truth_rle, shape, slide_id)
+
+
+def _checkpoint_mpp(ckpts: List[Dict[str, object]], paths: List[str]) -> Optional[float]:
+    """The pixel size (um/px) of the checkpoints' tiles, when they all record it."""
+    values = [c["input"].get("mpp") for c in ckpts]
+    if not all(values):
+        if any(values):
+            logger.warning("Some checkpoints carry no pixel size: the ensemble reads at its reduction")
+        else:
+            logger.warning("The checkpoints carry no pixel size (trained before it was recorded, or on slides "
+                           "without one): every item is read at their reduction %d, whatever its scale",
+                           int(ckpts[0]["input"]["reduce"]))
+        return None
+    if max(values) > min(values) * 1.01:
+        raise CheckpointError(f"{paths[int(np.argmax(values))]}: tiles of {max(values):g} um/px, but "
+                              f"{paths[int(np.argmin(values))]} has {min(values):g}: checkpoints of one ensemble "
+                              "must share their scale")
+    return float(np.mean(values))
+
+
+def _log_item(record: Dict[str, object], score: Optional[Dict[str, object]]) -> None:
+    summary = record["summary"]
+    parts = [f"{record['objects']} objects"]
+    if summary.get("tissue_mm2") is not None:
+        parts.append(f"{summary['tissue_mm2']:.2f} mm2 of tissue")
+        if summary.get("objects_per_mm2") is not None:
+            parts.append(f"{summary['objects_per_mm2']:.2f} per mm2")
+    if summary.get("median_area_um2") is not None:
+        parts.append(f"median area {summary['median_area_um2']:.0f} um2")
+    elif summary.get("median_area_px") is not None:
+        parts.append(f"median area {summary['median_area_px']:.0f} px")
+    parts.append(f"{record['windows']} windows ({record['seconds']['windows']:.1f} s; outputs "
+                 f"{record['seconds']['outputs']:.1f} s)")
+    if score:
+        parts.append(f"Dice {score['dice']:.4f}, objects F1 {score['object_f1']:.3f} "
+                     f"({score['counts']['matched']} of {score['counts']['true']} true found)")
+    logger.info("%s: %s", record["id"], ", ".join(parts))
 
 
 def predict_slides(cfg: CN) -> Dict[str, object]:
@@ -288,6 +515,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     items = _items(cfg)
     ckpts, paths = load_checkpoints(t.MODEL_WEIGHTS_FOLDER)
     reduce, size = int(ckpts[0]["input"]["reduce"]), int(t.SIZE)
+    ckpt_mpp = _checkpoint_mpp(ckpts, paths)
     threshold, threshold_source = ensemble_threshold(t.TH, ckpts)
     logger.info("Threshold %.3f: %s", threshold, threshold_source)
     settings = _settings(cfg, paths, reduce, size, threshold)
@@ -305,26 +533,19 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     for slide_id, _, _, _ in mine:
         if slide_id in shapes:
             logger.info("%s: predicted earlier, skipped", slide_id)
-    if not t.PAIRS_FOLDER:  # check every slide and label before spending time on any
-        for slide_id, path, opener, truth in items:
-            shape = shapes.get(slide_id)
-            if shape is None:
-                with opener() as slide:
-                    shape = slide.shape
-            truth_rle = truth()
-            if truth_rle is not None:
-                parse_rle(truth_rle, shape, slide_id)
+    _check_items(cfg, items, shapes)
     os.makedirs(state, exist_ok=True)
-    logger.info("Predicting %d %s (%d done earlier%s) with %d checkpoint(s) at reduction %d, %d px windows, "
+    scale = f"{ckpt_mpp:.4g} um/px (reduction {reduce} in training)" if ckpt_mpp else f"reduction {reduce}"
+    logger.info("Predicting %d %s (%d done earlier%s) with %d checkpoint(s) at %s, %d px windows, "
                 "overlap %.2f, threshold %.2f on %s", len(todo), kind, len(mine) - len(todo),
-                f", rank {rank}/{world}" if world > 1 else "", len(ckpts), reduce, size, t.OVERLAP, threshold, device)
+                f", rank {rank}/{world}" if world > 1 else "", len(ckpts), scale, size, t.OVERLAP, threshold, device)
     fresh = {}  # the scores of the items predicted in this run, with this run's labels
     # one reader thread and one blending helper for the whole run (threads made per slide
     # would each leave a malloc arena behind: +85 MB peak over 3 slides, measured)
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as helper:
         # Slide reading (C code, outside the GIL) overlaps building the models, then each next
         # slide is read while the current one is predicted.
-        queue = [reader.submit(_read, item[2], size, reduce) for item in todo[:1]]
+        queue = [reader.submit(_read, item[2], size, ckpt_mpp, reduce, cfg) for item in todo[:1]]
         models = [_build(ckpt, path, device) for ckpt, path in zip(ckpts, paths)] if todo else []
         predict = torch_predictor(models, [c["input"]["mean"] for c in ckpts], [c["input"]["std"] for c in ckpts],
                                   device, tta=t.TTA)
@@ -332,21 +553,20 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         bar = tqdm(total=0, unit="window", dynamic_ncols=True, leave=False, position=rank)
         try:
             for n, (slide_id, path, _, truth) in enumerate(todo):
-                image, grid = queue.pop(0).result()
+                item = queue.pop(0).result()
                 if n + 1 < len(todo):
-                    queue.append(reader.submit(_read, todo[n + 1][2], size, reduce))
+                    queue.append(reader.submit(_read, todo[n + 1][2], size, ckpt_mpp, reduce, cfg))
                 bar.set_description(f"[{n + 1}/{len(todo)}] {slide_id}")
+                logger.info("%s: %s", slide_id, item.scale_note)
                 truth_rle = truth()
-                record = _predict_one(cfg, slide_id, image, grid, truth_rle, predict, out_dir, bar, helper, threshold)
-                del image
+                record = _predict_one(cfg, slide_id, item, truth_rle, predict, out_dir, bar, helper, threshold)
+                del item
                 _release_freed_memory()
                 record["settings"] = settings
                 record["source"] = os.path.abspath(path)
                 atomic_write_json(os.path.join(state, f"{slide_id}.json"), record)
                 fresh[slide_id] = _score(record, truth_rle) if truth_rle is not None else None
-                logger.info("%s: %d objects, %d windows (%.1f s; RLE, GeoJSON and pictures %.1f s)%s", slide_id,
-                            record["objects"], record["windows"], record["seconds"]["windows"],
-                            record["seconds"]["outputs"], f", Dice {fresh[slide_id]['dice']:.4f}" if fresh[slide_id] else "")
+                _log_item(record, fresh[slide_id])
         finally:
             bar.close()
             for future in queue:
@@ -373,25 +593,49 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     return _write_outputs(records, scores, csv_path, out_dir, start, cfg, (threshold, threshold_source))
 
 
+DICE_COLUMNS = ["id", "dice", "true_objects", "predicted_objects", "matched_objects", "object_precision",
+                "object_recall", "object_f1", "count_error"]
+
+
 def _write_outputs(records: List[Dict[str, object]], scored: List[Dict[str, object]], csv_path: str, out_dir: str,
                    start: float, cfg: CN, threshold: Tuple[float, str]) -> Dict[str, object]:
-    """The CSV (atomically), and with labels dice.csv and metrics.json, then the config that
-    made them (so a failed run leaves the earlier outputs and their config as they were)."""
-    atomic_write_text(csv_path, "id,predicted\n" + "".join(f"{r['id']},{r['predicted']}\n" for r in records))
+    """The CSV (atomically), objects.csv, with labels dice.csv, then metrics.json and the
+    config that made them (so a failed run leaves the earlier outputs and their config as they
+    were). Every CSV goes through the csv module."""
+    atomic_write_csv(csv_path, ["id", "predicted"], ([r["id"], r["predicted"]] for r in records))
     summary = {"slides": len(records), "seconds": round(time.time() - start, 1), "csv": csv_path,
                "objects": int(sum(r["objects"] for r in records)),
-               "threshold": threshold[0], "threshold_source": threshold[1]}
+               "threshold": threshold[0], "threshold_source": threshold[1],
+               "per_slide": {r["id"]: {**r.get("summary", {}), "mpp_source": r.get("mpp_source"),
+                                       "factor": r.get("factor")} for r in records}}
+    if cfg.TEST.MEASURE:
+        objects_csv = os.path.join(out_dir, "objects.csv")
+        atomic_write_csv(objects_csv, OBJECT_COLUMNS, (row for r in records for row in r.get("object_table", [])))
+        summary["objects_csv"] = objects_csv
     if scored:
         inter = sum(r["intersection"] for r in scored)
         total = sum(r["total"] for r in scored)
+        pooled = object_scores([r["counts"] for r in scored])
         summary.update(overall_dice=dice_from_counts(inter, total),
-                       mean_dice=float(np.mean([r["dice"] for r in scored])), scored=len(scored))
-        atomic_write_text(os.path.join(out_dir, "dice.csv"),
-                          "id,dice\n" + "".join(f"{r['id']},{r['dice']:.6f}\n" for r in scored))
-        atomic_write_json(os.path.join(out_dir, "metrics.json"), summary)
+                       mean_dice=float(np.mean([r["dice"] for r in scored])), scored=len(scored), **pooled,
+                       true_objects=int(sum(r["counts"]["true"] for r in scored)),
+                       matched_objects=int(sum(r["counts"]["matched"] for r in scored)))
+        for r in scored:
+            summary["per_slide"][r["id"]].update(
+                dice=r["dice"], true_objects=r["counts"]["true"], matched_objects=r["counts"]["matched"],
+                object_f1=r["object_f1"], count_error=r["count_error"])
+        atomic_write_csv(os.path.join(out_dir, "dice.csv"), DICE_COLUMNS, (
+            [r["id"], f"{r['dice']:.6f}", r["counts"]["true"], r["counts"]["predicted"], r["counts"]["matched"],
+             f"{r['object_precision']:.4f}", f"{r['object_recall']:.4f}", f"{r['object_f1']:.4f}", r["count_error"]]
+            for r in scored))
         logger.info("Dice: overall %.4f, mean per image/slide %.4f (%d scored) -> %s", summary["overall_dice"],
                     summary["mean_dice"], len(scored), os.path.join(out_dir, "dice.csv"))
+        logger.info("Objects (IoU >= 0.5): precision %.3f, recall %.3f, F1 %.3f (%d of %d true objects found)",
+                    pooled["object_precision"], pooled["object_recall"], pooled["object_f1"],
+                    summary["matched_objects"], summary["true_objects"])
+    atomic_write_json(os.path.join(out_dir, "metrics.json"), summary)
     atomic_write_text(os.path.join(out_dir, "config_test.yaml"), cfg.dump())
-    logger.info("Done in %.1f s: %d images/slides, %d objects -> %s (GeoJSON, masks and overlays in %s)",
-                summary["seconds"], len(records), summary["objects"], csv_path, os.path.join(out_dir, "predictions"))
+    logger.info("Done in %.1f s: %d images/slides, %d objects -> %s (objects.csv, metrics.json; GeoJSON, masks "
+                "and overlays in %s)", summary["seconds"], len(records), summary["objects"], csv_path,
+                os.path.join(out_dir, "predictions"))
     return summary

@@ -47,7 +47,7 @@ from data.transforms import build_histology_transform, build_train_transform
 from model.build import build_model, check_architecture, model_spec, param_groups, resolve_device
 from model.checkpoint import load_weights_file, save_checkpoint
 from utils.distributed import is_main, world_size
-from utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, dice_from_counts
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
@@ -212,12 +212,12 @@ def _callbacks(cfg: CN, label: str, fold_dir: str, start_epoch: int, append: boo
                 rows = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < start_epoch]
             if not rows:
                 rows = [list(self.recorder.metric_names)]
-            atomic_write_text(path, "".join(",".join(r) + "\n" for r in rows))
-            self.file = open(path, "a")
+            atomic_write_csv(path, rows[0], rows[1:])
+            self.file = open(path, "a", newline="")
 
         def after_epoch(self):
             if self.file is not None and self.epoch >= start_epoch:
-                self.file.write(",".join(str(t) for t in self.recorder.log) + "\n")
+                csv.writer(self.file, lineterminator="\n").writerow([str(t) for t in self.recorder.log])
                 self.file.flush()
 
         def after_fit(self):
@@ -652,7 +652,8 @@ def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
     cfg = fold.cfg
     info = {
         "model": model_spec(cfg),
-        "input": {"size": cfg.INPUT.SIZE_TRAIN, "reduce": cfg.INPUT.SIZE_REDUCTION_TRAIN, "mean": mean, "std": std},
+        "input": {"size": cfg.INPUT.SIZE_TRAIN, "reduce": cfg.INPUT.SIZE_REDUCTION_TRAIN, "mean": mean, "std": std,
+                  "mpp": fold.tiles.mpp},
         "fold": -1 if fold.fold == ALL else int(fold.fold),
         "n_folds": int(cfg.SOLVER.N_FOLDS),
         "loss": cfg.SOLVER.LOSS_FUNCTION_NAME,
@@ -674,8 +675,8 @@ def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
                "train_tiles": len(fold.train_names), "valid_ids": fold.valid_ids,
                "dice_at_0.5": table.get(0.5, float("nan"))}
     save_checkpoint(fold.checkpoint, model, {**info, "threshold": float(threshold), "metrics": metrics})
-    atomic_write_text(os.path.join(fold.dir, "thresholds.csv"),
-                      "threshold,dice\n" + "".join(f"{t:.2f},{d:.6f}\n" for t, d in table.items()))
+    atomic_write_csv(os.path.join(fold.dir, "thresholds.csv"), ["threshold", "dice"],
+                     ([f"{t:.2f}", f"{d:.6f}"] for t, d in table.items()))
     plot_thresholds(table, os.path.join(fold.dir, "thresholds.png"), f"{fold.label.lower()}:")
     plot_triplets(_triplets(valid_ds, per_tile, threshold), os.path.join(fold.dir, "triplets.png"),
                   f"{fold.label.lower()}, threshold {threshold:.2f}")
@@ -793,6 +794,9 @@ def train(cfg: CN) -> Dict[str, object]:
                 len(tiles.names), len(set(tiles.groups)), folds, " + a final model on all" if cfg.SOLVER.FINAL_MODEL
                 else "", views, cfg.SOLVER.MAX_EPOCHS, cfg.INPUT.AUGMENTATION, cfg.SOLVER.AVERAGE, cfg.SOLVER.SAVE,
                 [round(v, 4) for v in mean], [round(v, 4) for v in std])
+    logger.info("Tiles of %s: recorded in the checkpoints, so test_net reads every slide at this physical scale",
+                f"{tiles.mpp:.4g} um/px" if tiles.mpp else "unknown pixel size (the tiler knew none); test_net will "
+                "read slides at the reduction alone")
     results = []
     for run in runs:
         if run.fold == ALL:
@@ -817,8 +821,8 @@ def train(cfg: CN) -> Dict[str, object]:
         "oof_threshold": best_th,
         "oof_dice_at_0.5": oof.get(0.5),
     }
-    atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "oof_thresholds.csv"),
-                      "threshold,dice\n" + "".join(f"{t:.2f},{d:.6f}\n" for t, d in oof.items()))
+    atomic_write_csv(os.path.join(cfg.OUTPUT_DIR, "oof_thresholds.csv"), ["threshold", "dice"],
+                     ([f"{t:.2f}", f"{d:.6f}"] for t, d in oof.items()))
     logger.info("Out-of-fold Dice %.4f at threshold %.2f (%.4f at 0.50); mean fold Dice %.4f", summary["oof_dice"],
                 best_th, oof.get(0.5, float("nan")), summary["mean_fold_dice"])
     if cfg.SOLVER.FINAL_MODEL:

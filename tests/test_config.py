@@ -20,12 +20,11 @@ def test_defaults_are_the_originals():
     assert cfg.TEST.TH < 0  # the thresholds the checkpoints learned (0.45, the original's, when they carry none)
     for section, keys in {
         "MODEL": "ARCHITECTURE ENCODER_NAME ENCODER_WEIGHTS DEVICE NUM_CLASSES SEED",
-        "INPUT": "SIZE_TRAIN SIZE_REDUCTION_TRAIN SATURATION_THRESHOLD PIXEL_THRESHOLD SIZE_TEST "
-                 "SIZE_REDUCTION_TEST PROB PIXEL_MEAN PIXEL_STD",
+        "INPUT": "SIZE_TRAIN SIZE_REDUCTION_TRAIN SATURATION_THRESHOLD PIXEL_THRESHOLD PROB PIXEL_MEAN PIXEL_STD",
         "DATASETS": "WSI_FOLDER TRAIN_FOLDER LABELS_CSV FORMAT PAIRS_FOLDER",
         "DATALOADER": "NUM_WORKERS",
         "SOLVER": "LOSS_FUNCTION_NAME MAX_EPOCHS N_FOLDS BASE_LR_MIN BASE_LR_MAX IMS_PER_BATCH",
-        "TEST": "IMS_PER_BATCH MODEL_WEIGHTS_FOLDER SIZE REDUCE TH S_TH P_TH WSI_FOLDER",
+        "TEST": "IMS_PER_BATCH MODEL_WEIGHTS_FOLDER SIZE TH S_TH P_TH WSI_FOLDER",
     }.items():
         for key in keys.split():
             assert key in cfg[section], f"{section}.{key} missing"
@@ -72,7 +71,15 @@ def test_yaml_base_and_opts_merge(tmp_path):
         ("INPUT:\n  SIZE_TRAIN: 2.5\n", "INPUT.SIZE_TRAIN must be an integer"),
         ("OVERWRITE: 1\n", "OVERWRITE must be true or false"),
         ("INPUT: 3\n", "INPUT is a section"),
-        ("INPUT:\n  SIZE_TRAIN: 0\n", "INPUT.SIZE_TRAIN must be > 0"),
+        ("INPUT:\n  SIZE_TRAIN: 0\n", "bad.yaml: INPUT.SIZE_TRAIN must be > 0"),
+        ("TEST:\n  MPP: -0.5\n", "bad.yaml: TEST.MPP must be 0 (from the metadata) or a pixel size > 0"),
+        ("DATASETS:\n  MPP: 250\n", "bad.yaml: DATASETS.MPP must be 0 (from the metadata) or a pixel size > 0"),
+        ("INPUT:\n  MPP_TRAIN: -1\n", "bad.yaml: INPUT.MPP_TRAIN must be 0"),
+        # the keys the original toolkit had but never used: an error that says what replaced them
+        ("INPUT:\n  SIZE_TEST: 512\n", "INPUT.SIZE_TEST was removed: the sliding window's side is TEST.SIZE"),
+        ("INPUT:\n  SIZE_REDUCTION_TEST: 4\n", "INPUT.SIZE_REDUCTION_TEST was removed: test_net reads at the "
+                                                "checkpoints' scale"),
+        ("TEST:\n  REDUCE: 4\n", "TEST.REDUCE was removed"),
         ("TEST:\n  TH: 1.5\n", "TEST.TH must be within 0..1"),
         ("DATASETS:\n  FORMAT: csv\n", "DATASETS.FORMAT must be one of"),
         ("INPUT:\n  PIXEL_MEAN: [0.1, 0.2]\n", "INPUT.PIXEL_MEAN must be empty or have 3 values"),
@@ -104,6 +111,7 @@ def test_bad_yaml_is_refused_with_key_and_file(tmp_path, yaml_text, needle):
         (["INPUT.SIZE_TRAIN"], "has no value"),
         (["INPUT.SIZE_TRAIN", "abc"], "INPUT.SIZE_TRAIN must be an integer"),
         (["INPUT", "1"], "INPUT is a section"),
+        (["TEST.REDUCE", "8"], "command line: TEST.REDUCE was removed"),
     ],
 )
 def test_bad_opts_are_refused(opts, needle):
@@ -111,6 +119,16 @@ def test_bad_opts_are_refused(opts, needle):
     with pytest.raises(ConfigError) as info:
         merge_opts(cfg, opts)
     assert needle in str(info.value)
+
+
+def test_impossible_value_names_its_source(tmp_path):
+    """A value that merges but is impossible names where it was set: the file, or the command line."""
+    (tmp_path / "base.yaml").write_text("INPUT:\n  SIZE_TRAIN: 0\n")
+    (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\nSOLVER:\n  MAX_EPOCHS: 3\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: INPUT.SIZE_TRAIN must be > 0, got 0"):
+        load_cfg(str(tmp_path / "child.yaml"))
+    with pytest.raises(ConfigError, match=r"^command line: TEST.MPP must be 0"):
+        load_cfg(None, ["TEST.MPP", "0"] + ["TEST.MPP", "101"])
 
 
 def test_missing_config_file_is_named(tmp_path):

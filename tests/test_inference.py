@@ -1,4 +1,5 @@
 """Sliding-window inference: blending, the exact round trip, evaluation, test_net.py."""
+import csv
 import json
 import os
 import re
@@ -312,9 +313,23 @@ def test_test_net_end_to_end_resume_and_mismatch(tmp_path):
     metrics = json.load(open(out / "metrics.json"))
     expected = 2 * (cmu & truth).sum() / (cmu.sum() + truth.sum())
     assert abs(metrics["overall_dice"] - expected) < 1e-9
-    assert (out / "dice.csv").read_text().startswith("id,dice\ncmu,")
+    assert (out / "dice.csv").read_text().startswith("id,dice,true_objects,predicted_objects,matched_objects,")
     geo = json.load(open(out / "predictions" / "cmu.geojson"))
     assert geo["type"] == "FeatureCollection"
+    # objects.csv: the objects are the RLE's 8-connected components; their areas sum to its area
+    import cv2
+
+    table = list(csv.DictReader(open(out / "objects.csv", newline="")))
+    cmu_rows = [r for r in table if r["id"] == "cmu"]
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(cmu.astype(np.uint8), connectivity=8)
+    assert len(cmu_rows) == n - 1 == metrics["per_slide"]["cmu"]["objects"]
+    assert sum(int(r["area_px"]) for r in cmu_rows) == int(cmu.sum())
+    assert sorted(int(r["area_px"]) for r in cmu_rows) == sorted(stats[1:, cv2.CC_STAT_AREA].tolist())
+    assert all(abs(float(r["area_um2"]) - int(r["area_px"]) * 0.499**2) < 0.01 for r in cmu_rows)  # SVS MPP
+    assert all(r["area_um2"] == "" for r in table if r["id"] == "kidney")  # no pixel size in that TIFF
+    assert len(geo["features"]) == len(cmu_rows)
+    first = geo["features"][0]["properties"]["measurements"]
+    assert first["Area px"] == int(cmu_rows[0]["area_px"]) and first["Area um^2"] == float(cmu_rows[0]["area_um2"])
     for name in ("cmu_mask.png", "cmu_overlay.png", "kidney_mask.png", "kidney_overlay.png"):
         assert (out / "predictions" / name).stat().st_size > 0
     before = (out / "submission.csv").read_bytes()

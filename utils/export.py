@@ -10,7 +10,7 @@ __all__ = ["mask_polygons", "polygons_geojson"]
 
 
 def mask_polygons(mask: np.ndarray, scale: float = 1.0, offset=(0.0, 0.0),
-                  clip=None) -> List[List[List[List[float]]]]:
+                  clip=None, simplify: float = 0.0) -> List[List[List[List[float]]]]:
     """Polygons (outer ring, then holes) tracing the pixel *edges* of a 0/1 mask.
 
     Each pixel becomes a 3x3 block of a doubled grid whose even coordinates are the pixel
@@ -19,7 +19,8 @@ def mask_polygons(mask: np.ndarray, scale: float = 1.0, offset=(0.0, 0.0),
     ``(col * scale - offset[0], row * scale - offset[1])``: for a low-res mask of the tiler's
     padded grid, ``scale = reduce`` and ``offset = (pad_left, pad_top)`` give level-0 pixels.
     ``clip = (width, height)`` clamps the points into the image (e.g. the slide, when the
-    low-res grid's padding lies outside it). Rings are closed ``[x, y]`` lists, as GeoJSON wants.
+    low-res grid's padding lies outside it). ``simplify > 0`` drops the corners within that many
+    output units of the ring (Douglas-Peucker). Rings are closed ``[x, y]`` lists, as GeoJSON wants.
     """
     h, w = mask.shape
     grid = np.zeros((2 * h + 1, 2 * w + 1), np.uint8)
@@ -31,6 +32,9 @@ def mask_polygons(mask: np.ndarray, scale: float = 1.0, offset=(0.0, 0.0),
     hierarchy = hierarchy[0]
 
     def ring(contour) -> List[List[float]]:
+        if simplify > 0:
+            kept = cv2.approxPolyDP(contour, 2.0 * simplify / scale, True)
+            contour = kept if len(kept) >= 3 else contour
         pts = contour[:, 0, :].astype(np.float64) * (scale / 2.0) - np.asarray(offset, np.float64)
         if clip is not None:
             pts = np.clip(pts, 0.0, np.asarray(clip, np.float64))

@@ -1,12 +1,14 @@
 """Small file helpers: atomic writes, so an interrupted run never leaves a torn file."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterable, Sequence
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json", "csv_text", "atomic_write_csv"]
 
 
 def _umask() -> int:
@@ -46,3 +48,16 @@ def atomic_write_json(path: str, obj: Any) -> None:
 def read_json(path: str) -> Any:
     with open(path, "r", encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A CSV document (``csv`` module quoting: ids with commas, quotes or newlines survive)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def atomic_write_csv(path: str, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    atomic_write_text(path, csv_text(header, rows))

@@ -18,6 +18,10 @@ overlap 0.5, CPU with 2 threads. Measured in the same run:
   pays before it can run a model; test_net's time without it is printed against the floor too.
 
 ``--height 44066 --width 31299 --skip-baselines`` measures test_net alone on a larger slide.
+
+``--measure`` also runs test_net with ``TEST.MEASURE False`` (no objects.csv, no per-object
+measurements), alternating with the default runs, and prints the cost of the measurements: the
+ratio of the median times and of the peak RSS (target: within 5 %), with the objects measured.
 """
 from __future__ import annotations
 
@@ -50,6 +54,12 @@ def main(argv=None):
                         help="predict this many copies of the slide in one test_net run (start-up amortised); "
                              "the baselines are then counted that many times")
     parser.add_argument("--skip-baselines", action="store_true", help="only test_net (e.g. for the RSS of a larger slide)")
+    parser.add_argument("--model", choices=["random", "blobs"], default="random",
+                        help="random: an smp Unet-resnet18 with random weights (its output is noise around 0.5: "
+                             "thousands of specks, a stress case for the measurements); blobs: tests/blob_model.py's "
+                             "DarkBlobs, whose objects follow the tissue (a few hundred, as a trained model's)")
+    parser.add_argument("--measure", action="store_true",
+                        help="also time test_net without measurements (TEST.MEASURE False) and print the ratio")
     parser.add_argument("--layout", choices=["ellipse", "mosaic"], default="ellipse",
                         help="ellipse: tissue in a central ellipse (~57%% of the slide) on background, as on a "
                              "real slide; mosaic: tissue everywhere (nothing to skip)")
@@ -92,27 +102,47 @@ def main(argv=None):
             if not os.path.exists(link):
                 os.symlink(slide_path, link)
         wsi = copies
-    spec = {"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1}
-    torch.manual_seed(0)
-    model = build_model(spec).eval()
-    save_checkpoint(os.path.join(models, "unet.pth"), model, {
-        "model": spec, "input": {"size": args.size, "reduce": args.reduce, "mean": [0.8, 0.7, 0.8], "std": [0.15, 0.2, 0.12]},
-        "threshold": 0.5, "fold": 0, "metrics": {}})
+    for name in os.listdir(models):
+        os.remove(os.path.join(models, name))
+    script = [sys.executable, os.path.join(REPO, "test_net.py")]
+    if args.model == "blobs":
+        from tests.blob_model import DarkBlobs, save_blob_checkpoint
 
-    ours, windows = [], None
+        model, norm = DarkBlobs().eval(), ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+        save_blob_checkpoint(os.path.join(models, "blobs.pth"), size=args.size, reduce=args.reduce)
+        script = [sys.executable, "-m", "tests.blob_model", os.path.join(REPO, "test_net.py")]  # registers it
+    else:
+        spec = {"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1}
+        torch.manual_seed(0)
+        model, norm = build_model(spec).eval(), ([0.8, 0.7, 0.8], [0.15, 0.2, 0.12])
+        save_checkpoint(os.path.join(models, "unet.pth"), model, {
+            "model": spec, "input": {"size": args.size, "reduce": args.reduce, "mean": norm[0], "std": norm[1]},
+            "threshold": 0.5, "fold": 0, "metrics": {}})
+
+    ours, bare, windows, objects = [], [], None, None
     for _ in range(args.runs):
-        out = os.path.join(work, "out")
-        shutil.rmtree(out, ignore_errors=True)
-        ours.append(_measure([sys.executable, os.path.join(REPO, "test_net.py"), "TEST.WSI_FOLDER", wsi,
-                              "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.SIZE", str(args.size), "TEST.OVERLAP", "0.5",
-                              "OUTPUT_DIR", out], cwd=REPO))
-        record = json.load(open(glob.glob(os.path.join(out, ".predictions", "*.json"))[0]))
-        windows = record["windows"]
+        for measure in ([True, False] if args.measure else [True]):
+            out = os.path.join(work, "out")
+            shutil.rmtree(out, ignore_errors=True)
+            timing = _measure([*script, "TEST.WSI_FOLDER", wsi,
+                               "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.SIZE", str(args.size), "TEST.OVERLAP", "0.5",
+                               "TEST.MEASURE", str(measure), "OUTPUT_DIR", out], cwd=REPO)
+            (ours if measure else bare).append(timing)
+            record = json.load(open(glob.glob(os.path.join(out, ".predictions", "*.json"))[0]))
+            windows = record["windows"]
+            if measure:
+                objects = (record["objects"], record["area"])
     wall = statistics.median(w for w, _ in ours)
     rss = max(r for _, r in ours)
-    print(f"{args.copies} x slide {width} x {height} ({args.layout} layout), reduction {args.reduce}, tile {args.size}, overlap 0.5, CPU 2 threads, {args.runs} runs")
+    print(f"{args.copies} x slide {width} x {height} ({args.layout} layout), {args.model} model, reduction {args.reduce}, "
+          f"tile {args.size}, overlap 0.5, CPU 2 threads, {args.runs} runs")
     print(f"test_net:        {wall:6.2f} s (runs {', '.join(f'{w:.2f}' for w, _ in ours)}), peak RSS {rss:.0f} MB, "
-          f"{windows} windows evaluated per slide")
+          f"{windows} windows evaluated per slide; {objects[0]} objects measured ({objects[1]} px of foreground)")
+    if args.measure:
+        bare_wall, bare_rss = statistics.median(w for w, _ in bare), max(r for _, r in bare)
+        print(f"without measurements (TEST.MEASURE False): {bare_wall:6.2f} s (runs "
+              f"{', '.join(f'{w:.2f}' for w, _ in bare)}), peak RSS {bare_rss:.0f} MB")
+        print(f"measurements cost: time x{wall / bare_wall:.3f}, peak RSS x{rss / bare_rss:.3f} (target <= 1.05 each)")
     if args.skip_baselines:
         return 0
 
@@ -120,8 +150,8 @@ def main(argv=None):
         grid = TileGrid(height, width, args.size, args.reduce)
         image = lowres_image(slide, grid)
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-    mean = torch.tensor([0.8, 0.7, 0.8]).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.15, 0.2, 0.12]).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(norm[0]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(norm[1]).view(1, 3, 1, 1) * 255
     x = (x - mean) / std
     monai_times = []
     with torch.no_grad():
