@@ -41,8 +41,16 @@ def main(cfg, args):
         f" out-of-fold Dice {trained['oof_dice']:.3f}",
         f"  predictions:  {predicted['csv']}; pictures {os.path.join(out, 'predictions')}/*_overlay.png",
     ]
+    for slide_id, per in predicted.get("per_slide", {}).items():
+        density = (f" on {per['tissue_mm2']:.1f} mm2 of tissue ({per['objects_per_mm2']:.1f} per mm2), median "
+                   f"{per['median_area_um2']:.0f} um2" if per.get("objects_per_mm2") is not None
+                   and per.get("median_area_um2") is not None else "")
+        lines.append(f"  objects:      {slide_id}: {per['objects']} glomeruli{density} -> "
+                     f"{predicted.get('objects_csv', os.path.join(out, 'objects.csv'))}")
     if "overall_dice" in predicted:
-        lines.append(f"  held-out Dice {predicted['overall_dice']:.3f} -> {os.path.join(out, 'dice.csv')}, "
+        lines.append(f"  held-out Dice {predicted['overall_dice']:.3f}, objects found (IoU >= 0.5) "
+                     f"{predicted['matched_objects']} of {predicted['true_objects']} (F1 "
+                     f"{predicted['object_f1']:.3f}) -> {os.path.join(out, 'dice.csv')}, "
                      f"{os.path.join(out, 'metrics.json')}")
     logger.info("\n".join(lines))
     return predicted

@@ -11,6 +11,10 @@ the tiler's zero padding is expressed.
 
 Anything that is not a readable 8-bit RGB (or grayscale/RGBA) slide raises :class:`SlideError`
 with a message that names the file.
+
+Each slide also reports its pixel size (``Slide.pixel_size``: µm/px of level 0 and where it was
+read: SVS ``MPP``, OME-XML ``PhysicalSize``, Philips ``DICOM_PIXEL_SPACING``, TIFF/NDPI resolution
+tags), or None with ``Slide.mpp_note`` saying why; :func:`resolve_mpp` applies a config key over it.
 """
 from __future__ import annotations
 

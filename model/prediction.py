@@ -6,12 +6,18 @@ Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
     submission.csv                 id,predicted (full-resolution Kaggle RLE; "" = empty)
     predictions/<id>.geojson       QuPath annotations ("Glomerulus"), level-0 pixel coordinates
     predictions/<id>_mask.png      the predicted mask at the model's scale (1/reduce)
-    predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours
+    predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours, the
+                                   objects numbered as in objects.csv
     objects.csv                    one row per predicted object (TEST.MEASURE): centroid, area, equivalent
                                    diameter, perimeter, circularity, box, mean probability; um columns
                                    when the pixel size is known
     metrics.json                   per-slide summary (objects, tissue mm2, objects per mm2, median area),
                                    with labels the pooled Dice and object precision / recall / F1
+
+Stages per item: read (:func:`_read`: open, choose the scale, the padded low-res image, the tissue
+area), predict (:func:`_predict`: the probability map), post-process (:func:`_final_mask`,
+:func:`_postprocess`: the mask, the full-resolution runs, the measured objects), write
+(:func:`_pictures`, :func:`_write_item`: pictures, GeoJSON, the record).
 
 Scale: each item is read at the checkpoints' physical scale (their tiles' um/px over the item's
 pixel size from its metadata or TEST.MPP: any real factor, from the nearest pyramid level plus a
@@ -335,29 +341,41 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
         del prob
     finally:
         wait([pictures])  # the pictures are finished (or failed) before anything else happens
-    n_lowres = pictures.result()
-    mpp = item.mpp.mpp if item.mpp else None
-    record = {"id": slide_id, "predicted": runs_to_rle(runs), "area": rle_area(runs), "windows": n_windows,
-              "shape": [grid.height, grid.width], "factor": round(item.factor, 6), "scale": item.scale_note,
-              "mpp": mpp, "mpp_source": item.mpp.source if item.mpp else None}
-    if objects is not None:
-        rows = object_rows(slide_id, objects, mpp)
-        atomic_write_text(os.path.join(out_dir, "predictions", f"{slide_id}.geojson"),
-                          json.dumps(_geojson(slide_id, objects, rows)))
-        record["objects"] = len(objects)
-        record["object_table"] = [[row[c] for c in OBJECT_COLUMNS] for row in rows]
-        record["summary"] = slide_summary(len(objects), objects.area, item.tissue_px, mpp)
-    else:
-        record["objects"] = n_lowres
-        record["summary"] = slide_summary(n_lowres, [], item.tissue_px, mpp)
+    n_lowres, overlay = pictures.result()
+    record = _write_item(slide_id, item, runs, objects, overlay, n_lowres, n_windows, out_dir)
     record["seconds"] = {"windows": round(windows_s, 3), "outputs": round(time.perf_counter() - start - windows_s, 3)}
     return record
 
 
-def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, geojson: bool) -> int:
-    """Stage 4 (pictures): ``predictions/<id>_mask.png`` and ``_overlay.png`` (with the true
-    contours when ``truth_rle`` is given) and, when ``geojson`` (no measurements), the GeoJSON of
-    the low-res mask; returns the number of objects of the low-res mask (8-connected)."""
+def _write_item(slide_id, item: _Input, runs, objects: Optional[Objects], overlay, n_lowres: int, n_windows: int,
+                out_dir: str) -> Dict[str, object]:
+    """Stage 4: the GeoJSON with measurements and the numbered overlay (with ``objects``);
+    returns the item's record (RLE, scale, objects table, summary)."""
+    grid = item.grid
+    mpp = item.mpp.mpp if item.mpp else None
+    record = {"id": slide_id, "predicted": runs_to_rle(runs), "area": rle_area(runs), "windows": n_windows,
+              "shape": [grid.height, grid.width], "factor": round(item.factor, 6), "scale": item.scale_note,
+              "mpp": mpp, "mpp_source": item.mpp.source if item.mpp else None}
+    if objects is None:
+        record["objects"] = n_lowres
+        record["summary"] = slide_summary(n_lowres, [], item.tissue_px, mpp)
+        return record
+    rows = object_rows(slide_id, objects, mpp)
+    atomic_write_text(os.path.join(out_dir, "predictions", f"{slide_id}.geojson"),
+                      json.dumps(_geojson(slide_id, objects, rows)))
+    _write_png(os.path.join(out_dir, "predictions", f"{slide_id}_overlay.png"),
+               cv2.cvtColor(_number_objects(overlay, objects, grid), cv2.COLOR_RGB2BGR))
+    record["objects"] = len(objects)
+    record["object_table"] = [[row[c] for c in OBJECT_COLUMNS] for row in rows]
+    record["summary"] = slide_summary(len(objects), objects.area, item.tissue_px, mpp)
+    return record
+
+
+def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, geojson: bool):
+    """Stage 4 (pictures): ``predictions/<id>_mask.png`` and the overlay (with the true contours
+    when ``truth_rle`` is given) and, when ``geojson`` (no measurements), the GeoJSON of the
+    low-res mask and ``_overlay.png``. Returns the number of objects of the low-res mask
+    (8-connected) and, with measurements, the overlay to number (:func:`_number_objects`)."""
     height, width = grid.height, grid.width
     truth_lr = None
     if truth_rle is not None:  # for the overlay; the Dice is computed when the outputs are assembled
@@ -372,10 +390,30 @@ def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, geojson: bool) ->
     y0, y1, x0, x1 = slide_box(grid)  # the pictures show the slide, not the grid's padding
     crop = (slice(y0, y1), slice(x0, x1))
     _write_png(os.path.join(pictures, f"{slide_id}_mask.png"), mask[crop] * 255)
-    _write_png(os.path.join(pictures, f"{slide_id}_overlay.png"),
-               cv2.cvtColor(_overlay(image[crop], mask[crop], None if truth_lr is None else truth_lr[crop]),
-                            cv2.COLOR_RGB2BGR))
-    return max(0, cv2.connectedComponents(mask, connectivity=8)[0] - 1)
+    overlay = _overlay(image[crop], mask[crop], None if truth_lr is None else truth_lr[crop])
+    n_objects = max(0, cv2.connectedComponents(mask, connectivity=8)[0] - 1)
+    if not geojson:  # numbered once the objects are measured
+        return n_objects, overlay
+    _write_png(os.path.join(pictures, f"{slide_id}_overlay.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+    return n_objects, None
+
+
+def _number_objects(overlay: np.ndarray, objects: Objects, grid: TileGrid) -> np.ndarray:
+    """The overlay with each object's number (objects.csv's ``object``) at its centroid, for the
+    objects at least 8 px across in the picture."""
+    y0, y1, x0, x1 = slide_box(grid)
+    scale = overlay.shape[1] / max(1, x1 - x0)  # picture px per low-res px
+    for k in range(len(objects)):
+        if 2 * math.sqrt(objects.area[k] / math.pi) / grid.reduce * scale < 8:
+            continue
+        x = int(((objects.cx[k] + grid.pad_left) / grid.reduce - x0) * scale)
+        y = int(((objects.cy[k] + grid.pad_top) / grid.reduce - y0) * scale)
+        text = str(k + 1)
+        (w, h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        origin = (x - w // 2, y + h // 2)
+        cv2.putText(overlay, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(overlay, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1, cv2.LINE_AA)
+    return overlay
 
 
 def _score(record: Dict[str, object], truth_rle: str) -> Dict[str, object]:
@@ -453,11 +491,16 @@ def _check_items(cfg: CN, items, shapes: Dict[str, tuple]) -> None:
     for slide_id, path, opener, truth in items:
         if slide_id in shapes:
             continue
-        if t.PAIRS_FOLDER:
-            if not t.MPP and not path.lower().endswith(SLIDE_EXTENSIONS):
-                found, _ = image_pixel_size(path)
-                if found is not None:
-                    check_mpp(found.mpp, f"{path} ({found.source}; set TEST.MPP to override)")
+        if t.PAIRS_FOLDER:  # headers only: pairs images are read whole when predicted
+            if t.MPP:
+                continue
+            if path.lower().endswith(SLIDE_EXTENSIONS):
+                with open_slide(path) as slide:
+                    resolve_mpp(slide, 0.0, "TEST.MPP")
+                continue
+            found, _ = image_pixel_size(path)
+            if found is not None:
+                check_mpp(found.mpp, f"{path} ({found.source}; set TEST.MPP to override)")
             continue
         with opener() as slide:
             shape = slide.shape

@@ -101,21 +101,24 @@ def write_slide(
     tile: int = 512,
     compression=("jpeg", 90),
     downsamples: Sequence[int] = (),
+    mpp: float = 0.0,
 ) -> str:
     """Write a tiled (Big)TIFF of ``shape = (height, width)``.
 
     ``region(y0, y1, x0, x1, scale)`` returns the pixels of a region of the level at
-    ``scale``. ``downsamples`` adds reduced-resolution SubIFD pyramid levels.
+    ``scale``. ``downsamples`` adds reduced-resolution SubIFD pyramid levels. ``mpp`` > 0
+    writes level 0's pixel size (um/px) in the resolution tags.
     """
     codec, level = compression if isinstance(compression, tuple) else (compression, None)
     kwargs = dict(
         tile=(tile, tile), photometric="rgb", compression=codec, dtype=np.uint8,
         compressionargs={"level": level} if level is not None else None,
     )
+    resolution = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if mpp > 0 else {}
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         tif.write(
             _tiles(shape, tile, lambda a, b, c, d: region(a, b, c, d, 1)),
-            shape=(*shape, 3), subifds=len(downsamples), **kwargs,
+            shape=(*shape, 3), subifds=len(downsamples), **kwargs, **resolution,
         )
         for d in downsamples:
             level_shape = (shape[0] // d, shape[1] // d)

@@ -378,7 +378,7 @@ def test_pairs_mode_scores_against_the_masks(tmp_path):
         inter += int((pred & truth).sum())
         total += int(pred.sum() + truth.sum())
         dices[i] = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
-    rows = dict(line.split(",") for line in (out / "dice.csv").read_text().splitlines()[1:])
+    rows = {r["id"]: r["dice"] for r in csv.DictReader(open(out / "dice.csv", newline=""))}
     assert all(abs(float(rows[i]) - dices[i]) < 1e-6 for i in ids)
     metrics = json.load(open(out / "metrics.json"))
     assert abs(metrics["overall_dice"] - 2 * inter / total) < 1e-9
@@ -425,3 +425,4 @@ def test_torchrun_shards_slides_and_rank_0_assembles_the_csv(tmp_path):
     predicted = re.findall(r"(s\d): \d+ objects, ", result.stderr)
     assert sorted(predicted) == ["s0", "s1", "s2"]  # each slide predicted once, by one rank
     assert (tmp_path / "ddp" / "submission.csv").read_bytes() == (tmp_path / "single" / "submission.csv").read_bytes()
+    assert (tmp_path / "ddp" / "objects.csv").read_bytes() == (tmp_path / "single" / "objects.csv").read_bytes()

@@ -312,3 +312,52 @@ def test_awkward_ids_round_trip_through_every_csv(tmp_path):
         area = sum(int(r["area_px"]) for r in rows if r["id"] == slide_id)
         rle = next(r["predicted"] for r in submission if r["id"] == slide_id)
         assert area == int(parse_rle(rle, image.shape[:2]).dot([-1, 1]).sum())
+
+
+# --- tiles at one physical scale ------------------------------------------------------------------
+@requires_shared
+def test_tiler_brings_two_scanners_to_one_physical_scale(tmp_path):
+    """The same real tissue scanned at 0.5 and at 0.25 um/px, tiled with INPUT.MPP_TRAIN 2.0: the
+    tiles are the same within JPEG-free resampling noise, the masks within a pixel, and the
+    stats record 2.0 um/px for the checkpoints. Without MPP_TRAIN the scales differ and no
+    pixel size is recorded; a slide without one is refused before anything is written."""
+    from data.tiler import create_tiles
+
+    image = cv2.cvtColor(cv2.imread(shared("aidpath", "images", "10025.png")), cv2.COLOR_BGR2RGB)
+    truth = (cv2.imread(shared("aidpath", "masks", "10025.png"))[..., 2] > 127).astype(np.uint8)
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    rows = []
+    for slide_id, mpp in (("fine", 0.25), ("coarse", 0.5)):
+        side = round(1024 * 0.5 / mpp)
+        pixels = cv2.resize(image, (side, side), interpolation=cv2.INTER_CUBIC) if side != 1024 else image
+        mask = cv2.resize(truth, (side, side), interpolation=cv2.INTER_NEAREST) if side != 1024 else truth
+        tifffile.imwrite(str(wsi / f"{slide_id}.tif"), pixels, photometric="rgb", tile=(256, 256),
+                         resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        rows.append([slide_id, rle_encode(mask)])
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as fh:
+        csv.writer(fh).writerows([["id", "encoding"], *rows])
+    common = ["DATASETS.WSI_FOLDER", str(wsi), "DATASETS.LABELS_CSV", str(labels), "INPUT.SIZE_TRAIN", "64",
+              "INPUT.SIZE_REDUCTION_TRAIN", "4", "INPUT.PIXEL_THRESHOLD", "-1"]
+    stats = create_tiles(load_cfg(None, common + ["DATASETS.TRAIN_FOLDER", str(tmp_path / "one"),
+                                                  "INPUT.MPP_TRAIN", "2.0"]))
+    assert stats["tile_mpp"] == 2.0
+    assert stats["slides"]["fine"]["resample"] == 2.0 and stats["slides"]["coarse"]["resample"] == 1.0
+    assert stats["slides"]["fine"]["shape"] == stats["slides"]["coarse"]["shape"] == [1024, 1024]
+    folder = tmp_path / "one"
+    for index in range(16):
+        tiles = [cv2.imread(str(folder / "images_64_red4" / f"{s}_{index}red4.png")).astype(int)
+                 for s in ("fine", "coarse")]
+        masks = [cv2.imread(str(folder / "masks_64_red4" / f"{s}_{index}red4.png"), 0) for s in ("fine", "coarse")]
+        assert np.abs(tiles[0] - tiles[1]).mean() < 3
+        assert (masks[0] != masks[1]).sum() <= 0.05 * max(1, int(masks[1].sum())) + 8
+    plain = create_tiles(load_cfg(None, common + ["DATASETS.TRAIN_FOLDER", str(tmp_path / "two")]))
+    assert plain["tile_mpp"] is None and plain["slides"]["fine"]["tile_mpp"] == 1.0
+    assert plain["slides"]["coarse"]["tile_mpp"] == 2.0
+    os.symlink(shared("wsi", "kidney-48-5.tif"), wsi / "kidney.tif")  # no pixel size
+    with open(labels, "a", newline="") as fh:
+        csv.writer(fh).writerow(["kidney", ""])
+    with pytest.raises(SlideError, match=r"kidney.tif: pixel size unknown .*INPUT.MPP_TRAIN needs it: set DATASETS.MPP"):
+        create_tiles(load_cfg(None, common + ["DATASETS.TRAIN_FOLDER", str(tmp_path / "three"), "INPUT.MPP_TRAIN", "2"]))
+    assert not (tmp_path / "three").exists() or not any((tmp_path / "three").rglob("*.png"))

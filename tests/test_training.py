@@ -39,7 +39,8 @@ def aidpath_tiles(tmp_path_factory):
     root = tmp_path_factory.mktemp("aidpath")
     result = run_script("tiles_creator.py", "DATASETS.FORMAT", "pairs", "DATASETS.PAIRS_FOLDER", shared("aidpath"),
                         "DATASETS.LABELS_CSV", "", "DATASETS.MASK_CHANNEL", 0, "DATASETS.MASK_THRESHOLD", 127,
-                        "INPUT.SIZE_TRAIN", 64, "INPUT.SIZE_REDUCTION_TRAIN", 8, "DATASETS.TRAIN_FOLDER", root / "tiles")
+                        "INPUT.SIZE_TRAIN", 64, "INPUT.SIZE_REDUCTION_TRAIN", 8, "DATASETS.TRAIN_FOLDER", root / "tiles",
+                        "DATASETS.MPP", 0.5)  # PNGs carry no pixel size: AIDPATH is 20x, ~0.5 um/px
     assert result.returncode == 0, result.stderr
     return root / "tiles"
 
@@ -77,6 +78,7 @@ def test_one_epoch_writes_every_output(aidpath_tiles, tmp_path):
         model, info = model_from_checkpoint(str(ckpt))
         assert info["model"]["ARCHITECTURE"] == "UneXt" and info["fold"] == fold
         assert info["input"]["size"] == 64 and info["input"]["reduce"] == 8 and len(info["input"]["mean"]) == 3
+        assert info["input"]["mpp"] == 4.0  # the tiles' pixel size: 0.5 um/px x 8, for test_net's scale
         assert 0.1 <= info["threshold"] <= 0.9 and 0 <= info["metrics"]["dice_th"] <= 1
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
         folder = out / f"fold_{fold}"

@@ -8,12 +8,16 @@ synthetic RLE (glomerulus-like discs all over the tissue, encoded strip by strip
 is never built here either). Then, each in a fresh process (wall time and peak RSS):
 
 * ``tiles_creator.py`` at reduction 4, 256 px tiles;
-* ``test_net.py`` at reduction 16, 256 px windows, overlap 0.5, an smp Unet-resnet18 with
-  random weights, scored against the RLE.
+* ``test_net.py`` at reduction 16, 256 px windows, overlap 0.5, scored against the RLE, with
+  ``--model blobs`` (default) tests/blob_model.py's DarkBlobs (objects that follow the tissue,
+  as a trained model's) or ``random`` an smp Unet-resnet18 with random weights.
 
-It prints the figures, the tissue area and the growth ratios from the first size to the last:
-time should grow like the tissue area, memory should stay flat. Needs ../shared/data; the
-60k slide takes ~3 GB of disk and a few minutes to write.
+The slides say 0.5 um/px in their resolution tags and the checkpoint 8 um/px (0.5 x 16), so
+test_net measures in um. It prints the figures, the tissue area, the growth ratios from the
+first size to the last (time should grow like the tissue area, memory should stay flat), and
+for each size the per-slide summary (objects, tissue mm2, density, median area, object-level
+scores against the discs) and the head of objects.csv. Needs ../shared/data; the 60k slide takes
+~3 GB of disk and a few minutes to write.
 """
 from __future__ import annotations
 
@@ -77,18 +81,46 @@ def _tissue_fraction(height, width):
     return float(_inside(yy, xx, height, width).mean())
 
 
-def make_checkpoint(path: str) -> None:
-    """An smp Unet-resnet18 with random weights (seed 0), reduction 16, 256 px."""
+SLIDE_MPP = 0.5  # um/px the slides claim
+
+
+def make_checkpoint(path: str, kind: str = "blobs") -> None:
+    """Reduction 16, 256 px, tiles of 16 x SLIDE_MPP um/px: DarkBlobs, or an smp Unet-resnet18
+    with random weights (seed 0)."""
     import torch
 
     from model.build import build_model
     from model.checkpoint import save_checkpoint
 
+    if kind == "blobs":
+        from tests.blob_model import save_blob_checkpoint
+
+        save_blob_checkpoint(path, size=256, reduce=16, mpp=16 * SLIDE_MPP)
+        return
     spec = {"ARCHITECTURE": "Unet", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1}
     torch.manual_seed(0)
     save_checkpoint(path, build_model(spec).eval(), {
-        "model": spec, "input": {"size": 256, "reduce": 16, "mean": [0.8, 0.7, 0.8], "std": [0.15, 0.2, 0.12]},
+        "model": spec, "input": {"size": 256, "reduce": 16, "mean": [0.8, 0.7, 0.8], "std": [0.15, 0.2, 0.12],
+                                 "mpp": 16 * SLIDE_MPP},
         "threshold": 0.5, "fold": 0, "metrics": {}})
+
+
+def _print_objects(pred: str, head: int = 5) -> None:
+    """The per-slide summary of metrics.json and the head of objects.csv."""
+    import csv as csv_module
+
+    metrics = json.load(open(os.path.join(pred, "metrics.json")))
+    per = metrics["per_slide"]["big"]
+    print(f"  objects {per['objects']} on {per['tissue_mm2']:.1f} mm2 of tissue ({per['objects_per_mm2']:.2f} per mm2), "
+          f"median area {per['median_area_um2']:.0f} um2; against the {metrics['true_objects']} discs: object "
+          f"precision {metrics['object_precision']:.3f}, recall {metrics['object_recall']:.3f}, F1 "
+          f"{metrics['object_f1']:.3f}, count error {per['count_error']:+d}; Dice {metrics['overall_dice']:.3f}")
+    with open(os.path.join(pred, "objects.csv"), newline="") as fh:
+        rows = list(csv_module.reader(fh))
+    width = [max(len(r[i]) for r in rows[:head + 1]) for i in range(len(rows[0]))]
+    for r in rows[:head + 1]:
+        print("  " + "  ".join(v.rjust(w) for v, w in zip(r, width)))
+    print(f"  ... {len(rows) - 1} rows in {os.path.join(pred, 'objects.csv')}")
 
 
 def main(argv=None):
@@ -96,15 +128,17 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--workdir", default="")
     parser.add_argument("--sizes", nargs="+", default=["31278x25794", "60000x60000"], help="HEIGHTxWIDTH")
+    parser.add_argument("--model", choices=["blobs", "random"], default="blobs")
     args = parser.parse_args(argv)
     if not has_shared():
         sys.exit(SHARED_REASON)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_scale_")
-    models = os.path.join(work, "models")
+    models = os.path.join(work, f"models_{args.model}")
     os.makedirs(models, exist_ok=True)
     # in a child: this process stays small, so the children's peak RSS (wait4) is theirs alone
     subprocess.run([sys.executable, "-c", f"from tests.bench.bench_scale import make_checkpoint; "
-                    f"make_checkpoint({os.path.join(models, 'unet.pth')!r})"], cwd=REPO, check=True)
+                    f"make_checkpoint({os.path.join(models, 'model.pth')!r}, {args.model!r})"], cwd=REPO, check=True)
+    test_net = [sys.executable, "-m", "tests.blob_model"] if args.model == "blobs" else [sys.executable]
     rows = []
     for size in args.sizes:
         height, width = map(int, size.split("x"))
@@ -113,8 +147,14 @@ def main(argv=None):
         os.makedirs(wsi, exist_ok=True)
         slide = os.path.join(wsi, "big.tiff")
         csv = os.path.join(folder, "labels.csv")
+        if os.path.exists(slide):
+            from data.wsi import open_slide
+
+            with open_slide(slide) as existing:  # slides of earlier versions carry no pixel size
+                if existing.pixel_size is None:
+                    os.remove(csv)
         if not os.path.exists(csv):
-            write_slide(slide, (height, width), _region(height, width), tile=512)
+            write_slide(slide, (height, width), _region(height, width), tile=512, mpp=SLIDE_MPP)
             rle, n_discs = _mask_rle(height, width)
             with open(csv + ".tmp", "w") as fh:
                 fh.write(f"id,encoding\nbig,{rle}\n")
@@ -129,7 +169,7 @@ def main(argv=None):
                                    "INPUT.SIZE_REDUCTION_TRAIN", "4"]))
             pred = os.path.join(folder, "pred")
             shutil.rmtree(pred, ignore_errors=True)
-            infer.append(_measure([sys.executable, os.path.join(REPO, "test_net.py"), "TEST.WSI_FOLDER", wsi,
+            infer.append(_measure([*test_net, os.path.join(REPO, "test_net.py"), "TEST.WSI_FOLDER", wsi,
                                    "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.LABELS_CSV", csv, "OUTPUT_DIR", pred]))
         stats = json.load(open(os.path.join(folder, "tiles", "stats_256_red4.json")))
         record = json.load(open(os.path.join(folder, "pred", ".predictions", "big.json")))
@@ -141,6 +181,7 @@ def main(argv=None):
         print(f"{row['size']}: tissue {row['tissue_mpx']:.0f} Mpx | tiles_creator red 4: {row['tile_s']:.1f} s, "
               f"{row['tile_mb']:.0f} MB peak, {row['tiles']} tiles kept | test_net red 16: {row['infer_s']:.1f} s, "
               f"{row['infer_mb']:.0f} MB peak, {row['windows']} windows", flush=True)
+        _print_objects(pred)
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         print(f"growth {a['size']} -> {b['size']}: tissue area x{b['tissue_mpx'] / a['tissue_mpx']:.2f}; "
