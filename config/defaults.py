@@ -58,6 +58,12 @@ _C.INPUT.PIXEL_THRESHOLD = 200
 # Needs every slide's pixel size (metadata or DATASETS.MPP). 0 = the reduction alone (pixel
 # sizes are still recorded, and reach the checkpoints, when known).
 _C.INPUT.MPP_TRAIN = 0.0
+# Slide reader: "auto" (tifffile for the TIFF family, the fastest here; OpenSlide for MRXS,
+# VMS/VMU and for any file tifffile cannot read), "tifffile" or "openslide" (tiling and inference).
+_C.INPUT.SLIDE_READER = "auto"
+# Multi-channel (fluorescence) slides: the three channel indices to read as R, G, B, e.g. [0, 1, 2]
+# (tiling and inference). Empty: such slides are refused (the toolkit expects RGB brightfield).
+_C.INPUT.CHANNELS = []
 # Probability of each augmentation in the training pipeline (0..1).
 _C.INPUT.PROB = 0.5
 # Training views: 0 = the classic fixed tiles of SIZE_TRAIN px, one pass per epoch; > 0 = a

@@ -19,7 +19,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from config.defaults import get_cfg_defaults
-from data.wsi import MAX_MPP
+from data.wsi import MAX_MPP, SLIDE_READERS
 
 __all__ = ["ConfigError", "load_cfg", "merge_dict", "merge_opts", "validate_cfg"]
 
@@ -203,6 +203,10 @@ def validate_cfg(cfg: CN) -> None:
             f"{key} must hold numbers, got {list(value)}",
         )
     _check(all(v > 0 for v in i.PIXEL_STD), f"INPUT.PIXEL_STD must be > 0, got {list(i.PIXEL_STD)}")
+    _check(i.SLIDE_READER in SLIDE_READERS, f"INPUT.SLIDE_READER must be one of {SLIDE_READERS}, got {i.SLIDE_READER!r}")
+    _check(len(i.CHANNELS) in (0, 3) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                             for v in i.CHANNELS),
+           f"INPUT.CHANNELS must be empty or three channel indices >= 0 (read as R, G, B), got {list(i.CHANNELS)}")
     formats = ("wsi_rle", "pairs")
     _check(d.FORMAT in formats, f"DATASETS.FORMAT must be one of {formats}, got {d.FORMAT!r}")
     _check(-1 <= d.MASK_CHANNEL <= 3, f"DATASETS.MASK_CHANNEL must be -1, 0, 1, 2 or 3, got {d.MASK_CHANNEL}")

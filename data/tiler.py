@@ -318,7 +318,8 @@ def _open_job(job: TileJob, cfg: CN, workers: int) -> Tuple[Slide, object, Optio
     """The job's slide and mask, resampled when INPUT.MPP_TRAIN asks; its pixel size and the
     resampling factor."""
     if job.rle is not None:
-        slide = open_slide(job.image_path, workers=workers)
+        slide = open_slide(job.image_path, workers=workers, channels=tuple(cfg.INPUT.CHANNELS),
+                           backend=cfg.INPUT.SLIDE_READER)
         try:
             runs = parse_rle(job.rle, slide.shape, name=job.id)
             mpp = _pixel_size(job, cfg, slide)
@@ -360,7 +361,8 @@ def _validate(jobs: List[TileJob], workers: int, cfg: CN) -> None:
 
     for job in jobs:
         if job.rle is not None:
-            with open_slide(job.image_path, workers=workers) as slide:
+            with open_slide(job.image_path, workers=workers, channels=tuple(cfg.INPUT.CHANNELS),
+                           backend=cfg.INPUT.SLIDE_READER) as slide:
                 parse_rle(job.rle, slide.shape, name=job.id)
                 _resample_factor(job, cfg, _pixel_size(job, cfg, slide), slide.mpp_note)
             continue

@@ -36,6 +36,8 @@ __all__ = [
     "ArraySlide",
     "ResampledSlide",
     "TiffSlide",
+    "OpenSlideSlide",
+    "SLIDE_READERS",
     "open_slide",
     "read_image",
     "SLIDE_EXTENSIONS",
@@ -49,7 +51,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SLIDE_EXTENSIONS = (".tiff", ".tif", ".svs", ".ome.tif", ".ome.tiff", ".btf", ".tf8")
+SLIDE_EXTENSIONS = (".tiff", ".tif", ".svs", ".ome.tif", ".ome.tiff", ".btf", ".tf8", ".ndpi", ".scn", ".bif",
+                    ".mrxs", ".vms", ".vmu", ".svslide")
+# Formats tifffile cannot read: OpenSlide reads them (auto backend).
+OPENSLIDE_ONLY = (".mrxs", ".vms", ".vmu", ".svslide")
+SLIDE_READERS = ("auto", "tifffile", "openslide")
+OPENSLIDE_INSTALL = "python -m pip install openslide-python openslide-bin"
 # A pyramid level counts as "below" a requested downscale within this relative tolerance
 # (SVS levels are often 4.0003x rather than 4x).
 LEVEL_TOLERANCE = 0.01
@@ -387,11 +394,12 @@ class _LogCapture(logging.Handler):
 class TiffSlide(Slide):
     """A TIFF-family slide read lazily with tifffile (+ zarr, or a memory map)."""
 
-    def __init__(self, path: str, workers: int = 0):
+    def __init__(self, path: str, workers: int = 0, channels: Tuple[int, ...] = ()):
         import tifffile
         import zarr
 
         self.path = str(path)
+        self._select = tuple(int(c) for c in channels)
         if not os.path.exists(self.path):
             raise SlideError(f"{self.path}: file not found")
         if not os.path.isfile(self.path):
@@ -464,7 +472,10 @@ class TiffSlide(Slide):
                     index.append(0)
             channels = shape[channel_axis] if channel_axis is not None else 1
             if k == 0:
-                self._check_pixels(level, channels, tifffile)
+                self._check_channels(series, level, channels, axes[channel_axis] if channel_axis is not None else "",
+                                     tifffile)
+                if not self._select:
+                    self._check_pixels(level, channels, tifffile)
             add_axis = "C" not in kept
             if add_axis:
                 kept.append("C")
@@ -481,7 +492,7 @@ class TiffSlide(Slide):
                 rows = int(array.chunks[axes.index("Y")])
             chunked = tuple(getattr(page, "chunked", (0, 0, 0)))
             self._direct.append(
-                page if level.dataoffset is None and len(level.pages) == 1
+                page if not self._select and level.dataoffset is None and len(level.pages) == 1
                 and axes in ("YXS", "YX") and len(chunked) == 3 and chunked[-1] == 1
                 and len(page.dataoffsets) == len(page.databytecounts) == chunked[0] * chunked[1]
                 else None
@@ -494,6 +505,56 @@ class TiffSlide(Slide):
                 h0, w0 = lh, lw
                 self.pixel_size, self.mpp_note = tiff_pixel_size(self._tif, page)
             self.levels.append(LevelInfo((lh, lw), (h0 / lh + w0 / lw) / 2.0))
+
+    def _channel_names(self, n: int) -> List[str]:
+        """The channels' names: OME-XML ``Channel Name``, PerkinElmer ``<Name>`` per page, else
+        ``channel <i>``."""
+        names: List[str] = []
+        xml = getattr(self._tif, "ome_metadata", None) if getattr(self._tif, "is_ome", False) else None
+        if xml:
+            names = re.findall(r'<(?:\w+:)?Channel\b[^>]*?\bName="([^"]*)"', xml)
+        if len(names) != n:
+            names = []
+            for page in list(self._tif.pages)[:n]:
+                match = re.search(r"<Name>([^<]*)</Name>", getattr(page, "description", "") or "")
+                names.append(match.group(1) if match else "")
+        return [name or f"channel {i}" for i, name in enumerate(names[:n])] + \
+            [f"channel {i}" for i in range(len(names), n)]
+
+    def _check_channels(self, series, level, channels: int, axis: str, tifffile) -> None:
+        """Separate greyscale channels (fluorescence: QPTIFF, OME with channels, channel pages) are
+        not RGB brightfield: refused, naming them, unless ``channels`` picks three to read as R,
+        G, B. An RGB(A) image, planar or interleaved, passes."""
+        photometric = level.keyframe.photometric
+        grey = photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
+        separate_series = [s for s in self._tif.series[1:] if tuple(s.shape) == tuple(series.shape)
+                           and s.keyframe.photometric == photometric and s.dtype == series.dtype]
+        if grey and channels == 1 and separate_series:  # one greyscale series per channel
+            n = 1 + len(separate_series)
+            raise SlideError(
+                f"{self.path}: {n} greyscale channels stored as separate images ({', '.join(self._channel_names(n))}): "
+                "a fluorescence slide, not RGB brightfield; convert it to one multi-channel OME-TIFF to pick three "
+                "channels with INPUT.CHANNELS")
+        fluorescence = grey and channels > 1 or (channels > 4 and photometric != tifffile.PHOTOMETRIC.RGB)
+        if self._select and channels <= 1:
+            raise SlideError(f"{self.path}: INPUT.CHANNELS {list(self._select)} set, but the slide has one channel")
+        if not fluorescence and not self._select:
+            return
+        names = self._channel_names(channels)
+        listed = ", ".join(f"{i}: {name}" for i, name in enumerate(names))
+        if not self._select:
+            raise SlideError(
+                f"{self.path}: {channels} greyscale channels ({listed}): a fluorescence (multi-channel) slide, "
+                "not RGB brightfield; set INPUT.CHANNELS to the three channel indices to read as R, G, B "
+                "(e.g. [0, 1, 2]) to use it anyway")
+        if len(self._select) != 3 or not all(0 <= c < channels for c in self._select):
+            raise SlideError(f"{self.path}: INPUT.CHANNELS {list(self._select)}: expected three indices among "
+                             f"{listed}")
+        if series.dtype != np.uint8:
+            raise SlideError(f"{self.path}: unsupported bit depth {series.dtype} (only 8-bit channels are "
+                             "supported; convert it to 8 bits per channel)")
+        logger.warning("%s: channels %s read as R, G, B (INPUT.CHANNELS)", self.path,
+                       ", ".join(names[c] for c in self._select))
 
     def _check_pixels(self, level, channels: int, tifffile) -> None:
         page = level.keyframe
@@ -622,6 +683,8 @@ class TiffSlide(Slide):
         if add_axis:
             region = region[..., None]
         region = np.transpose(region, perm)
+        if self._select:
+            return np.ascontiguousarray(region[..., list(self._select)])
         return _to_rgb(region, self._channels)
 
     def close(self) -> None:
@@ -631,9 +694,93 @@ class TiffSlide(Slide):
             self._tif = None
 
 
-def open_slide(path: str, workers: int = 0) -> Slide:
-    """Open a TIFF-family slide (``.tif``, ``.tiff``, ``.svs``, OME-TIFF, BigTIFF)."""
-    return TiffSlide(path, workers=workers)
+class OpenSlideSlide(Slide):
+    """A slide read with OpenSlide (MRXS, VMS/VMU, and every format it knows): levels, region
+    reads and pixel size as :class:`TiffSlide`'s. Pixels OpenSlide reports as transparent (no
+    scanned data, e.g. between MRXS fields) read as white glass."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        try:
+            import openslide
+        except ImportError:
+            raise SlideError(f"{self.path}: reading this format needs OpenSlide: {OPENSLIDE_INSTALL}") from None
+        if not os.path.exists(self.path):
+            raise SlideError(f"{self.path}: file not found")
+        try:
+            self._osr = openslide.OpenSlide(self.path)
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(f"{self.path}: not a slide format OpenSlide knows") from None
+        except Exception as exc:  # OpenSlideError: a known format, broken (an MRXS without its data folder...)
+            hint = (f"; an MRXS slide needs its data folder ({os.path.splitext(self.path)[0]}/ with Slidedat.ini) "
+                    "beside it" if self.path.lower().endswith(".mrxs") else "")
+            raise SlideError(f"{self.path}: OpenSlide cannot read it ({exc}){hint}") from None
+        osr = self._osr
+        self.levels = [LevelInfo((int(h), int(w)), float(d)) for (w, h), d in zip(osr.level_dimensions,
+                                                                                   osr.level_downsamples)]
+        props = osr.properties
+        try:
+            mpp = (float(props["openslide.mpp-x"]) + float(props["openslide.mpp-y"])) / 2
+            self.pixel_size = PixelSize(mpp, f"OpenSlide ({props.get('openslide.vendor', '?')}) mpp-x/y")
+        except (KeyError, ValueError):
+            self.mpp_note = "no pixel size in its metadata (OpenSlide)"
+        self._tile_rows = [int(props.get(f"openslide.level[{k}].tile-height", 256) or 256)
+                           for k in range(len(self.levels))]
+
+    def chunk_rows(self, level: int) -> int:
+        return self._tile_rows[level]
+
+    def _read_raw(self, level, y0, y1, x0, x1):
+        d = self.levels[level].downsample
+        # level-0 origin of level pixel (y0, x0): the smallest whose level position is >= it, so
+        # a non-integer downsample (2.0005) does not land one pixel short
+        region = np.asarray(self._osr.read_region((math.ceil(x0 * d - 1e-6), math.ceil(y0 * d - 1e-6)), level,
+                                                  (x1 - x0, y1 - y0)))
+        rgb = np.ascontiguousarray(region[..., :3])
+        rgb[region[..., 3] == 0] = 255
+        return rgb
+
+    def describe(self) -> str:
+        return super().describe() + f" (OpenSlide, {self._osr.properties.get('openslide.vendor', '?')})"
+
+    def close(self) -> None:
+        osr = getattr(self, "_osr", None)
+        if osr is not None:
+            osr.close()
+            self._osr = None
+
+
+def _openslide_knows(path: str) -> bool:
+    try:
+        import openslide
+    except ImportError:
+        return False
+    try:
+        return openslide.OpenSlide.detect_format(path) is not None
+    except Exception:
+        return False
+
+
+def open_slide(path: str, workers: int = 0, channels: Tuple[int, ...] = (), backend: str = "auto") -> Slide:
+    """Open a slide: TIFF family (``.tif``, ``.tiff``, ``.svs``, OME-TIFF, BigTIFF, NDPI, SCN, BIF)
+    with tifffile; MRXS, VMS/VMU with OpenSlide (``backend`` ``auto``, the default, also tries
+    OpenSlide on a file tifffile cannot read; ``tifffile`` / ``openslide`` force one). ``channels``
+    (three indices) reads a multi-channel (fluorescence) slide's channels as R, G, B; without it
+    such a slide is refused."""
+    if backend not in SLIDE_READERS:
+        raise SlideError(f"{path}: unknown slide reader {backend!r} (INPUT.SLIDE_READER: {', '.join(SLIDE_READERS)})")
+    path = str(path)
+    if backend == "openslide" or (backend == "auto" and path.lower().endswith(OPENSLIDE_ONLY)):
+        if channels:
+            raise SlideError(f"{path}: INPUT.CHANNELS is for multi-channel TIFF slides, not OpenSlide's RGB ones")
+        return OpenSlideSlide(path)
+    try:
+        return TiffSlide(path, workers=workers, channels=channels)
+    except SlideError as exc:
+        if backend == "auto" and not channels and os.path.isfile(path) and _openslide_knows(path):
+            logger.info("%s: tifffile cannot read it (%s); reading it with OpenSlide", path, exc)
+            return OpenSlideSlide(path)
+        raise
 
 
 def read_image(path: str) -> np.ndarray:

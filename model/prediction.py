@@ -133,11 +133,11 @@ def _write_png(path: str, image: np.ndarray) -> None:
     atomic_write_bytes(path, data.tobytes())
 
 
-def open_image_slide(path: str):
+def open_image_slide(path: str, channels=(), backend: str = "auto"):
     """An image of a pairs folder as a slide: TIFF-family files through the slide reader
     (lazy, with their metadata), others read whole, with the pixel size of their header."""
     if path.lower().endswith(SLIDE_EXTENSIONS):
-        return open_slide(path)
+        return open_slide(path, channels=channels, backend=backend)
     slide = ArraySlide(read_image(path), path)
     slide.pixel_size, slide.mpp_note = image_pixel_size(path)
     return slide
@@ -163,7 +163,9 @@ def _items(cfg: CN):
                 return None
             return rle_encode(load_pair_mask(mask_path, d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT))
 
-        return [(image_id, path, lambda p=path: open_image_slide(p), lambda m=masks.get(image_id): truth(m))
+        channels, backend = tuple(cfg.INPUT.CHANNELS), cfg.INPUT.SLIDE_READER
+        return [(image_id, path, lambda p=path: open_image_slide(p, channels, backend),
+                 lambda m=masks.get(image_id): truth(m))
                 for image_id, path in sorted(images.items())]
     labels = read_labels_csv(t.LABELS_CSV) if t.LABELS_CSV else {}
     slides = list_slides(t.WSI_FOLDER)
@@ -177,7 +179,9 @@ def _items(cfg: CN):
         if unused:
             logger.warning("%s: %d id(s) without a slide in %s, ignored: %s", t.LABELS_CSV, len(unused),
                            t.WSI_FOLDER, ", ".join(sorted(unused)[:10]))
-    return [(slide_id, path, lambda p=path: open_slide(p), lambda r=labels.get(slide_id): r)
+    channels, backend = tuple(cfg.INPUT.CHANNELS), cfg.INPUT.SLIDE_READER
+    return [(slide_id, path, lambda p=path: open_slide(p, channels=channels, backend=backend),
+             lambda r=labels.get(slide_id): r)
             for slide_id, path in slides]
 
 
@@ -495,7 +499,7 @@ def _check_items(cfg: CN, items, shapes: Dict[str, tuple]) -> None:
             if t.MPP:
                 continue
             if path.lower().endswith(SLIDE_EXTENSIONS):
-                with open_slide(path) as slide:
+                with open_slide(path, channels=tuple(cfg.INPUT.CHANNELS), backend=cfg.INPUT.SLIDE_READER) as slide:
                     resolve_mpp(slide, 0.0, "TEST.MPP")
                 continue
             found, _ = image_pixel_size(path)

@@ -64,6 +64,18 @@ def test_pixel_size_from_tiff_ome_and_image_headers(tmp_path):
     assert image_pixel_size(str(tmp_path / "q.png"))[0] is None
 
 
+def test_pixel_size_of_a_philips_tiff(tmp_path):
+    """Philips TIFF: DICOM_PIXEL_SPACING (mm, row then column) in the XML ImageDescription."""
+    xml = ('<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport">'
+           '<Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" PMSVR="IDoubleArray">'
+           '&quot;0.000227273&quot; &quot;0.000227273&quot;</Attribute></DataObject>')
+    path = tmp_path / "philips.tif"
+    tifffile.imwrite(str(path), np.full((64, 96, 3), 200, np.uint8), photometric="rgb",
+                     description=xml.replace("&quot;", '"'))
+    with open_slide(str(path)) as slide:
+        assert slide.pixel_size.mpp == pytest.approx(0.227273, rel=1e-5) and "Philips" in slide.pixel_size.source
+
+
 def test_impossible_pixel_sizes_name_their_source(tmp_path):
     svs = tmp_path / "bad.svs"
     tifffile.imwrite(str(svs), np.full((64, 96, 3), 200, np.uint8), photometric="rgb",
