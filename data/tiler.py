@@ -38,7 +38,7 @@ from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, 
                       open_slide, read_image, resolve_mpp)
 from utils.io import atomic_write_bytes, atomic_write_json, read_json
 from utils.rle import parse_rle
-from utils.setup import save_config
+from utils.setup import pause_point, save_config
 
 __all__ = ["TilerOutput", "create_tiles", "tile_slide", "tiles_variant", "stats_path"]
 
@@ -283,6 +283,7 @@ def tile_slide(
                 writer.submit(tile_name(record.id, index, grid.reduce), tile, tile_mask)
         if progress is not None:
             progress.update(1)
+        pause_point("tiler.tile_row")
     values = np.arange(256, dtype=np.int64)
     record.pixel_sum = (histogram @ values).tolist()
     record.pixel_sumsq = (histogram @ (values * values)).tolist()
@@ -453,6 +454,7 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
         description = slide.describe()
     output.save_record(record)
     logger.info("%s: %s -> %d of %d tiles kept", job.id, description, len(record.kept), record.n_tiles)
+    pause_point("tiler.slide_done")
     return record
 
 

@@ -64,6 +64,7 @@ from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, at
 from utils.metrics import dice_from_counts
 from utils.objects import OBJECT_COLUMNS, Objects, find_objects, match_objects, object_rows, object_scores
 from utils.rle import parse_rle, rle_area, rle_encode, runs_intersection, runs_to_rle
+from utils.setup import pause_point
 
 __all__ = ["load_checkpoints", "predict_slides", "list_slides", "ensemble_threshold", "integer_reduction",
            "slide_summary", "open_image_slide"]
@@ -614,6 +615,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                 atomic_write_json(os.path.join(state, f"{slide_id}.json"), record)
                 fresh[slide_id] = _score(record, truth_rle) if truth_rle is not None else None
                 _log_item(record, fresh[slide_id])
+                pause_point("test_net.item_done")
         finally:
             bar.close()
             for future in queue:

@@ -51,6 +51,7 @@ from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, at
 from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, dice_from_counts
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
+from utils.setup import pause_point
 
 __all__ = ["train", "checkpoint_name", "make_learner", "make_dataloaders", "training_settings", "WeightAverager", "ALL"]
 
@@ -344,6 +345,7 @@ def _callbacks(cfg: CN, label: str, fold_dir: str, start_epoch: int, append: boo
                 atomic_write_json(os.path.join(fold_dir, "state.json"),
                                   {"epoch": int(self.epoch), "best": float(best.best),
                                    "settings": training_settings(cfg)})
+                pause_point("training.state_saved")
             average.restore()
 
     class SkipValidation(Callback):

@@ -38,20 +38,27 @@ def run_script(script, *args, cwd=REPO, timeout=600):
     )
 
 
-def start_script(script, *args, cwd=REPO):
-    """Start an entry script in the background (output discarded); return the Popen."""
+def start_script(script, *args, cwd=REPO, pause_at=None, pause_file=None):
+    """Start an entry script in the background (output discarded); return the Popen. With
+    ``pause_at`` (``"<point>@<n>"``, see ``utils.setup.pause_point``) it stops there, writes
+    ``pause_file`` and waits to be killed (:func:`kill_9_at_pause`)."""
+    env = dict(os.environ)
+    if pause_at:
+        env.update(GLOMERULI_PAUSE_AT=pause_at, GLOMERULI_PAUSE_FILE=str(pause_file))
     return subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
-def kill_9_when(proc, ready, timeout=300, poll=0.02):
-    """SIGKILL ``proc`` as soon as ``ready()`` is true (or at ``timeout``); fail the test if
-    the process ended by itself first."""
+def kill_9_at_pause(proc, pause_file, timeout=600):
+    """SIGKILL ``proc`` once it has stopped at its pause point (``pause_file`` written): the same
+    point on every machine, however fast. Fails the test if the process ended first."""
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready():
-        time.sleep(poll)
-    if proc.poll() is not None:
-        pytest.fail(f"{' '.join(map(str, proc.args[1:2]))} finished before it could be interrupted; "
-                    "make the input larger")
+    while time.time() < deadline and proc.poll() is None and not os.path.exists(pause_file):
+        time.sleep(0.02)
+    if proc.poll() is not None or not os.path.exists(pause_file):
+        pytest.fail(f"{' '.join(map(str, proc.args[1:2]))} never reached its pause point "
+                    f"(exit code {proc.poll()})")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+

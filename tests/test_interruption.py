@@ -1,7 +1,7 @@
 """Scripts killed with SIGKILL and started again end with the files of an uninterrupted run."""
 import os
 
-from tests.conftest import kill_9_when, requires_shared, run_script, start_script
+from tests.conftest import kill_9_at_pause, requires_shared, run_script, start_script
 from tests.slides import mosaic_region, write_slide
 from utils.rle import rle_encode
 
@@ -43,12 +43,16 @@ def test_kill_9_then_rerun_gives_identical_tiles(tmp_path):
 
     interrupted = tmp_path / "interrupted"
     images = interrupted / "images_64_red1"
-    proc = start_script("tiles_creator.py", *args, "DATASETS.TRAIN_FOLDER", interrupted)
-    # kill once the second slide is under way: one slide finished, one half-written
-    kill_9_when(proc, lambda: images.is_dir() and any(n.startswith("s2_") for n in os.listdir(images)), timeout=120,
-                poll=0.01)
+    # killed in the middle of the second slide (s1 has 41 tile rows: the 51st row is s2's 10th),
+    # at that point on any machine: one slide finished, one half-written
+    pause = tmp_path / "paused"
+    proc = start_script("tiles_creator.py", *args, "DATASETS.TRAIN_FOLDER", interrupted, pause_at="tiler.tile_row@51",
+                        pause_file=pause)
+    kill_9_at_pause(proc, pause)
     partial = _tree(interrupted)
     assert partial != expected  # it really was interrupted
+    assert any(n.startswith("s2_") for n in os.listdir(images)) and not any(n.startswith("s3_") for n in
+                                                                           os.listdir(images))
 
     result = run_script("tiles_creator.py", *args, "DATASETS.TRAIN_FOLDER", interrupted)
     assert result.returncode == 0, result.stderr
@@ -75,14 +79,9 @@ def test_test_net_kill_9_keeps_the_old_csv_then_rerun_is_byte_identical(tmp_path
     assert old.returncode == 0
     previous = (out / "submission.csv").read_bytes()
     assert previous != expected
-    proc = start_script("test_net.py", *args, "OUTPUT_DIR", out)
-    state = out / ".predictions"
-
-    def new_record():  # kill once 1-2 slides of 4 are done (records of this run: the checkpoint's 0.5)
-        done = [n for n in os.listdir(state) if n.endswith(".json") and not n.startswith(".")]
-        return any('"th": 0.5' in (state / n).read_text() for n in done)
-
-    kill_9_when(proc, new_record)
+    pause = tmp_path / "paused"  # killed once 2 of the 4 slides are done, on any machine
+    proc = start_script("test_net.py", *args, "OUTPUT_DIR", out, pause_at="test_net.item_done@2", pause_file=pause)
+    kill_9_at_pause(proc, pause)
     assert (out / "submission.csv").read_bytes() == previous  # the old CSV, whole
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
     result = run_script("test_net.py", *args, "OUTPUT_DIR", out)

@@ -13,7 +13,7 @@ from data.datasets import TileDataset, TileSet, kfold_groups, tile_group
 from data.transforms import build_train_transform
 from model.checkpoint import model_from_checkpoint
 from model.training import WeightAverager
-from tests.conftest import REPO, free_port, kill_9_when, run_script, start_script
+from tests.conftest import REPO, free_port, kill_9_at_pause, run_script, start_script
 from tests.slides import shared
 
 
@@ -112,11 +112,12 @@ def test_a_plain_rerun_resumes_from_the_saved_epoch(aidpath_tiles, tmp_path, vie
     out = tmp_path / "out"
     extra = ["INPUT.CROP_SIZE", 32, "SOLVER.SAMPLES_PER_EPOCH", 24, "SOLVER.AVERAGE", "ema"] if views == "crops" else []
     args = _train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 3, "SOLVER.FOLDS", "[1]", *extra)
-    proc = start_script("train_net.py", *args)
+    pause = tmp_path / "paused"  # killed right after the first epoch's resume state, on any machine
+    proc = start_script("train_net.py", *args, pause_at="training.state_saved@1", pause_file=pause)
+    kill_9_at_pause(proc, pause)
     state = out / "fold_1" / "state.json"
-    kill_9_when(proc, state.exists, poll=0.05)
     done = json.load(open(state))["epoch"]
-    assert done < 2 and (out / "fold_1" / "last.state").exists()
+    assert done == 0 and (out / "fold_1" / "last.state").exists()
     changed = run_script("train_net.py", *args, "SOLVER.BASE_LR_MAX", 0.01)  # other settings: refused
     assert changed.returncode == 1 and "an unfinished run with other settings" in changed.stderr
     result = run_script("train_net.py", *args)  # the same command: resumes

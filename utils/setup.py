@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import sys
+import time
 import warnings
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -29,6 +30,7 @@ __all__ = [
     "save_config",
     "seed_everything",
     "launch",
+    "pause_point",
 ]
 
 # Deprecation notices of third-party internals (torch.jit, weight_norm used by fastai) say
@@ -172,6 +174,35 @@ def launch(
         log.error("%s", _one_line(exc))
         return EXIT_ERROR
     return 0
+
+
+PAUSE_ENV = "GLOMERULI_PAUSE_AT"
+_pause_counts: dict = {}
+
+
+def pause_point(name: str) -> None:
+    """A named point where a test can stop the process deterministically (to kill it there).
+
+    With the environment variable ``GLOMERULI_PAUSE_AT=<name>@<n>`` (``@1`` by default), the
+    ``n``-th time the process reaches ``name`` it writes ``paused <name> <n>`` to the file
+    ``GLOMERULI_PAUSE_FILE`` (when set) and sleeps until killed. Without the variable it costs a
+    dictionary lookup. Points: ``tiler.tile_row``, ``tiler.slide_done``, ``test_net.item_done``,
+    ``training.state_saved``."""
+    target = os.environ.get(PAUSE_ENV)
+    if not target:
+        return
+    wanted, _, nth = target.partition("@")
+    if wanted != name:
+        return
+    count = _pause_counts[name] = _pause_counts.get(name, 0) + 1
+    if count != int(nth or 1):
+        return
+    marker = os.environ.get("GLOMERULI_PAUSE_FILE")
+    if marker:
+        with open(marker, "w", encoding="utf-8") as fh:
+            fh.write(f"paused {name} {count}\n")
+    while True:  # until the test's SIGKILL
+        time.sleep(3600)
 
 
 def exit_now(code: int) -> NoReturn:
