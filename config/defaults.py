@@ -233,6 +233,9 @@ _C.TEST.TTA = False
 _C.TEST.UPSAMPLE = "bilinear"
 # Remove predicted objects smaller than this many level-0 pixels (0 = keep all).
 _C.TEST.MIN_AREA = 0
+# Remove predicted objects smaller than this many µm² (0 = keep all): the same physical size on
+# slides of any pixel size (needs each slide's pixel size; the larger of this and MIN_AREA applies).
+_C.TEST.MIN_AREA_UM2 = 0.0
 # Output CSV (id,predicted); "" = OUTPUT_DIR/submission.csv.
 _C.TEST.OUTPUT_CSV = ""
 # Slides: CSV of true masks (id,encoding) to score the predictions with; "" = no scoring.

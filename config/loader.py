@@ -196,6 +196,7 @@ def validate_cfg(cfg: CN) -> None:
     _check(t.BLEND in ("gaussian", "constant"), f"TEST.BLEND must be 'gaussian' or 'constant', got {t.BLEND!r}")
     _check(t.UPSAMPLE in ("bilinear", "nearest"), f"TEST.UPSAMPLE must be 'bilinear' or 'nearest', got {t.UPSAMPLE!r}")
     _check(t.MIN_AREA >= 0, f"TEST.MIN_AREA must be >= 0, got {t.MIN_AREA}")
+    _check(t.MIN_AREA_UM2 >= 0, f"TEST.MIN_AREA_UM2 must be >= 0, got {t.MIN_AREA_UM2}")
     for key, value in (("INPUT.PIXEL_MEAN", i.PIXEL_MEAN), ("INPUT.PIXEL_STD", i.PIXEL_STD)):
         _check(len(value) in (0, 3), f"{key} must be empty or have 3 values (RGB), got {list(value)}")
         _check(

@@ -506,45 +506,53 @@ class TiffSlide(Slide):
                 self.pixel_size, self.mpp_note = tiff_pixel_size(self._tif, page)
             self.levels.append(LevelInfo((lh, lw), (h0 / lh + w0 / lw) / 2.0))
 
-    def _channel_names(self, n: int) -> List[str]:
-        """The channels' names: OME-XML ``Channel Name``, PerkinElmer ``<Name>`` per page, else
-        ``channel <i>``."""
-        names: List[str] = []
+    def _named_channels(self, n: int) -> Optional[List[str]]:
+        """The channels' names when the file gives them (OME-XML ``Channel Name``, PerkinElmer
+        QPTIFF ``<Name>`` per page), else None."""
         xml = getattr(self._tif, "ome_metadata", None) if getattr(self._tif, "is_ome", False) else None
         if xml:
             names = re.findall(r'<(?:\w+:)?Channel\b[^>]*?\bName="([^"]*)"', xml)
-        if len(names) != n:
-            names = []
-            for page in list(self._tif.pages)[:n]:
-                match = re.search(r"<Name>([^<]*)</Name>", getattr(page, "description", "") or "")
-                names.append(match.group(1) if match else "")
-        return [name or f"channel {i}" for i, name in enumerate(names[:n])] + \
-            [f"channel {i}" for i in range(len(names), n)]
+            if len(names) == n and any(names):
+                return names
+        names = []
+        for page in list(self._tif.pages)[:n]:
+            match = re.search(r"<Name>([^<]*)</Name>", getattr(page, "description", "") or "")
+            names.append(match.group(1) if match else "")
+        return names if any(names) else None
 
     def _check_channels(self, series, level, channels: int, axis: str, tifffile) -> None:
-        """Separate greyscale channels (fluorescence: QPTIFF, OME with channels, channel pages) are
-        not RGB brightfield: refused, naming them, unless ``channels`` picks three to read as R,
-        G, B. An RGB(A) image, planar or interleaved, passes."""
+        """Separate greyscale channels (fluorescence: QPTIFF, OME with named channels, channel
+        pages, anything but 3 unnamed planes) are not RGB brightfield: refused, naming them, unless
+        ``channels`` picks three to read as R, G, B. RGB(A), planar or interleaved, passes; so do
+        3 unnamed greyscale planes (the ``(1, 1, 3, H, W)`` layout of HuBMAP slides), with a warning."""
         photometric = level.keyframe.photometric
         grey = photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.MINISWHITE)
         separate_series = [s for s in self._tif.series[1:] if tuple(s.shape) == tuple(series.shape)
                            and s.keyframe.photometric == photometric and s.dtype == series.dtype]
         if grey and channels == 1 and separate_series:  # one greyscale series per channel
             n = 1 + len(separate_series)
+            names = self._named_channels(n) or [f"channel {i}" for i in range(n)]
             raise SlideError(
-                f"{self.path}: {n} greyscale channels stored as separate images ({', '.join(self._channel_names(n))}): "
-                "a fluorescence slide, not RGB brightfield; convert it to one multi-channel OME-TIFF to pick three "
-                "channels with INPUT.CHANNELS")
-        fluorescence = grey and channels > 1 or (channels > 4 and photometric != tifffile.PHOTOMETRIC.RGB)
+                f"{self.path}: {n} channels stored as separate greyscale images ({', '.join(names)}): a fluorescence "
+                "slide, not RGB brightfield; convert it to one multi-channel OME-TIFF to pick three channels with "
+                "INPUT.CHANNELS")
         if self._select and channels <= 1:
             raise SlideError(f"{self.path}: INPUT.CHANNELS {list(self._select)} set, but the slide has one channel")
+        named = self._named_channels(channels) if channels > 1 else None
+        rgb_names = named is not None and [n.strip().lower()[:1] for n in named] == ["r", "g", "b"]
+        fluorescence = (grey and channels > 1 and (channels != 3 or (named is not None and not rgb_names)
+                                                    or getattr(self._tif, "is_qpi", False))) \
+            or (channels > 4 and photometric != tifffile.PHOTOMETRIC.RGB)
         if not fluorescence and not self._select:
+            if grey and channels == 3:
+                logger.warning("%s: 3 unnamed greyscale planes read as R, G, B (the HuBMAP layout); if it is a "
+                               "fluorescence slide, INPUT.CHANNELS says which channel is which", self.path)
             return
-        names = self._channel_names(channels)
+        names = named or [f"channel {i}" for i in range(channels)]
         listed = ", ".join(f"{i}: {name}" for i, name in enumerate(names))
         if not self._select:
             raise SlideError(
-                f"{self.path}: {channels} greyscale channels ({listed}): a fluorescence (multi-channel) slide, "
+                f"{self.path}: {channels} channels, each greyscale ({listed}): a fluorescence (multi-channel) slide, "
                 "not RGB brightfield; set INPUT.CHANNELS to the three channel indices to read as R, G, B "
                 "(e.g. [0, 1, 2]) to use it anyway")
         if len(self._select) != 3 or not all(0 <= c < channels for c in self._select):

@@ -274,12 +274,28 @@ def _predict(cfg: CN, item: _Input, predict, progress, helper) -> Tuple[np.ndarr
     return prob, n_windows
 
 
-def _final_mask(cfg: CN, grid: TileGrid, prob: np.ndarray, threshold: float) -> np.ndarray:
-    """Stage 3a: the low-res mask; objects under ``TEST.MIN_AREA`` are removed from it and
-    from ``prob`` (in place), so they stay out of the upsampled mask too."""
+def min_area_px(min_area: int, min_area_um2: float, mpp: Optional[float], slide_id: str = "") -> float:
+    """The smallest object kept, in level-0 pixels: the larger of ``TEST.MIN_AREA`` (px) and
+    ``TEST.MIN_AREA_UM2`` converted with the slide's pixel size (ignored, with a warning, when
+    the pixel size is unknown)."""
+    area = float(min_area)
+    if min_area_um2 > 0:
+        if mpp:
+            area = max(area, min_area_um2 / (mpp * mpp))
+        else:
+            logger.warning("%s: TEST.MIN_AREA_UM2 needs the pixel size (unknown; TEST.MPP sets it): not applied",
+                           slide_id)
+    return area
+
+
+def _final_mask(cfg: CN, item: "_Input", prob: np.ndarray, threshold: float, slide_id: str = "") -> np.ndarray:
+    """Stage 3a: the low-res mask; objects under ``TEST.MIN_AREA`` (px) / ``TEST.MIN_AREA_UM2``
+    are removed from it and from ``prob`` (in place), so they stay out of the upsampled mask too."""
+    grid = item.grid
     mask = threshold_mask(prob, threshold)
-    if cfg.TEST.MIN_AREA > 0:
-        kept = remove_small_objects(mask, int(round(cfg.TEST.MIN_AREA / grid.reduce**2)))
+    smallest = min_area_px(cfg.TEST.MIN_AREA, cfg.TEST.MIN_AREA_UM2, item.mpp.mpp if item.mpp else None, slide_id)
+    if smallest > 0:
+        kept = remove_small_objects(mask, int(round(smallest / grid.reduce**2)))
         prob[mask > kept] = 0
         mask = kept
     return mask
@@ -338,7 +354,7 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
     start = time.perf_counter()
     prob, n_windows = _predict(cfg, item, predict, progress, helper)
     windows_s = time.perf_counter() - start
-    mask = _final_mask(cfg, grid, prob, threshold)
+    mask = _final_mask(cfg, item, prob, threshold, slide_id)
     # the pictures are drawn while the RLE is encoded (and the objects measured)
     pictures = helper.submit(_pictures, slide_id, item.image, mask, grid, truth_rle, out_dir, not cfg.TEST.MEASURE)
     try:
@@ -475,7 +491,7 @@ def ensemble_threshold(th: float, ckpts: List[Dict[str, object]]) -> Tuple[float
 def _settings(cfg: CN, paths: List[str], reduce: int, size: int, threshold: float) -> Dict[str, object]:
     t = cfg.TEST
     return {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
-            "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": threshold, "min_area": t.MIN_AREA,
+            "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": threshold, "min_area": t.MIN_AREA, "min_area_um2": t.MIN_AREA_UM2,
             "upsample": t.UPSAMPLE, "s_th": t.S_TH, "p_th": t.P_TH, "mpp": t.MPP, "measure": t.MEASURE}
 
 

@@ -25,17 +25,23 @@ def _qptiff_like(path):
 
 
 def test_fluorescence_channels_are_refused_naming_them(tmp_path):
-    tifffile.imwrite(str(tmp_path / "planes.tif"), _DATA, photometric="minisblack")
-    with pytest.raises(SlideError, match=r"planes.tif: 3 greyscale channels \(0: channel 0, 1: channel 1, "
-                                         r"2: channel 2\): a fluorescence .* set INPUT.CHANNELS"):
+    planes = np.concatenate([_DATA, _DATA[:2]])  # 5 unnamed greyscale planes
+    tifffile.imwrite(str(tmp_path / "planes.tif"), planes, photometric="minisblack", metadata={"axes": "CYX"})
+    with pytest.raises(SlideError, match=r"planes.tif: 5 channels, each greyscale \(0: channel 0, 1: channel 1, "
+                                         r"2: channel 2, 3: channel 3, 4: channel 4\): a fluorescence .* set "
+                                         r"INPUT.CHANNELS"):
         open_slide(str(tmp_path / "planes.tif"))
     tifffile.imwrite(str(tmp_path / "f.ome.tif"), _DATA, photometric="minisblack",
                      metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "FITC", "Cy5"]}})
-    with pytest.raises(SlideError, match=r"f.ome.tif: 3 greyscale channels \(0: DAPI, 1: FITC, 2: Cy5\)"):
+    with pytest.raises(SlideError, match=r"f.ome.tif: 3 channels, each greyscale \(0: DAPI, 1: FITC, 2: Cy5\)"):
         open_slide(str(tmp_path / "f.ome.tif"))
-    with pytest.raises(SlideError, match=r"qp.tif: 3 greyscale channels stored as separate images \(DAPI, FITC, "
+    with pytest.raises(SlideError, match=r"qp.tif: 3 channels stored as separate greyscale images \(DAPI, FITC, "
                                          r"Cy5\)"):
         open_slide(_qptiff_like(tmp_path / "qp.tif"))
+    # 3 unnamed greyscale planes are the (1, 1, 3, H, W) layout of HuBMAP slides: RGB, with a warning
+    tifffile.imwrite(str(tmp_path / "hubmap.tif"), _DATA[None, None], photometric="minisblack")
+    with open_slide(str(tmp_path / "hubmap.tif")) as slide:
+        assert (slide.read_level(0, 0, 0, 64, 96) == _DATA.transpose(1, 2, 0)).all()
 
 
 def test_three_picked_channels_read_as_rgb_and_planar_rgb_stays_rgb(tmp_path):
@@ -65,7 +71,7 @@ def test_tiles_creator_refuses_a_fluorescence_slide_with_one_line(tmp_path):
     result = run_script("tiles_creator.py", *args)
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
-    assert "vectra.tif: 3 greyscale channels (0: DAPI, 1: FITC, 2: Cy5)" in errors[0]
+    assert "vectra.tif: 3 channels, each greyscale (0: DAPI, 1: FITC, 2: Cy5)" in errors[0]
     assert not out.exists() or not list(out.rglob("*.png"))
     picked = run_script("tiles_creator.py", *args, "INPUT.CHANNELS", "[0, 1, 2]")
     assert picked.returncode == 0 and "DAPI, FITC, Cy5 read as R, G, B" in picked.stderr

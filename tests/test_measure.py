@@ -242,6 +242,14 @@ def test_same_tissue_at_two_resolutions_gives_the_same_objects(tmp_path):
         assert abs(results[mpp][0] - count) <= 0.05 * count, results
         assert results[mpp][1] == pytest.approx(area, rel=0.05), results
         assert results[mpp][2] == pytest.approx(tissue, rel=0.05), results
+    # TEST.MIN_AREA_UM2 drops the same physical specks at both resolutions
+    kept = {}
+    for mpp in (0.5, 0.25):
+        _, rows = _predict_objects(folders[mpp], tmp_path / "model.pth", tmp_path / f"min_{mpp}", "TEST.MIN_AREA_UM2",
+                                   "100")
+        kept[mpp] = [float(r["area_um2"]) for r in rows]
+    assert abs(len(kept[0.25]) - len(kept[0.5])) <= 0.05 * len(kept[0.5]) and min(kept[0.5] + kept[0.25]) > 50
+    assert sum(kept[0.25]) == pytest.approx(sum(kept[0.5]), rel=0.05)
     # control: without the checkpoint's pixel size the 0.25 um/px slide is read at reduction 4,
     # i.e. at twice the model's resolution, and the objects change
     _blob_checkpoint(tmp_path / "old.pth", None)
