@@ -33,7 +33,7 @@ from yacs.config import CfgNode as CN
 
 from data.sources import TileJob, load_pair_mask, pairs_jobs, wsi_jobs
 from data.tiling import (ArrayMask, ResampledMask, RLEMask, TileGrid, iter_tile_rows, mask_band, pixel_limit,
-                         tissue_columns)
+                         tile_panels, tissue_columns)
 from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, check_mpp, image_pixel_size,
                       open_slide, read_image, resolve_mpp)
 from utils.io import atomic_write_bytes, atomic_write_json, read_json
@@ -267,23 +267,28 @@ def tile_slide(
     # the order tiles are visited in (so a resumed run has identical stats).
     histogram = np.zeros((3, 256), dtype=np.int64)
     record.n_tiles = grid.n_tiles
-    for tile_row, band in iter_tile_rows(slide, grid):
-        keep = np.flatnonzero(tissue_columns(band, size, saturation_threshold, limit))
-        masks = mask_band(mask, grid, tile_row) if keep.size else None
-        for col in keep.tolist():
-            tile = np.ascontiguousarray(band[:, col * size:(col + 1) * size])
-            tile_mask = np.ascontiguousarray(masks[:, col * size:(col + 1) * size])
-            index = tile_row * grid.n_cols + col
-            for channel in range(3):
-                counts = cv2.calcHist([tile], [channel], None, [256], [0, 256])
-                histogram[channel] += counts[:, 0].astype(np.int64)
-            record.kept.append(index)
-            record.mask_pixels += int(tile_mask.sum(dtype=np.int64))
-            if writer is not None:
-                writer.submit(tile_name(record.id, index, grid.reduce), tile, tile_mask)
-        if progress is not None:
-            progress.update(1)
-        pause_point("tiler.tile_row")
+    panels = tile_panels(slide, grid)  # column panels: memory flat in the slide's width
+    if progress is not None and len(panels) > 1:
+        progress.reset(total=grid.n_rows * len(panels))
+    for c0, c1 in panels:
+        for tile_row, band in iter_tile_rows(slide, grid, (c0, c1)):
+            keep = np.flatnonzero(tissue_columns(band, size, saturation_threshold, limit))
+            masks = mask_band(mask, grid, tile_row, (c0, c1)) if keep.size else None
+            for col in keep.tolist():
+                tile = np.ascontiguousarray(band[:, col * size:(col + 1) * size])
+                tile_mask = np.ascontiguousarray(masks[:, col * size:(col + 1) * size])
+                index = tile_row * grid.n_cols + c0 + col
+                for channel in range(3):
+                    counts = cv2.calcHist([tile], [channel], None, [256], [0, 256])
+                    histogram[channel] += counts[:, 0].astype(np.int64)
+                record.kept.append(index)
+                record.mask_pixels += int(tile_mask.sum(dtype=np.int64))
+                if writer is not None:
+                    writer.submit(tile_name(record.id, index, grid.reduce), tile, tile_mask)
+            if progress is not None:
+                progress.update(1)
+            pause_point("tiler.tile_row")
+    record.kept.sort()
     values = np.arange(256, dtype=np.int64)
     record.pixel_sum = (histogram @ values).tolist()
     record.pixel_sumsq = (histogram @ (values * values)).tolist()

@@ -19,7 +19,7 @@ is a block mean, so it can be computed block row by block row).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -39,6 +39,7 @@ __all__ = [
     "ArrayMask",
     "ResampledMask",
     "iter_tile_rows",
+    "tile_panels",
     "mask_band",
 ]
 
@@ -271,17 +272,21 @@ class _RowDownscaler:
 
 
 def _streamed_rows(
-    slide: Slide, level: int, factor: int, pad_top: int, pad_left: int, out_rows: int, out_cols: int
+    slide: Slide, level: int, factor: int, pad_top: int, pad_left: int, out_rows: int, out_cols: int,
+    first_col: int = 0,
 ) -> Iterator[np.ndarray]:
     """Consecutive rows of ``cv2.resize(padded_level, INTER_AREA)`` by the integer ``factor``.
 
     ``padded_level`` is ``level`` of the slide with ``pad_top`` zero rows above and
     ``pad_left`` zero columns on the left, cropped or zero-extended to
-    ``(out_rows * factor, out_cols * factor)``. Yields arrays of ``(n, out_cols, 3)``.
+    ``(out_rows * factor, out_cols * factor)``; with ``first_col``, the output columns
+    ``first_col ... first_col + out_cols`` of it (a column panel: only the level columns under
+    it are read). Yields arrays of ``(n, out_cols, 3)``.
     """
     lh, lw = slide.levels[level].shape
     r = factor
-    downscale = _RowDownscaler(lw, r, pad_left, out_cols)
+    p0 = first_col * r  # the panel's first padded column
+    a, b = max(0, p0 - pad_left), min(lw, p0 + out_cols * r - pad_left)  # the level columns under it
     emitted = 0
 
     def emit(rows: np.ndarray):
@@ -290,11 +295,16 @@ def _streamed_rows(
         emitted += take
         return rows[:take]
 
+    if b <= a:  # the panel lies in the padding
+        yield emit(np.zeros((out_rows, out_cols, 3), dtype=np.uint8))
+        return
+    downscale = _RowDownscaler(b - a, r, max(0, pad_left - p0), out_cols)
     zero_blocks, carry_rows = divmod(pad_top, r)
     if zero_blocks:
         yield emit(np.zeros((zero_blocks, out_cols, 3), dtype=np.uint8))
-    carry = np.zeros((carry_rows, lw, 3), dtype=np.uint8)  # rows waiting to fill a block
-    for _, strip in slide.iter_strips(level, reuse_buffer=True):
+    carry = np.zeros((carry_rows, b - a, 3), dtype=np.uint8)  # rows waiting to fill a block
+    cols = None if (a, b) == (0, lw) else (a, b)
+    for _, strip in slide.iter_strips(level, reuse_buffer=True, cols=cols):
         if emitted >= out_rows:
             break
         if carry.shape[0]:
@@ -309,25 +319,47 @@ def _streamed_rows(
             yield emit(downscale(strip[:usable]))
         carry = strip[usable:].copy()
     if carry.shape[0] and emitted < out_rows:
-        block = np.zeros((r, lw, 3), dtype=np.uint8)
+        block = np.zeros((r, b - a, 3), dtype=np.uint8)
         block[: carry.shape[0]] = carry
         yield emit(downscale(block))
     if emitted < out_rows:
         yield emit(np.zeros((out_rows - emitted, out_cols, 3), dtype=np.uint8))
 
 
-def iter_tile_rows(slide: Slide, grid: TileGrid) -> Iterator[Tuple[int, np.ndarray]]:
+# Tiling reads a wide slide in column panels of about this many level pixels, so its memory does
+# not grow with the slide's width (tiles do not overlap: a panel's tiles need only its columns).
+PANEL_PIXELS = 16384
+
+
+def tile_panels(slide: Slide, grid: TileGrid) -> List[Tuple[int, int]]:
+    """The tile-column ranges ``(c0, c1)`` to tile ``grid`` in: one for a slide narrower than
+    two panels or stored in full-width strips (reading part of a strip decodes all of it), else
+    panels of ``PANEL_PIXELS`` level pixels (a whole number of tiles)."""
+    level = slide.best_level(grid.reduce)
+    downsample = slide.levels[level].downsample if level else 1.0
+    lw = slide.levels[level].shape[1]
+    span = grid.span / downsample  # level pixels per tile
+    if lw < 2 * PANEL_PIXELS or slide.chunk_cols(level) >= lw:
+        return [(0, grid.n_cols)]
+    per_panel = max(1, int(PANEL_PIXELS // span))
+    return [(c, min(grid.n_cols, c + per_panel)) for c in range(0, grid.n_cols, per_panel)]
+
+
+def iter_tile_rows(slide: Slide, grid: TileGrid, cols: Optional[Tuple[int, int]] = None
+                   ) -> Iterator[Tuple[int, np.ndarray]]:
     """Yield ``(tile_row, band)`` for every tile row of ``grid``, top to bottom.
 
     ``band`` is ``(size, n_cols * size, 3)`` uint8: the padded slide downscaled by
-    ``grid.reduce``, rows ``tile_row * size`` to ``(tile_row + 1) * size``. The slide is read
+    ``grid.reduce``, rows ``tile_row * size`` to ``(tile_row + 1) * size`` (with ``cols = (c0,
+    c1)``, only tile columns ``c0:c1``: ``(size, (c1 - c0) * size, 3)``, the same pixels). The slide is read
     from the pyramid level nearest below ``grid.reduce``; when the rest of the downscale is an
     integer (always on level 0) the level is streamed once in strips, else each band is read
     as a region and resized with ``cv2.INTER_AREA``.
     """
     if tuple(slide.shape) != (grid.height, grid.width):
         raise ValueError(f"grid is for a {grid.height} x {grid.width} slide, got {slide.shape}")
-    size, out_cols = grid.size, grid.n_cols * grid.size
+    c0, c1 = cols if cols is not None else (0, grid.n_cols)
+    size, out_cols = grid.size, (c1 - c0) * grid.size
     level = slide.best_level(grid.reduce)
     downsample = slide.levels[level].downsample if level else 1.0
     rest = grid.reduce / downsample
@@ -341,6 +373,7 @@ def iter_tile_rows(slide: Slide, grid: TileGrid) -> Iterator[Tuple[int, np.ndarr
             int(round(grid.pad_left / downsample)),
             grid.n_rows * size,
             out_cols,
+            c0 * size,
         )
         band = np.empty((size, out_cols, 3), dtype=np.uint8)
         filled, tile_row = 0, 0
@@ -358,13 +391,15 @@ def iter_tile_rows(slide: Slide, grid: TileGrid) -> Iterator[Tuple[int, np.ndarr
         return
     for tile_row in range(grid.n_rows):
         y = tile_row * grid.span - grid.pad_top
-        yield tile_row, slide.read(y, -grid.pad_left, grid.span, grid.n_cols * grid.span, grid.reduce)
+        yield tile_row, slide.read(y, c0 * grid.span - grid.pad_left, grid.span, (c1 - c0) * grid.span, grid.reduce)
 
 
-def mask_band(mask, grid: TileGrid, tile_row: int) -> np.ndarray:
-    """The ``(size, n_cols * size)`` mask rows of ``tile_row``: INTER_NEAREST by ``reduce``
-    of the zero-padded mask, i.e. padded pixel ``(reduce * i, reduce * j)``."""
+def mask_band(mask, grid: TileGrid, tile_row: int, cols: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """The ``(size, n_cols * size)`` mask rows of ``tile_row`` (tile columns ``cols = (c0, c1)``
+    only, when given): INTER_NEAREST by ``reduce`` of the zero-padded mask, i.e. padded pixel
+    ``(reduce * i, reduce * j)``."""
     y = tile_row * grid.span - grid.pad_top
+    c0, c1 = cols if cols is not None else (0, grid.n_cols)
     return mask.window(
-        (y, y + grid.span), (-grid.pad_left, grid.n_cols * grid.span - grid.pad_left), grid.reduce
+        (y, y + grid.span), (c0 * grid.span - grid.pad_left, c1 * grid.span - grid.pad_left), grid.reduce
     )

@@ -216,6 +216,11 @@ class Slide:
         decode each chunk once."""
         return 512
 
+    def chunk_cols(self, level: int) -> int:
+        """Columns of one storage chunk of ``level``: the level's width for strips (a read of
+        some columns then decodes whole rows); a tile's width for tiled levels."""
+        return self.levels[level].shape[1]
+
     # --- public API ----------------------------------------------------------------------
     @property
     def shape(self) -> Tuple[int, int]:
@@ -266,9 +271,10 @@ class Slide:
         return region
 
     def iter_strips(
-        self, level: int = 0, min_rows: int = 512, reuse_buffer: bool = False
+        self, level: int = 0, min_rows: int = 512, reuse_buffer: bool = False, cols: Optional[Tuple[int, int]] = None
     ) -> Iterator[Tuple[int, np.ndarray]]:
-        """Yield ``(y0, strip)`` full-width strips of ``level`` from top to bottom.
+        """Yield ``(y0, strip)`` strips of ``level`` from top to bottom: full width, or the
+        columns ``cols = (x0, x1)`` (inside the level).
 
         Strip heights are a multiple of the storage chunk height, so each chunk is decoded
         once; the next strip is decoded in a background thread while the caller works.
@@ -277,15 +283,16 @@ class Slide:
         asks for the next one.
         """
         lh, lw = self.levels[level].shape
+        x0, x1 = cols if cols is not None else (0, lw)
         chunk = max(1, int(self.chunk_rows(level)))
         step = chunk * max(1, math.ceil(min_rows / chunk))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="strip") as pool:
-            future = pool.submit(self._checked_read, level, 0, min(step, lh), 0, lw)
+            future = pool.submit(self._checked_read, level, 0, min(step, lh), x0, x1)
             for y0 in range(0, lh, step):
                 strip = future.result()
                 nxt = y0 + step
                 if nxt < lh:
-                    future = pool.submit(self._checked_read, level, nxt, min(nxt + step, lh), 0, lw)
+                    future = pool.submit(self._checked_read, level, nxt, min(nxt + step, lh), x0, x1)
                 yield y0, strip
 
     def describe(self) -> str:
@@ -607,18 +614,28 @@ class TiffSlide(Slide):
     def chunk_rows(self, level: int) -> int:
         return self._chunk_rows[level]
 
+    def chunk_cols(self, level: int) -> int:
+        page = self._direct[level]
+        if page is not None:
+            return int(page.chunks[1])
+        array = self._arrays[level]
+        if isinstance(array, np.memmap):
+            return 1  # any columns of a memory map are read without decoding anything else
+        return int(array.chunks[self._index[level][3]])
+
     def iter_strips(
-        self, level: int = 0, min_rows: int = 512, reuse_buffer: bool = False
+        self, level: int = 0, min_rows: int = 512, reuse_buffer: bool = False, cols: Optional[Tuple[int, int]] = None
     ) -> Iterator[Tuple[int, np.ndarray]]:
         """As :meth:`Slide.iter_strips`; for a tiled or stripped page, its tiles are decoded
         directly with tifffile on a thread pool (faster than going through zarr), the next
-        strip's tiles while the caller works on this one."""
+        strip's tiles while the caller works on this one; with ``cols``, only the tiles of those
+        columns."""
         page = self._direct[level]
         if page is None:
-            yield from super().iter_strips(level, min_rows)
+            yield from super().iter_strips(level, min_rows, cols=cols)
             return
         try:
-            yield from self._iter_direct(page, level, min_rows, reuse_buffer)
+            yield from self._iter_direct(page, level, min_rows, reuse_buffer, cols)
         except SlideError:
             raise
         except Exception as exc:  # a corrupt tile table, a short read...
@@ -627,10 +644,14 @@ class TiffSlide(Slide):
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
-    def _iter_direct(self, page, level: int, min_rows: int, reuse_buffer: bool):
+    def _iter_direct(self, page, level: int, min_rows: int, reuse_buffer: bool, cols=None):
         lh, lw = self.levels[level].shape
         seg_h, seg_w = int(page.chunks[0]), int(page.chunks[1])
         n_down, n_across = int(page.chunked[0]), int(page.chunked[1])
+        x0, x1 = cols if cols is not None else (0, lw)
+        j0, j1 = x0 // seg_w, min(n_across, -(-x1 // seg_w))  # the tile columns the strips need
+        left = j0 * seg_w  # level column of the buffer's first column
+        width = min(lw, j1 * seg_w) - left
         samples = int(page.samplesperpixel)
         per_strip = max(1, math.ceil(min_rows / seg_h))
         kwargs = {"_fullsize": True}
@@ -655,10 +676,11 @@ class TiffSlide(Slide):
             def submit(first: int):
                 last = min(first + per_strip, n_down)
                 futures = []
-                for index in range(first * n_across, last * n_across):
-                    if counts[index]:
-                        fh.seek(offsets[index])
-                        futures.append((index, pool.submit(decode_one, index, fh.read(counts[index]))))
+                for row in range(first, last):
+                    for index in range(row * n_across + j0, row * n_across + j1):
+                        if counts[index]:
+                            fh.seek(offsets[index])
+                            futures.append((index, pool.submit(decode_one, index, fh.read(counts[index]))))
                 return first, last, futures
 
             pending = submit(0)
@@ -668,19 +690,19 @@ class TiffSlide(Slide):
                 pending = submit(last) if last < n_down else None
                 y0, y1 = first * seg_h, min(last * seg_h, lh)
                 if buffer is None or not reuse_buffer:
-                    buffer = np.empty((per_strip * seg_h, lw, samples), dtype=np.uint8)
+                    buffer = np.empty((per_strip * seg_h, width, samples), dtype=np.uint8)
                 strip = buffer[: y1 - y0]
-                if len(futures) < (last - first) * n_across:
+                if len(futures) < (last - first) * (j1 - j0):
                     strip[:] = 0  # sparse file: tiles without data read as 0
                 for index, future in futures:
                     segment = future.result()
                     row, col = divmod(index, n_across)
-                    top, left = row * seg_h - y0, col * seg_w
-                    h, w = min(seg_h, y1 - y0 - top), min(seg_w, lw - left)
-                    strip[top:top + h, left:left + w] = segment.reshape(
+                    top, start = row * seg_h - y0, col * seg_w - left
+                    h, w = min(seg_h, y1 - y0 - top), min(seg_w, width - start)
+                    strip[top:top + h, start:start + w] = segment.reshape(
                         seg_h, seg_w, samples
                     )[:h, :w]
-                yield y0, _to_rgb(strip, samples)
+                yield y0, _to_rgb(strip[:, x0 - left:x1 - left], samples)
 
     def _read_raw(self, level, y0, y1, x0, x1):
         index, perm, y_axis, x_axis, add_axis = self._index[level]

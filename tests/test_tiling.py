@@ -232,3 +232,42 @@ def test_band_tissue_test_equals_the_per_tile_test():
                       for c in range(2048 // size)]
             assert columns.tolist() == single
             assert 0 < sum(single) < len(single)
+
+
+@requires_shared
+@pytest.mark.parametrize("reduce, downsamples", [(1, ()), (3, ()), (4, (4,)), (3, (2,))])
+def test_column_panels_give_the_same_tiles_as_full_width(tmp_path, monkeypatch, reduce, downsamples):
+    """Tiling a wide slide in column panels (memory flat in width) writes the very tiles, masks
+    and stats of full-width tiling: panels at odd offsets, from level 0, from a pyramid level,
+    and through the non-integer resize path (reduction 3 from a 2x level)."""
+    import json
+
+    import data.tiling
+    from config import load_cfg
+    from data.tiler import create_tiles
+    from utils.rle import rle_encode
+
+    height, width = 1300, 3100
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    write_slide(str(wsi / "wide.tiff"), (height, width), lambda a, b, c, d, s: mosaic_region(a, b, c, d, s),
+                tile=256, compression=("jpeg", 90), downsamples=downsamples)
+    yy, xx = np.mgrid[:height, :width]
+    mask = (((yy - 600) ** 2 + (xx - 1700) ** 2 < 400 ** 2) | ((xx // 211 + yy // 97) % 7 == 0)).astype(np.uint8)
+    (tmp_path / "train.csv").write_text(f"id,encoding\nwide,{rle_encode(mask)}\n")
+    common = ["DATASETS.WSI_FOLDER", str(wsi), "DATASETS.LABELS_CSV", str(tmp_path / "train.csv"),
+              "INPUT.SIZE_TRAIN", "64", "INPUT.SIZE_REDUCTION_TRAIN", str(reduce), "INPUT.PIXEL_THRESHOLD", "50"]
+    full = create_tiles(load_cfg(None, common + ["DATASETS.TRAIN_FOLDER", str(tmp_path / "full")]))
+    monkeypatch.setattr(data.tiling, "PANEL_PIXELS", 300)
+    with open_slide(str(wsi / "wide.tiff")) as slide:
+        grid = TileGrid(height, width, 64, reduce)
+        assert len(data.tiling.tile_panels(slide, grid)) > 2
+    panels = create_tiles(load_cfg(None, common + ["DATASETS.TRAIN_FOLDER", str(tmp_path / "panels")]))
+    assert json.dumps(full, sort_keys=True) == json.dumps(panels, sort_keys=True)
+    for kind in ("images", "masks"):
+        names = sorted(os.listdir(tmp_path / "full" / f"{kind}_64_red{reduce}"))
+        assert names and names == sorted(os.listdir(tmp_path / "panels" / f"{kind}_64_red{reduce}"))
+        for name in names:
+            a = cv2.imread(str(tmp_path / "full" / f"{kind}_64_red{reduce}" / name), cv2.IMREAD_UNCHANGED)
+            b = cv2.imread(str(tmp_path / "panels" / f"{kind}_64_red{reduce}" / name), cv2.IMREAD_UNCHANGED)
+            assert (a == b).all(), name
