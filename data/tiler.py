@@ -34,8 +34,8 @@ from yacs.config import CfgNode as CN
 from data.sources import TileJob, load_pair_mask, pairs_jobs, wsi_jobs
 from data.tiling import (ArrayMask, ResampledMask, RLEMask, TileGrid, iter_tile_rows, mask_band, pixel_limit,
                          tile_panels, tissue_columns)
-from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, check_mpp, image_pixel_size,
-                      open_slide, read_image, resolve_mpp)
+from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, image_pixel_size,
+                      open_slide, read_image)
 from utils.io import atomic_write_bytes, atomic_write_json, read_json
 from utils.rle import parse_rle
 from utils.setup import pause_point, save_config
@@ -297,15 +297,10 @@ def tile_slide(
 
 
 def _pixel_size(job: TileJob, cfg: CN, slide: Optional[Slide] = None) -> Optional[PixelSize]:
-    """The pixel size of a job's image (DATASETS.MPP, else its metadata), checked."""
-    if cfg.DATASETS.MPP:
-        return PixelSize(check_mpp(cfg.DATASETS.MPP, "DATASETS.MPP"), "DATASETS.MPP")
-    if slide is None:
-        found, _ = image_pixel_size(job.image_path)
-        if found is not None:
-            check_mpp(found.mpp, f"{job.image_path} ({found.source}; set DATASETS.MPP to override)")
-        return found
-    return resolve_mpp(slide, 0.0, "DATASETS.MPP")
+    """The pixel size of a job's image (DATASETS.MPP, else its metadata: the open ``slide``'s,
+    or the image header's), checked."""
+    found = slide.pixel_size if slide is not None else image_pixel_size(job.image_path)[0]
+    return choose_mpp(found, job.image_path, cfg.DATASETS.MPP, "DATASETS.MPP")
 
 
 def _resample_factor(job: TileJob, cfg: CN, mpp: Optional[PixelSize], note: str) -> float:
@@ -345,7 +340,7 @@ def _open_job(job: TileJob, cfg: CN, workers: int) -> Tuple[Slide, object, Optio
             )
         slide, mask = ArraySlide(image, job.image_path), ArrayMask(mask)
         slide.pixel_size, slide.mpp_note = image_pixel_size(job.image_path)
-        mpp = _pixel_size(job, cfg)
+        mpp = _pixel_size(job, cfg, slide)
         factor = _resample_factor(job, cfg, mpp, slide.mpp_note)
     if factor != 1.0:
         slide = ResampledSlide(slide, factor)

@@ -44,6 +44,7 @@ __all__ = [
     "MAX_MPP",
     "PixelSize",
     "check_mpp",
+    "choose_mpp",
     "resolve_mpp",
     "tiff_pixel_size",
     "image_pixel_size",
@@ -166,17 +167,21 @@ def image_pixel_size(path: str) -> Tuple[Optional[PixelSize], str]:
     return PixelSize(mpp, "image header resolution"), ""
 
 
-def resolve_mpp(slide: "Slide", override: float, key: str) -> Optional[PixelSize]:
-    """The pixel size to use for ``slide``: the config key ``key`` (``override`` > 0) wins over
-    the slide's metadata; an impossible value from either raises :class:`SlideError` naming its
-    source; None when neither knows it."""
+def choose_mpp(found: Optional[PixelSize], path: str, override: float, key: str) -> Optional[PixelSize]:
+    """The pixel size to use for the file ``path`` whose metadata says ``found``: the config key
+    ``key`` (``override`` > 0) wins over the metadata; an impossible value from either raises
+    :class:`SlideError` naming its source; None when neither knows it."""
     if override:
         return PixelSize(check_mpp(override, key), key)
-    found = slide.pixel_size
     if found is None:
         return None
-    check_mpp(found.mpp, f"{slide.path} ({found.source}; set {key} to override)")
+    check_mpp(found.mpp, f"{path} ({found.source}; set {key} to override)")
     return found
+
+
+def resolve_mpp(slide: "Slide", override: float, key: str) -> Optional[PixelSize]:
+    """:func:`choose_mpp` for an open slide."""
+    return choose_mpp(slide.pixel_size, slide.path, override, key)
 
 
 @dataclass(frozen=True)

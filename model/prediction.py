@@ -52,7 +52,7 @@ from yacs.config import CfgNode as CN
 
 from data.sources import files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_id_of
 from data.tiling import RLEMask, TileGrid, mask_band
-from data.wsi import (SLIDE_EXTENSIONS, ArraySlide, PixelSize, check_mpp, image_pixel_size, open_slide, read_image,
+from data.wsi import (SLIDE_EXTENSIONS, ArraySlide, PixelSize, choose_mpp, image_pixel_size, open_slide, read_image,
                       resolve_mpp)
 from model.build import resolve_device
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
@@ -215,11 +215,16 @@ def _scale(slide, ckpt_mpp: Optional[float], reduce: int, override: float) -> Tu
     return float(reduce), mpp, f"read at the checkpoints' reduction {reduce} ({why})"
 
 
+# A real factor within this share of an integer is read at that integer (no resize).
+FACTOR_TOLERANCE = 1e-3
+
+
 def integer_reduction(factor: float) -> int:
     """The integer reduction whose grid an item of real ``factor`` is read on: ``factor`` itself
-    when it is one (within 0.1 %), else the next integer below (then resized by the rest)."""
+    when it is one (within :data:`FACTOR_TOLERANCE`), else the next integer below (then resized
+    by the rest)."""
     nearest = max(1, round(factor))
-    if abs(factor - nearest) <= 1e-3 * factor:
+    if abs(factor - nearest) <= FACTOR_TOLERANCE * factor:
         return nearest
     return max(1, math.floor(factor))
 
@@ -253,7 +258,7 @@ def _predict(cfg: CN, item: _Input, predict, progress, helper) -> Tuple[np.ndarr
     size, box = grid.size, slide_box(grid)
     options = dict(overlap=t.OVERLAP, blend=t.BLEND, batch_size=t.IMS_PER_BATCH, saturation_threshold=t.S_TH,
                    pixel_threshold=t.P_TH, progress=progress, helper=helper)
-    if item.factor == grid.reduce:
+    if abs(item.factor - grid.reduce) <= FACTOR_TOLERANCE * item.factor:  # an integer: no resize
         prob, n_windows = predict_canvas(image, predict, size, box=box, **options)
     else:
         h, w = image.shape[:2]
@@ -506,27 +511,20 @@ def _finished(record_path: str, settings: Dict[str, object], source: str):
 
 
 def _check_items(cfg: CN, items, shapes: Dict[str, tuple]) -> None:
-    """Check every item before spending time on any: slides open, their pixel sizes are
-    possible, their labels parse (pairs: the pixel size from the image header)."""
+    """Check every item before spending time on any: slides open and their pixel sizes are
+    possible (pairs images that are read whole: their header's), every slide's labels parse."""
     t = cfg.TEST
     for slide_id, path, opener, truth in items:
-        if slide_id in shapes:
+        if t.PAIRS_FOLDER and not path.lower().endswith(SLIDE_EXTENSIONS):
+            if slide_id not in shapes:
+                choose_mpp(image_pixel_size(path)[0], path, t.MPP, "TEST.MPP")
             continue
-        if t.PAIRS_FOLDER:  # headers only: pairs images are read whole when predicted
-            if t.MPP:
-                continue
-            if path.lower().endswith(SLIDE_EXTENSIONS):
-                with open_slide(path, channels=tuple(cfg.INPUT.CHANNELS), backend=cfg.INPUT.SLIDE_READER) as slide:
-                    resolve_mpp(slide, 0.0, "TEST.MPP")
-                continue
-            found, _ = image_pixel_size(path)
-            if found is not None:
-                check_mpp(found.mpp, f"{path} ({found.source}; set TEST.MPP to override)")
-            continue
-        with opener() as slide:
-            shape = slide.shape
-            resolve_mpp(slide, t.MPP, "TEST.MPP")
-        truth_rle = truth()
+        shape = shapes.get(slide_id)
+        if shape is None:
+            with opener() as slide:
+                shape = slide.shape
+                resolve_mpp(slide, t.MPP, "TEST.MPP")
+        truth_rle = truth() if not t.PAIRS_FOLDER else None  # pairs masks are read when scored
         if truth_rle is not None:
             parse_rle(truth_rle, shape, slide_id)
 
