@@ -59,7 +59,8 @@ _C.INPUT.PIXEL_THRESHOLD = 200
 # sizes are still recorded, and reach the checkpoints, when known).
 _C.INPUT.MPP_TRAIN = 0.0
 # Slide reader: "auto" (tifffile for the TIFF family, the fastest here; OpenSlide for MRXS,
-# VMS/VMU and for any file tifffile cannot read), "tifffile" or "openslide" (tiling and inference).
+# VMS/VMU and for any file tifffile cannot read; wsidicom for DICOM WSI: a folder of .dcm
+# instances or a .dcm file), "tifffile", "openslide" or "wsidicom" (tiling and inference).
 _C.INPUT.SLIDE_READER = "auto"
 # Multi-channel (fluorescence) slides: the three channel indices to read as R, G, B, e.g. [0, 1, 2]
 # (tiling and inference). Empty: such slides are refused (the toolkit expects RGB brightfield).
@@ -236,6 +237,10 @@ _C.TEST.MIN_AREA = 0
 # Remove predicted objects smaller than this many µm² (0 = keep all): the same physical size on
 # slides of any pixel size (needs each slide's pixel size; the larger of this and MIN_AREA applies).
 _C.TEST.MIN_AREA_UM2 = 0.0
+# Also write each DICOM WSI slide's prediction as a DICOM Segmentation
+# (predictions/<id>.seg.dcm, highdicom) that references the slide's level-0 instance; slides in
+# other formats get none (a warning lists them).
+_C.TEST.DICOM_SEG = False
 # Output CSV (id,predicted); "" = OUTPUT_DIR/submission.csv.
 _C.TEST.OUTPUT_CSV = ""
 # Slides: CSV of true masks (id,encoding) to score the predictions with; "" = no scoring.

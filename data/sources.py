@@ -10,11 +10,12 @@ import glob
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
+from data.dicom import is_dicom_folder
 from data.wsi import SLIDE_EXTENSIONS, SlideError
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "read_id_list",
     "find_slide",
     "slide_id_of",
+    "slide_entries",
     "files_by_stem",
     "select_ids",
     "wsi_jobs",
@@ -122,12 +124,14 @@ def read_id_list(path: str) -> List[str]:
 
 
 def find_slide(folder: str, slide_id: str) -> Optional[str]:
-    """The slide file ``folder/<id><ext>`` for the first extension that exists."""
+    """The slide ``folder/<id><ext>`` for the first extension that exists, else a DICOM WSI
+    folder ``folder/<id>/``."""
     for ext in SLIDE_EXTENSIONS:
         path = os.path.join(folder, slide_id + ext)
         if os.path.isfile(path):
             return path
-    return None
+    path = os.path.join(folder, slide_id)
+    return path if is_dicom_folder(path) else None
 
 
 def slide_id_of(name: str) -> Optional[str]:
@@ -136,6 +140,22 @@ def slide_id_of(name: str) -> Optional[str]:
         if lower.endswith(ext):
             return name[: -len(ext)]
     return None
+
+
+def slide_entries(folder: str) -> List[Tuple[str, str]]:
+    """``(id, path)`` of every slide in ``folder``, sorted by id: slide files (the id is the name
+    without its extension) and DICOM WSI folders (the folder's name). Two slides with one id
+    are an error naming both."""
+    found: Dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        slide_id = slide_id_of(name) if os.path.isfile(path) else (name if is_dicom_folder(path) else None)
+        if not slide_id:
+            continue
+        if slide_id in found:
+            raise ValueError(f"{folder}: two slides for id {slide_id!r}: {os.path.basename(found[slide_id])} and {name}")
+        found[slide_id] = path
+    return sorted(found.items())
 
 
 def _require_folder(folder: str, key: str) -> None:
@@ -161,11 +181,9 @@ def wsi_jobs(wsi_folder: str, labels_csv: str) -> List[TileJob]:
     if missing:
         raise FileNotFoundError(
             f"{wsi_folder}: no slide file for {len(missing)} id(s) of {labels_csv}: "
-            f"{missing[:5]} (looked for {', '.join(SLIDE_EXTENSIONS)})"
+            f"{missing[:5]} (looked for {', '.join(SLIDE_EXTENSIONS)} and DICOM folders)"
         )
-    unlabelled = sorted(
-        sid for sid in (slide_id_of(n) for n in os.listdir(wsi_folder)) if sid and sid not in labels
-    )
+    unlabelled = [sid for sid, _ in slide_entries(wsi_folder) if sid not in labels]
     if unlabelled:
         logger.warning(
             "%s: %d slide(s) have no row in %s and are not tiled: %s",

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
+from data.dicom import dicom_files
 from data.sources import TileJob, load_pair_mask, pairs_jobs, wsi_jobs
 from data.tiling import (ArrayMask, ResampledMask, RLEMask, TileGrid, iter_tile_rows, mask_band, pixel_limit,
                          tile_panels, tissue_columns)
@@ -104,9 +105,10 @@ def _fingerprint(job: TileJob) -> str:
     """Changes when the input of a job changes (file size/mtime, RLE text)."""
     h = hashlib.sha1()
     for path in (job.image_path, job.mask_path):
-        if path:
-            st = os.stat(path)
-            h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        # a DICOM WSI folder: each of its instances
+        for file in (dicom_files(path) if path and os.path.isdir(path) else [path] if path else []):
+            st = os.stat(file)
+            h.update(f"{os.path.abspath(file)}|{st.st_size}|{st.st_mtime_ns}".encode())
     if job.rle is not None:
         h.update(job.rle.encode())
     return h.hexdigest()

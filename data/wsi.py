@@ -3,7 +3,8 @@
 ``open_slide(path)`` returns a :class:`Slide` for TIFF, BigTIFF, tiled or stripped, pyramidal
 (SubIFDs, reduced pages, SVS levels) and OME-TIFF files, read lazily with tifffile + zarr (or a
 memory map for uncompressed contiguous data): only the tiles or strips a region touches are
-decoded. Every read returns RGB ``uint8`` arrays of shape ``(rows, cols, 3)``.
+decoded. MRXS, VMS and other formats tifffile cannot read go to OpenSlide
+(:class:`OpenSlideSlide`), DICOM WSI to wsidicom (:class:`data.dicom.DicomSlide`). Every read returns RGB ``uint8`` arrays of shape ``(rows, cols, 3)``.
 
 Coordinates are always ``(row, col)`` = ``(y, x)``; level-0 coordinates unless a method says
 otherwise. Regions may extend past the slide: the outside reads as 0 (black), which is how
@@ -52,11 +53,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# A DICOM WSI is also a folder of ``.dcm`` instances (data.dicom.is_dicom_folder).
 SLIDE_EXTENSIONS = (".tiff", ".tif", ".svs", ".ome.tif", ".ome.tiff", ".btf", ".tf8", ".ndpi", ".scn", ".bif",
-                    ".mrxs", ".vms", ".vmu", ".svslide")
+                    ".mrxs", ".vms", ".vmu", ".svslide", ".dcm")
 # Formats tifffile cannot read: OpenSlide reads them (auto backend).
 OPENSLIDE_ONLY = (".mrxs", ".vms", ".vmu", ".svslide")
-SLIDE_READERS = ("auto", "tifffile", "openslide")
+SLIDE_READERS = ("auto", "tifffile", "openslide", "wsidicom")
 OPENSLIDE_INSTALL = "python -m pip install openslide-python openslide-bin"
 # A pyramid level counts as "below" a requested downscale within this relative tolerance
 # (SVS levels are often 4.0003x rather than 4x).
@@ -742,6 +744,10 @@ class OpenSlideSlide(Slide):
             raise SlideError(f"{self.path}: reading this format needs OpenSlide: {OPENSLIDE_INSTALL}") from None
         if not os.path.exists(self.path):
             raise SlideError(f"{self.path}: file not found")
+        data = os.path.join(os.path.splitext(self.path)[0], "Slidedat.ini")
+        if self.path.lower().endswith(".mrxs") and not os.path.isfile(data):
+            raise SlideError(f"{self.path}: MRXS without its data folder ({data} not found; copy the folder "
+                             "of the same name with the .mrxs file)")
         try:
             self._osr = openslide.OpenSlide(self.path)
         except openslide.OpenSlideUnsupportedFormatError:
@@ -798,17 +804,22 @@ def _openslide_knows(path: str) -> bool:
 
 def open_slide(path: str, workers: int = 0, channels: Tuple[int, ...] = (), backend: str = "auto") -> Slide:
     """Open a slide: TIFF family (``.tif``, ``.tiff``, ``.svs``, OME-TIFF, BigTIFF, NDPI, SCN, BIF)
-    with tifffile; MRXS, VMS/VMU with OpenSlide (``backend`` ``auto``, the default, also tries
-    OpenSlide on a file tifffile cannot read; ``tifffile`` / ``openslide`` force one). ``channels``
-    (three indices) reads a multi-channel (fluorescence) slide's channels as R, G, B; without it
-    such a slide is refused."""
+    with tifffile; MRXS, VMS/VMU with OpenSlide; DICOM WSI (a folder of ``.dcm`` instances or one
+    ``.dcm`` file) with wsidicom. ``backend`` ``auto`` (the default) picks by the path and also
+    tries OpenSlide on a file tifffile cannot read; ``tifffile`` / ``openslide`` / ``wsidicom``
+    force one. ``channels`` (three indices) reads a multi-channel (fluorescence) TIFF slide's
+    channels as R, G, B; without it such a slide is refused."""
     if backend not in SLIDE_READERS:
         raise SlideError(f"{path}: unknown slide reader {backend!r} (INPUT.SLIDE_READER: {', '.join(SLIDE_READERS)})")
     path = str(path)
-    if backend == "openslide" or (backend == "auto" and path.lower().endswith(OPENSLIDE_ONLY)):
+    from data.dicom import DicomSlide, is_dicom_file
+
+    dicom = backend == "wsidicom" or (backend == "auto" and (os.path.isdir(path) or is_dicom_file(path)))
+    if dicom or backend == "openslide" or (backend == "auto" and path.lower().endswith(OPENSLIDE_ONLY)):
         if channels:
-            raise SlideError(f"{path}: INPUT.CHANNELS is for multi-channel TIFF slides, not OpenSlide's RGB ones")
-        return OpenSlideSlide(path)
+            raise SlideError(f"{path}: INPUT.CHANNELS is for multi-channel TIFF slides, not "
+                             f"{'DICOM' if dicom else 'OpenSlide'}'s RGB ones")
+        return DicomSlide(path, workers=workers) if dicom else OpenSlideSlide(path)
     try:
         return TiffSlide(path, workers=workers, channels=channels)
     except SlideError as exc:

@@ -5,6 +5,8 @@ Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
 
     submission.csv                 id,predicted (full-resolution Kaggle RLE; "" = empty)
     predictions/<id>.geojson       QuPath annotations ("Glomerulus"), level-0 pixel coordinates
+    predictions/<id>.seg.dcm       with TEST.DICOM_SEG, for DICOM WSI slides: the mask as a DICOM
+                                   Segmentation referencing the slide (utils.dicom_seg)
     predictions/<id>_mask.png      the predicted mask at the model's scale (1/reduce)
     predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours, the
                                    objects numbered as in objects.csv
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import importlib.util
 import glob
 import json
 import logging
@@ -50,7 +53,8 @@ import torch
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
-from data.sources import files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_id_of
+from data.dicom import is_dicom_file, source_of
+from data.sources import files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_entries
 from data.tiling import RLEMask, TileGrid, mask_band
 from data.wsi import (SLIDE_EXTENSIONS, ArraySlide, PixelSize, choose_mpp, image_pixel_size, open_slide, read_image,
                       resolve_mpp)
@@ -59,6 +63,7 @@ from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
 from model.inference import (lowres_image, predict_canvas, prob_to_runs, remove_small_objects, slide_box,
                              threshold_mask, torch_predictor)
 from utils.distributed import local_rank, world_size
+from utils.dicom_seg import SEG_INSTALL, write_segmentation
 from utils.export import mask_polygons, polygons_geojson
 from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from utils.metrics import dice_from_counts
@@ -101,16 +106,12 @@ def _build(ckpt: Dict[str, object], path: str, device: torch.device) -> torch.nn
 
 
 def list_slides(folder: str) -> List[Tuple[str, str]]:
-    """``(id, path)`` of every slide file in ``folder``, sorted by id."""
+    """``(id, path)`` of every slide (file or DICOM folder) in ``folder``, sorted by id."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: folder not found (TEST.WSI_FOLDER)")
-    found = []
-    for name in sorted(os.listdir(folder)):
-        slide_id = slide_id_of(name)
-        if slide_id and os.path.isfile(os.path.join(folder, name)):
-            found.append((slide_id, os.path.join(folder, name)))
+    found = slide_entries(folder)
     if not found:
-        raise FileNotFoundError(f"{folder}: no slides ({', '.join(SLIDE_EXTENSIONS)})")
+        raise FileNotFoundError(f"{folder}: no slides ({', '.join(SLIDE_EXTENSIONS)}, or DICOM folders)")
     return found
 
 
@@ -197,6 +198,7 @@ class _Input:
     mpp: Optional[PixelSize]
     scale_note: str
     tissue_px: int  # level-0 pixels of tissue (the background test's saturation, per pixel)
+    dicom_source: Optional[str] = None  # a DICOM slide's level-0 instance file
 
 
 def _scale(slide, ckpt_mpp: Optional[float], reduce: int, override: float) -> Tuple[float, Optional[PixelSize], str]:
@@ -248,7 +250,9 @@ def _read(opener, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: CN) ->
         height, width = slide.shape
         grid = TileGrid(height, width, size, integer_reduction(factor))
         image = lowres_image(slide, grid)
-    return _Input(image, grid, factor, mpp, note, _tissue_pixels(image, grid, cfg.TEST.S_TH))
+        dicom = source_of(slide)
+    return _Input(image, grid, factor, mpp, note, _tissue_pixels(image, grid, cfg.TEST.S_TH),
+                  dicom[0] if dicom else None)
 
 
 def _predict(cfg: CN, item: _Input, predict, progress, helper) -> Tuple[np.ndarray, int]:
@@ -369,6 +373,11 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
         wait([pictures])  # the pictures are finished (or failed) before anything else happens
     n_lowres, overlay = pictures.result()
     record = _write_item(slide_id, item, runs, objects, overlay, n_lowres, n_windows, out_dir)
+    if cfg.TEST.DICOM_SEG and item.dicom_source:
+        seg_path = os.path.join(out_dir, "predictions", f"{slide_id}.seg.dcm")
+        frames = write_segmentation(item.dicom_source, runs, (grid.height, grid.width), seg_path)
+        record["dicom_seg"] = os.path.relpath(seg_path, out_dir)
+        logger.info("%s: DICOM Segmentation %s (%d frames) of %s", slide_id, seg_path, frames, item.dicom_source)
     record["seconds"] = {"windows": round(windows_s, 3), "outputs": round(time.perf_counter() - start - windows_s, 3)}
     return record
 
@@ -497,7 +506,8 @@ def _settings(cfg: CN, paths: List[str], reduce: int, size: int, threshold: floa
     t = cfg.TEST
     return {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
             "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": threshold, "min_area": t.MIN_AREA, "min_area_um2": t.MIN_AREA_UM2,
-            "upsample": t.UPSAMPLE, "s_th": t.S_TH, "p_th": t.P_TH, "mpp": t.MPP, "measure": t.MEASURE}
+            "upsample": t.UPSAMPLE, "s_th": t.S_TH, "p_th": t.P_TH, "mpp": t.MPP, "measure": t.MEASURE,
+            **({"dicom_seg": True} if t.DICOM_SEG else {})}  # (absent when off: earlier records stay valid)
 
 
 def _finished(record_path: str, settings: Dict[str, object], source: str):
@@ -514,6 +524,13 @@ def _check_items(cfg: CN, items, shapes: Dict[str, tuple]) -> None:
     """Check every item before spending time on any: slides open and their pixel sizes are
     possible (pairs images that are read whole: their header's), every slide's labels parse."""
     t = cfg.TEST
+    if t.DICOM_SEG:
+        if importlib.util.find_spec("highdicom") is None:
+            raise ValueError(f"TEST.DICOM_SEG needs highdicom: {SEG_INSTALL}")
+        other = [slide_id for slide_id, path, _, _ in items if not (os.path.isdir(path) or is_dicom_file(path))]
+        if other:
+            logger.warning("TEST.DICOM_SEG: %d item(s) are not DICOM WSI and get no DICOM Segmentation: %s",
+                           len(other), ", ".join(other[:10]))
     for slide_id, path, opener, truth in items:
         if t.PAIRS_FOLDER and not path.lower().endswith(SLIDE_EXTENSIONS):
             if slide_id not in shapes:

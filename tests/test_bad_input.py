@@ -16,6 +16,7 @@ from data.sample import SampleSpec, draw_slide, write_pyramid
 from model.build import build_model
 from model.checkpoint import save_checkpoint
 from tests.conftest import run_script
+from tests.dicom_slides import write_ct
 from tests.slides import has_shared, shared
 from utils.rle import rle_encode
 
@@ -140,6 +141,24 @@ def _broken(kind, root, case):
         (case / "labels.csv").write_text("id,encoding\nodd,\n")
         return {"tiles_creator.py": ["DATASETS.WSI_FOLDER", wsi, "DATASETS.LABELS_CSV", case / "labels.csv"],
                 "test_net.py": ["TEST.WSI_FOLDER", wsi]}
+    if kind in ("dicom_not_wsi", "mrxs_no_data_folder", "fluorescence"):
+        wsi = case / "wsi"
+        wsi.mkdir()
+        for name in ("s1.tiff", "s2.tiff"):
+            shutil.copy(root / "wsi" / name, wsi / name)
+        if kind == "dicom_not_wsi":
+            write_ct(str(wsi / "odd.dcm"))
+        elif kind == "mrxs_no_data_folder":
+            (wsi / "odd.mrxs").write_bytes(b"an MRXS index without its data folder")
+        else:  # three named greyscale channel pages (a Vectra QPTIFF's layout)
+            with tifffile.TiffWriter(str(wsi / "odd.tif")) as tif:
+                for name in ("DAPI", "FITC", "Cy5"):
+                    tif.write(np.full((300, 400), 20, np.uint8), photometric="minisblack",
+                              description="<PerkinElmer-QPI-ImageDescription><ImageType>FullResolution</ImageType>"
+                                          f"<Name>{name}</Name></PerkinElmer-QPI-ImageDescription>")
+        (case / "labels.csv").write_text((root / "train.csv").read_text() + "odd,\n")
+        return {"tiles_creator.py": ["DATASETS.WSI_FOLDER", wsi, "DATASETS.LABELS_CSV", case / "labels.csv"],
+                "test_net.py": ["TEST.WSI_FOLDER", wsi]}
     if kind == "ckpt_empty_folder":
         (case / "models").mkdir()
         return {"test_net.py": ["TEST.MODEL_WEIGHTS_FOLDER", case / "models"]}
@@ -186,6 +205,13 @@ CASES = [
     ("image_16bit", "test_net.py", "odd.tiff: unsupported", False),
     ("image_multichannel", "tiles_creator.py", "odd.tiff", False),
     ("image_multichannel", "test_net.py", "odd.tiff", False),
+    ("dicom_not_wsi", "tiles_creator.py", "odd.dcm: a DICOM file but not a whole-slide image (modality CT", False),
+    ("dicom_not_wsi", "test_net.py", "odd.dcm: a DICOM file but not a whole-slide image (modality CT", False),
+    ("mrxs_no_data_folder", "tiles_creator.py", "odd.mrxs: MRXS without its data folder", False),
+    ("mrxs_no_data_folder", "test_net.py", "odd.mrxs: MRXS without its data folder", False),
+    ("fluorescence", "tiles_creator.py", "odd.tif: 3 channels stored as separate greyscale images (DAPI, FITC, Cy5)",
+     False),
+    ("fluorescence", "test_net.py", "odd.tif: 3 channels stored as separate greyscale images (DAPI, FITC, Cy5)", False),
     ("ckpt_empty_folder", "test_net.py", "no .pth checkpoints", False),
     ("ckpt_other_architecture", "test_net.py", "a.pth: weights do not fit", False),
     ("ckpt_other_architecture", "train_net.py", "a.pth: weights do not fit", False),

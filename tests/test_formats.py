@@ -119,14 +119,20 @@ def test_mrxs_without_its_data_folder_is_one_error_line(tmp_path):
     wsi = tmp_path / "wsi"
     wsi.mkdir()
     (wsi / "biopsy.mrxs").write_bytes(b"MRXS without its data folder")
-    with pytest.raises(SlideError, match=r"biopsy.mrxs: .*"):
+    with pytest.raises(SlideError, match=r"biopsy.mrxs: MRXS without its data folder \(.*biopsy/Slidedat.ini not "
+                                         r"found"):
         open_slide(str(wsi / "biopsy.mrxs"))
+    (tmp_path / "broken").mkdir()  # a data folder whose Slidedat.ini is not one: OpenSlide's own error
+    (tmp_path / "broken.mrxs").write_bytes(b"x")
+    (tmp_path / "broken" / "Slidedat.ini").write_text("not an index")
+    with pytest.raises(SlideError, match=r"broken.mrxs: (not a slide format OpenSlide knows|OpenSlide cannot read)"):
+        open_slide(str(tmp_path / "broken.mrxs"))
     (tmp_path / "train.csv").write_text("id,encoding\nbiopsy,\n")
     out = tmp_path / "tiles"
     result = run_script("tiles_creator.py", "DATASETS.WSI_FOLDER", wsi, "DATASETS.LABELS_CSV", tmp_path / "train.csv",
                         "DATASETS.TRAIN_FOLDER", out)
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert result.returncode != 0 and len(errors) == 1 and "biopsy.mrxs" in errors[0], result.stderr[-2000:]
+    assert result.returncode != 0 and len(errors) == 1 and "biopsy.mrxs: MRXS without" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not out.exists() or [p.name for p in out.rglob("*") if p.is_file()] == ["log.txt"]
 
