@@ -38,6 +38,7 @@ from data.tiling import (ArrayMask, ResampledMask, RLEMask, TileGrid, iter_tile_
 from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, image_pixel_size,
                       open_slide, read_image)
 from utils.io import atomic_write_bytes, atomic_write_json, read_json
+from utils.memory import release_freed_memory
 from utils.rle import parse_rle
 from utils.setup import pause_point, save_config
 
@@ -290,6 +291,8 @@ def tile_slide(
             if progress is not None:
                 progress.update(1)
             pause_point("tiler.tile_row")
+        if len(panels) > 1:
+            release_freed_memory()  # each panel's reader thread leaves a malloc arena behind
     record.kept.sort()
     values = np.arange(256, dtype=np.int64)
     record.pixel_sum = (histogram @ values).tolist()

@@ -657,8 +657,7 @@ class TiffSlide(Slide):
         n_down, n_across = int(page.chunked[0]), int(page.chunked[1])
         x0, x1 = cols if cols is not None else (0, lw)
         j0, j1 = x0 // seg_w, min(n_across, -(-x1 // seg_w))  # the tile columns the strips need
-        left = j0 * seg_w  # level column of the buffer's first column
-        width = min(lw, j1 * seg_w) - left
+        width = x1 - x0  # the buffer holds just the columns asked for: a contiguous strip, no copy
         samples = int(page.samplesperpixel)
         per_strip = max(1, math.ceil(min_rows / seg_h))
         kwargs = {"_fullsize": True}
@@ -701,15 +700,17 @@ class TiffSlide(Slide):
                 strip = buffer[: y1 - y0]
                 if len(futures) < (last - first) * (j1 - j0):
                     strip[:] = 0  # sparse file: tiles without data read as 0
-                for index, future in futures:
+                for i, (index, future) in enumerate(futures):
+                    futures[i] = None  # the decoded tile is freed once copied
                     segment = future.result()
                     row, col = divmod(index, n_across)
-                    top, start = row * seg_h - y0, col * seg_w - left
-                    h, w = min(seg_h, y1 - y0 - top), min(seg_w, width - start)
-                    strip[top:top + h, start:start + w] = segment.reshape(
+                    top = row * seg_h - y0
+                    h = min(seg_h, y1 - y0 - top)
+                    c0, c1 = max(x0, col * seg_w), min(x1, (col + 1) * seg_w)  # level columns kept
+                    strip[top:top + h, c0 - x0:c1 - x0] = segment.reshape(
                         seg_h, seg_w, samples
-                    )[:h, :w]
-                yield y0, _to_rgb(strip[:, x0 - left:x1 - left], samples)
+                    )[:h, c0 - col * seg_w:c1 - col * seg_w]
+                yield y0, _to_rgb(strip, samples)
 
     def _read_raw(self, level, y0, y1, x0, x1):
         index, perm, y_axis, x_axis, add_axis = self._index[level]

@@ -34,7 +34,6 @@ there ``TEST.LABELS_CSV``, when set, is a CSV whose ``id`` column picks the imag
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import importlib.util
 import glob
@@ -62,11 +61,12 @@ from model.build import resolve_device
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
 from model.inference import (lowres_image, predict_canvas, prob_to_runs, remove_small_objects, slide_box,
                              threshold_mask, torch_predictor)
-from utils.distributed import local_rank, world_size
 from utils.dicom_seg import SEG_INSTALL, write_segmentation
+from utils.distributed import local_rank, world_size
 from utils.export import mask_polygons, polygons_geojson
 from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from utils.metrics import dice_from_counts
+from utils.memory import release_freed_memory
 from utils.objects import OBJECT_COLUMNS, Objects, find_objects, match_objects, object_rows, object_scores
 from utils.rle import parse_rle, rle_area, rle_encode, runs_intersection, runs_to_rle
 from utils.setup import pause_point
@@ -463,15 +463,6 @@ def _score(record: Dict[str, object], truth_rle: str) -> Dict[str, object]:
             "counts": counts, **object_scores([counts]), "count_error": counts["predicted"] - counts["true"]}
 
 
-def _release_freed_memory() -> None:
-    """Give the heap memory freed with a slide back to the system (glibc ``malloc_trim``):
-    the next slide's buffers then start from a low-water mark, not from the arenas' leftovers."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
-
-
 def _distributed() -> Tuple[int, int]:
     """``(rank, world size)``; under ``torchrun`` joins the (gloo) process group."""
     world = world_size()
@@ -640,7 +631,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                 truth_rle = truth()
                 record = _predict_one(cfg, slide_id, item, truth_rle, predict, out_dir, bar, helper, threshold)
                 del item
-                _release_freed_memory()
+                release_freed_memory()
                 record["settings"] = settings
                 record["source"] = os.path.abspath(path)
                 atomic_write_json(os.path.join(state, f"{slide_id}.json"), record)

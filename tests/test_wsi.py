@@ -45,6 +45,13 @@ def test_real_slides_sizes_levels_and_regions(name):
         assert (np.concatenate(rows) == full).all()
         rows = [strip.copy() for _, strip in slide.iter_strips(0, min_rows=100, reuse_buffer=True)]
         assert (np.concatenate(rows) == full).all()
+        # column panels: any columns, inside or across tile borders, contiguous strips
+        for x0, x1 in ((0, 1), (1, width // 3), (width // 3, width - 1), (width - 5, width)):
+            rows = []
+            for _, strip in slide.iter_strips(0, reuse_buffer=True, cols=(x0, x1)):
+                assert strip.flags.c_contiguous and strip.shape[1] == x1 - x0
+                rows.append(strip.copy())
+            assert (np.concatenate(rows) == full[:, x0:x1]).all(), (x0, x1)
 
 
 @requires_shared

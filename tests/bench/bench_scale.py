@@ -7,7 +7,8 @@ tests/slides.py, tissue in a central ellipse on background, as on a real slide) 
 synthetic RLE (glomerulus-like discs all over the tissue, encoded strip by strip: the full mask
 is never built here either). Then, each in a fresh process (wall time and peak RSS):
 
-* ``tiles_creator.py`` at reduction 4, 256 px tiles;
+* ``tiles_creator.py`` at reduction 4, 256 px tiles (a slide wide enough to be tiled in column
+  panels is tiled again in one full-width pass, and the tiles compared byte for byte);
 * ``test_net.py`` at reduction 16, 256 px windows, overlap 0.5, scored against the RLE, with
   ``--model blobs`` (default) tests/blob_model.py's DarkBlobs (objects that follow the tissue,
   as a trained model's) or ``random`` an smp Unet-resnet18 with random weights.
@@ -32,6 +33,7 @@ import subprocess
 
 import numpy as np
 
+from data.tiling import PANEL_PIXELS
 from tests.bench.bench_tiles import REPO, _measure
 from tests.slides import SHARED_REASON, has_shared, mosaic_region, write_slide
 from utils.rle import RLEStripEncoder
@@ -123,6 +125,27 @@ def _print_objects(pred: str, head: int = 5) -> None:
     print(f"  ... {len(rows) - 1} rows in {os.path.join(pred, 'objects.csv')}")
 
 
+def _same_as_full_width(folder: str, wsi: str, csv: str) -> str:
+    """Tile the slide again in one full-width panel (the reference: no column panels) in a child
+    process and compare the tiles with ``folder/tiles`` byte for byte."""
+    ref = os.path.join(folder, "tiles_full_width")
+    shutil.rmtree(ref, ignore_errors=True)
+    code = ("import data.tiling as T; T.PANEL_PIXELS = 10**12; from config import load_cfg; "
+            "from data.tiler import create_tiles; "
+            f"create_tiles(load_cfg(None, ['DATASETS.WSI_FOLDER', {wsi!r}, 'DATASETS.LABELS_CSV', {csv!r}, "
+            f"'DATASETS.TRAIN_FOLDER', {ref!r}, 'INPUT.SIZE_TRAIN', '256', 'INPUT.SIZE_REDUCTION_TRAIN', '4']))")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, stderr=subprocess.DEVNULL)
+    verdicts = []
+    for sub in ("images_256_red4", "masks_256_red4"):
+        ours, theirs = os.path.join(folder, "tiles", sub), os.path.join(ref, sub)
+        names = sorted(os.listdir(ours))
+        same = names == sorted(os.listdir(theirs)) and all(
+            open(os.path.join(ours, n), "rb").read() == open(os.path.join(theirs, n), "rb").read() for n in names)
+        verdicts.append(f"{sub.split('_')[0]} {'byte-identical' if same else 'DIFFERENT'} ({len(names)})")
+    shutil.rmtree(ref, ignore_errors=True)
+    return ", ".join(verdicts)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1)
@@ -182,6 +205,8 @@ def main(argv=None):
               f"{row['tile_mb']:.0f} MB peak, {row['tiles']} tiles kept | test_net red 16: {row['infer_s']:.1f} s, "
               f"{row['infer_mb']:.0f} MB peak, {row['windows']} windows", flush=True)
         _print_objects(pred)
+        if width >= 2 * PANEL_PIXELS:  # tiled in column panels: the tiles of one full-width pass?
+            print(f"  column-panel tiles against one full-width pass: {_same_as_full_width(folder, wsi, csv)}")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         print(f"growth {a['size']} -> {b['size']}: tissue area x{b['tissue_mpx'] / a['tissue_mpx']:.2f}; "
