@@ -115,6 +115,15 @@ def test_openslide_cannot_read_the_stripped_tiff_and_says_so():
         assert not isinstance(slide, OpenSlideSlide)
 
 
+@requires_shared
+def test_the_corrupt_svs_is_refused_by_both_readers():
+    """The last file of ../shared/data/wsi: corrupt, for tifffile and for OpenSlide alike."""
+    path = shared("wsi", "histolab-broken.svs")
+    for backend in ("tifffile", "openslide", "auto"):
+        with pytest.raises(SlideError, match=r"histolab-broken.svs: "):
+            open_slide(path, backend=backend)
+
+
 def test_mrxs_without_its_data_folder_is_one_error_line(tmp_path):
     wsi = tmp_path / "wsi"
     wsi.mkdir()
