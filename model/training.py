@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 import os
 import sys

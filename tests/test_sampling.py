@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.datasets import TileSet, tile_group, tile_index
-from data.sampling import RandomCropDataset, SlideCanvas, crop_margin, slide_canvases
+from data.sampling import RandomCropDataset, crop_margin, slide_canvases
 from data.tiling import TileGrid, slide_box
 from data.transforms import build_histology_transform, build_train_transform
 from tests.conftest import run_script
