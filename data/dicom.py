@@ -9,14 +9,14 @@ and fluorescence slides (greyscale optical paths) are refused with one line nami
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 
 from data.wsi import LevelInfo, PixelSize, Slide, SlideError
 
-__all__ = ["DicomSlide", "DICOM_INSTALL", "WSI_SOP_CLASS", "is_dicom_file", "is_dicom_folder", "dicom_files",
-           "source_of"]
+__all__ = ["DicomSlide", "DICOM_INSTALL", "WSI_SOP_CLASS", "is_dicom_file", "is_dicom_slide", "is_dicom_folder",
+           "dicom_files", "source_of"]
 
 DICOM_INSTALL = "python -m pip install wsidicom"
 # VL Whole Slide Microscopy Image Storage
@@ -35,6 +35,11 @@ def is_dicom_file(path: str) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:] == b"DICM"
+
+
+def is_dicom_slide(path: str) -> bool:
+    """What ``open_slide``'s ``auto`` reader sends to wsidicom: a folder, or a DICOM file."""
+    return os.path.isdir(path) or is_dicom_file(path)
 
 
 def _folder_files(folder: str) -> List[str]:
@@ -57,10 +62,8 @@ def is_dicom_folder(path: str) -> bool:
 def _describe_dataset(ds) -> str:
     from pydicom.uid import UID
 
-    sop = str(ds.get("SOPClassUID", "")) or "no SOP class"
-    name = UID(sop).name if sop != "no SOP class" else sop
-    modality = ds.get("Modality", "") or "?"
-    return f"modality {modality}, {name}"
+    sop = str(ds.get("SOPClassUID", ""))
+    return f"modality {ds.get('Modality', '') or '?'}, {UID(sop).name if sop else 'no SOP class'}"
 
 
 class DicomSlide(Slide):
@@ -99,9 +102,8 @@ class DicomSlide(Slide):
                              "images, nothing to tile")
         self._check_photometric(volumes)
         # level 0: the largest VOLUME image; the SEG output references it
-        self.volume_file, base = max(volumes, key=lambda v: int(v[1].get("TotalPixelMatrixRows", v[1].Rows))
+        self.volume_file, _ = max(volumes, key=lambda v: int(v[1].get("TotalPixelMatrixRows", v[1].Rows))
                                      * int(v[1].get("TotalPixelMatrixColumns", v[1].Columns)))
-        self.source_uids = (str(base.StudyInstanceUID), str(base.SeriesInstanceUID), str(base.SOPInstanceUID))
         try:
             self._wsi = wsidicom.WsiDicom.open([v[0] for v in volumes])
             pyramid = list(self._wsi.levels)
@@ -158,8 +160,6 @@ class DicomSlide(Slide):
             self._wsi = None
 
 
-def source_of(slide: Slide) -> Optional[Tuple[str, Tuple[str, str, str]]]:
-    """``(level-0 instance file, (study, series, SOP instance UID))`` of a DICOM slide, else None."""
-    if isinstance(slide, DicomSlide):
-        return slide.volume_file, slide.source_uids
-    return None
+def source_of(slide: Slide) -> Optional[str]:
+    """The level-0 instance file of a DICOM slide, else None."""
+    return slide.volume_file if isinstance(slide, DicomSlide) else None

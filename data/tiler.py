@@ -38,7 +38,6 @@ from data.tiling import (ArrayMask, ResampledMask, RLEMask, TileGrid, iter_tile_
 from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, image_pixel_size,
                       open_slide, read_image)
 from utils.io import atomic_write_bytes, atomic_write_json, read_json
-from utils.memory import release_freed_memory
 from utils.rle import parse_rle
 from utils.setup import pause_point, save_config
 
@@ -105,11 +104,11 @@ class SlideRecord:
 def _fingerprint(job: TileJob) -> str:
     """Changes when the input of a job changes (file size/mtime, RLE text)."""
     h = hashlib.sha1()
-    for path in (job.image_path, job.mask_path):
-        # a DICOM WSI folder: each of its instances
-        for file in (dicom_files(path) if path and os.path.isdir(path) else [path] if path else []):
-            st = os.stat(file)
-            h.update(f"{os.path.abspath(file)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    paths = [p for p in (job.image_path, job.mask_path) if p]
+    files = [f for p in paths for f in (dicom_files(p) if os.path.isdir(p) else [p])]  # a DICOM folder: its instances
+    for file in files:
+        st = os.stat(file)
+        h.update(f"{os.path.abspath(file)}|{st.st_size}|{st.st_mtime_ns}".encode())
     if job.rle is not None:
         h.update(job.rle.encode())
     return h.hexdigest()
@@ -291,8 +290,6 @@ def tile_slide(
             if progress is not None:
                 progress.update(1)
             pause_point("tiler.tile_row")
-        if len(panels) > 1:
-            release_freed_memory()  # each panel's reader thread leaves a malloc arena behind
     record.kept.sort()
     values = np.arange(256, dtype=np.int64)
     record.pixel_sum = (histogram @ values).tolist()

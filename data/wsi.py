@@ -813,9 +813,9 @@ def open_slide(path: str, workers: int = 0, channels: Tuple[int, ...] = (), back
     if backend not in SLIDE_READERS:
         raise SlideError(f"{path}: unknown slide reader {backend!r} (INPUT.SLIDE_READER: {', '.join(SLIDE_READERS)})")
     path = str(path)
-    from data.dicom import DicomSlide, is_dicom_file
+    from data.dicom import DicomSlide, is_dicom_slide
 
-    dicom = backend == "wsidicom" or (backend == "auto" and (os.path.isdir(path) or is_dicom_file(path)))
+    dicom = backend == "wsidicom" or (backend == "auto" and is_dicom_slide(path))
     if dicom or backend == "openslide" or (backend == "auto" and path.lower().endswith(OPENSLIDE_ONLY)):
         if channels:
             raise SlideError(f"{path}: INPUT.CHANNELS is for multi-channel TIFF slides, not "

@@ -34,6 +34,7 @@ there ``TEST.LABELS_CSV``, when set, is a CSV whose ``id`` column picks the imag
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import importlib.util
 import glob
@@ -52,7 +53,7 @@ import torch
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
-from data.dicom import is_dicom_file, source_of
+from data.dicom import is_dicom_slide, source_of
 from data.sources import files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_entries
 from data.tiling import RLEMask, TileGrid, mask_band
 from data.wsi import (SLIDE_EXTENSIONS, ArraySlide, PixelSize, choose_mpp, image_pixel_size, open_slide, read_image,
@@ -66,7 +67,6 @@ from utils.distributed import local_rank, world_size
 from utils.export import mask_polygons, polygons_geojson
 from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from utils.metrics import dice_from_counts
-from utils.memory import release_freed_memory
 from utils.objects import OBJECT_COLUMNS, Objects, find_objects, match_objects, object_rows, object_scores
 from utils.rle import parse_rle, rle_area, rle_encode, runs_intersection, runs_to_rle
 from utils.setup import pause_point
@@ -250,9 +250,8 @@ def _read(opener, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: CN) ->
         height, width = slide.shape
         grid = TileGrid(height, width, size, integer_reduction(factor))
         image = lowres_image(slide, grid)
-        dicom = source_of(slide)
-    return _Input(image, grid, factor, mpp, note, _tissue_pixels(image, grid, cfg.TEST.S_TH),
-                  dicom[0] if dicom else None)
+        dicom_source = source_of(slide)
+    return _Input(image, grid, factor, mpp, note, _tissue_pixels(image, grid, cfg.TEST.S_TH), dicom_source)
 
 
 def _predict(cfg: CN, item: _Input, predict, progress, helper) -> Tuple[np.ndarray, int]:
@@ -463,6 +462,15 @@ def _score(record: Dict[str, object], truth_rle: str) -> Dict[str, object]:
             "counts": counts, **object_scores([counts]), "count_error": counts["predicted"] - counts["true"]}
 
 
+def _release_freed_memory() -> None:
+    """Give the heap memory freed with a slide back to the system (glibc ``malloc_trim``):
+    the next slide's buffers then start from a low-water mark, not from the arenas' leftovers."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 def _distributed() -> Tuple[int, int]:
     """``(rank, world size)``; under ``torchrun`` joins the (gloo) process group."""
     world = world_size()
@@ -518,7 +526,7 @@ def _check_items(cfg: CN, items, shapes: Dict[str, tuple]) -> None:
     if t.DICOM_SEG:
         if importlib.util.find_spec("highdicom") is None:
             raise ValueError(f"TEST.DICOM_SEG needs highdicom: {SEG_INSTALL}")
-        other = [slide_id for slide_id, path, _, _ in items if not (os.path.isdir(path) or is_dicom_file(path))]
+        other = [slide_id for slide_id, path, _, _ in items if not is_dicom_slide(path)]
         if other:
             logger.warning("TEST.DICOM_SEG: %d item(s) are not DICOM WSI and get no DICOM Segmentation: %s",
                            len(other), ", ".join(other[:10]))
@@ -631,7 +639,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                 truth_rle = truth()
                 record = _predict_one(cfg, slide_id, item, truth_rle, predict, out_dir, bar, helper, threshold)
                 del item
-                release_freed_memory()
+                _release_freed_memory()
                 record["settings"] = settings
                 record["source"] = os.path.abspath(path)
                 atomic_write_json(os.path.join(state, f"{slide_id}.json"), record)

@@ -1,8 +1,9 @@
 """DICOM WSI: real slides converted at test time with wsidicomizer read back equal to the
-originals (exactly where the JPEG tiles are copied, within JPEG tolerance where they are
-re-encoded); the tiler and test_net on the DICOM copies give the originals' tiles and masks;
-the DICOM Segmentation output reads back (highdicom) equal to the RLE; a DICOM file that is not
-a slide, a fluorescence DICOM and a missing wsidicom each give one clear error."""
+originals (exactly for the lossless copy, within JPEG tolerance for the JPEG ones); the tiler and
+test_net on the DICOM copies give the originals' tiles and masks; the DICOM Segmentation output
+reads back (highdicom) equal to the RLE; a DICOM file that is not a slide, a fluorescence DICOM
+and a missing wsidicom each give one clear error (the scripts' one-line errors for a DICOM that
+is not a slide: tests/test_bad_input.py)."""
 import csv
 import glob
 import json
@@ -21,7 +22,7 @@ from data.tiler import create_tiles
 from data.wsi import SlideError, open_slide
 from model.prediction import predict_slides
 from tests.blob_model import save_blob_checkpoint
-from tests.conftest import requires_shared, run_script
+from tests.conftest import requires_shared
 from tests.dicom_slides import dicomize, write_ct, write_fluorescence
 from tests.slides import shared
 from utils.rle import parse_rle, rle_decode, rle_encode
@@ -165,10 +166,23 @@ def test_test_net_on_the_dicom_copies_and_its_dicom_segmentation(copies):
         truth = rle_decode(parse_rle(predicted["dicom"][slide_id], (h, w)), (h, w))
         assert pixels.shape == (h, w) and (pixels.astype(bool) == truth.astype(bool)).all(), slide_id
         referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
-        assert referenced == pydicom.dcmread(source.volume_file, stop_before_pixels=True).SOPInstanceUID
-        assert seg.StudyInstanceUID == source.source_uids[0] and seg.SegmentSequence[0].SegmentLabel == "Glomerulus"
+        level0 = pydicom.dcmread(source.volume_file, stop_before_pixels=True)
+        assert referenced == level0.SOPInstanceUID
+        assert seg.StudyInstanceUID == level0.StudyInstanceUID and seg.SegmentSequence[0].SegmentLabel == "Glomerulus"
         source.close()
     assert not glob.glob(str(copies / "pred_tiff" / "predictions" / "*.dcm"))
+
+
+@requires_shared
+def test_an_empty_prediction_is_an_empty_dicom_segmentation(copies, tmp_path):
+    import highdicom as hd
+
+    from utils.dicom_seg import write_segmentation
+
+    with DicomSlide(str(copies / "dicom" / "kidney")) as slide:
+        frames = write_segmentation(slide.volume_file, parse_rle("", slide.shape), slide.shape, str(tmp_path / "e.dcm"))
+        pixels = hd.seg.segread(str(tmp_path / "e.dcm")).get_total_pixel_matrix(combine_segments=True)
+        assert frames == 0 and pixels.shape == slide.shape and not pixels.any()
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -215,17 +229,3 @@ def test_two_slides_with_one_id_are_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"two slides for id 'a': a and a.tif"):
         slide_entries(str(tmp_path))
 
-
-def test_tiles_creator_refuses_a_dicom_that_is_not_a_slide_with_one_line(tmp_path):
-    wsi = tmp_path / "wsi"
-    wsi.mkdir()
-    write_ct(str(wsi / "scan.dcm"))
-    (tmp_path / "train.csv").write_text("id,encoding\nscan,\n")
-    out = tmp_path / "tiles"
-    result = run_script("tiles_creator.py", "DATASETS.WSI_FOLDER", wsi, "DATASETS.LABELS_CSV", tmp_path / "train.csv",
-                        "DATASETS.TRAIN_FOLDER", out)
-    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
-    assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
-    assert "scan.dcm: a DICOM file but not a whole-slide image (modality CT" in errors[0]
-    assert "Traceback" not in result.stderr
-    assert not out.exists() or [p.name for p in out.rglob("*") if p.is_file()] == ["log.txt"]

@@ -67,15 +67,15 @@ def write_segmentation(source_file: str, runs: np.ndarray, shape: Tuple[int, int
     spacing = [float(v) for v in source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
 
     frames = _frames(runs, size, rows, cols)
+    empty = not frames
+    if empty:  # an empty prediction: one empty frame at the origin, kept
+        frames = [(0, 0, np.zeros((rows, cols), np.uint8))]
     positions: List[object] = []
     for row0, col0, _ in frames:
         x, y, z = map_pixel_into_coordinate_system((col0, row0), image_position, orientation, spacing)
         positions.append(hd.PlanePositionSequence(coordinate_system="SLIDE", image_position=(x, y, z),
                                                   pixel_matrix_position=(col0 + 1, row0 + 1)))
-    pixels = (np.stack([f for _, _, f in frames]) if frames else np.zeros((1, rows, cols), np.uint8))
-    if not frames:  # an empty prediction: one empty frame at the origin, kept
-        positions = [hd.PlanePositionSequence(coordinate_system="SLIDE", image_position=image_position,
-                                              pixel_matrix_position=(1, 1))]
+    pixels = np.stack([f for _, _, f in frames])
     segment = hd.seg.SegmentDescription(
         segment_number=1, segment_label=label,
         segmented_property_category=codes.SCT.AnatomicalStructure,
@@ -90,7 +90,7 @@ def write_segmentation(source_file: str, runs: np.ndarray, shape: Tuple[int, int
         segment_descriptions=[segment], series_instance_uid=generate_uid(), series_number=900,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Glomeruli_segmentation",
         manufacturer_model_name=model_name or "Glomeruli_segmentation", software_versions=software_version or "unknown",
-        device_serial_number="none", plane_positions=positions, omit_empty_frames=bool(frames),
+        device_serial_number="none", plane_positions=positions, omit_empty_frames=not empty,
         content_label="GLOMERULI", content_description=f"{label} predicted by Glomeruli_segmentation",
     )
     # highdicom sizes a sparse tiling by its frames; the mask covers the source's whole matrix
@@ -99,4 +99,4 @@ def write_segmentation(source_file: str, runs: np.ndarray, shape: Tuple[int, int
     buffer = BytesIO()
     seg.save_as(buffer, enforce_file_format=True)
     atomic_write_bytes(out_path, buffer.getvalue())
-    return len(frames)
+    return 0 if empty else len(frames)
