@@ -88,10 +88,26 @@ _C.INPUT.PIXEL_STD = []
 # DATASETS
 # -----------------------------------------------------------------------------
 _C.DATASETS = CN()
-# Input format: "wsi_rle" (whole slides + an RLE CSV) or "pairs" (image/mask file pairs).
+# Input format: "wsi_rle" (whole slides + an RLE CSV), "pairs" (image/mask file pairs) or
+# "annotations" (slides or plain images + one annotation file each: QuPath GeoJSON, ASAP or
+# ImageScope XML, labelme JSON, DICOM Segmentation or bulk annotations).
 _C.DATASETS.FORMAT = "wsi_rle"
-# Folder of whole-slide images named <id>.tiff (also .tif, .svs, .ome.tif, .ome.tiff).
+# Folder of whole-slide images named <id>.<ext> (.tiff, .tif, .svs, .ome.tif, .ndpi, .mrxs, .dcm,
+# DICOM folders, ...); in "annotations" format also plain images (.png, .jpg, .jpeg, .bmp).
 _C.DATASETS.WSI_FOLDER = "datasets/hubmap/train"
+# annotations: folder of the annotation files, one per slide, named <id>.<ext> (.geojson, .json,
+# .xml, .seg.dcm, .ann.dcm, .dcm); the format is recognised from the content. "" = WSI_FOLDER.
+_C.DATASETS.ANNOTATIONS_FOLDER = ""
+# annotations (and test_net's TEST.ANNOTATIONS_FOLDER): the class names whose shapes are
+# foreground (QuPath classification, ASAP PartOfGroup, ImageScope layer Name, labelme label,
+# DICOM segment / group label), e.g. ["Glomerulus"]; empty = every class but those below.
+_C.DATASETS.ANNOTATION_CLASSES = []
+# annotations: class names whose shapes are subtracted from the foreground (e.g. ["exclude"]).
+_C.DATASETS.ANNOTATION_EXCLUDE = []
+# annotations: class names whose shapes mark the annotated region of a slide (e.g. ["ROI"]); a
+# slide that has such shapes is tiled only where tiles lie at least half inside them, and
+# training crops stay inside them. They are never foreground.
+_C.DATASETS.ANNOTATION_ROI = []
 # Folder where tiles_creator.py writes tiles and their stats; training reads it.
 _C.DATASETS.TRAIN_FOLDER = "datasets/tiles"
 # CSV of masks. wsi_rle: columns "id" and "encoding" (Kaggle HuBMAP RLE at full resolution).
@@ -104,7 +120,7 @@ _C.DATASETS.PAIRS_IMAGES = "images"
 # pairs: name of the masks subfolder of PAIRS_FOLDER.
 _C.DATASETS.PAIRS_MASKS = "masks"
 # pairs: which mask channel holds the label: -1 = the maximum over all channels (works for
-# grayscale and for any single-colour mask), 0/1/2 = the R/G/B channel.
+# grayscale and for any single-colour mask), 0/1/2 = the R/G/B channel, 3 = alpha.
 _C.DATASETS.MASK_CHANNEL = -1
 # pairs: a mask pixel is foreground when its (selected) value is greater than this
 # (0 for 0/1 masks, 127 for 0/255 or "mask < 128 -> 0, else 1").
@@ -246,6 +262,13 @@ _C.TEST.OUTPUT_CSV = ""
 # Slides: CSV of true masks (id,encoding) to score the predictions with; "" = no scoring.
 # Pairs (TEST.PAIRS_FOLDER): a CSV whose "id" column picks the images to predict; "" = all.
 _C.TEST.LABELS_CSV = ""
+# Slides: folder of annotation files (<id>.<ext>, any DATASETS.FORMAT annotations format) that
+# label the slides for scoring, instead of TEST.LABELS_CSV; the classes are DATASETS.ANNOTATION_*.
+# Slides without a file are predicted but not scored (a warning lists them).
+_C.TEST.ANNOTATIONS_FOLDER = ""
+# Slides: class names of TEST.ANNOTATIONS_FOLDER's shapes that mark the region of interest: a slide
+# that has such shapes is predicted, measured and scored only inside them (the rest stays empty).
+_C.TEST.ROI = []
 # Predict the images of an image/mask pairs folder (laid out as DATASETS.PAIRS_FOLDER, with
 # the DATASETS mask encoding; masks optional, scored when present) instead of slides.
 _C.TEST.PAIRS_FOLDER = ""

@@ -208,8 +208,19 @@ def validate_cfg(cfg: CN) -> None:
     _check(len(i.CHANNELS) in (0, 3) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                              for v in i.CHANNELS),
            f"INPUT.CHANNELS must be empty or three channel indices >= 0 (read as R, G, B), got {list(i.CHANNELS)}")
-    formats = ("wsi_rle", "pairs")
+    formats = ("wsi_rle", "pairs", "annotations")
     _check(d.FORMAT in formats, f"DATASETS.FORMAT must be one of {formats}, got {d.FORMAT!r}")
+    for key, value in (("DATASETS.ANNOTATION_CLASSES", d.ANNOTATION_CLASSES), ("DATASETS.ANNOTATION_EXCLUDE",
+                       d.ANNOTATION_EXCLUDE), ("DATASETS.ANNOTATION_ROI", d.ANNOTATION_ROI), ("TEST.ROI", t.ROI)):
+        _check(all(isinstance(v, str) and v for v in value), f"{key} must be a list of class names, got {list(value)}")
+    overlap = set(d.ANNOTATION_CLASSES) & (set(d.ANNOTATION_EXCLUDE) | set(d.ANNOTATION_ROI) | set(t.ROI))
+    _check(not overlap, f"DATASETS.ANNOTATION_CLASSES names {sorted(overlap)} also as excluded or ROI classes")
+    _check(not (t.ANNOTATIONS_FOLDER and t.LABELS_CSV and not t.PAIRS_FOLDER),
+           "TEST.ANNOTATIONS_FOLDER and TEST.LABELS_CSV both label the slides: set one")
+    _check(not (t.ANNOTATIONS_FOLDER and t.PAIRS_FOLDER),
+           "TEST.ANNOTATIONS_FOLDER labels slides (TEST.WSI_FOLDER), not a pairs folder (TEST.PAIRS_FOLDER)")
+    _check(not t.ROI or t.ANNOTATIONS_FOLDER, f"TEST.ROI {list(t.ROI)} needs TEST.ANNOTATIONS_FOLDER (where the ROI "
+                                              "shapes are)")
     _check(-1 <= d.MASK_CHANNEL <= 3, f"DATASETS.MASK_CHANNEL must be -1, 0, 1, 2 or 3, got {d.MASK_CHANNEL}")
     _check(d.MASK_THRESHOLD >= 0, f"DATASETS.MASK_THRESHOLD must be >= 0, got {d.MASK_THRESHOLD}")
     _check(cfg.TILER.NUM_WORKERS >= 0, f"TILER.NUM_WORKERS must be >= 0, got {cfg.TILER.NUM_WORKERS}")

@@ -13,6 +13,11 @@ background reads as white glass with an empty mask.
   pixels (nnU-Net forces a third of its patches to hold foreground);
 * otherwise its centre is uniform over the area of the kept tiles.
 
+On a slide with a region of interest (``DATASETS.ANNOTATION_ROI``: the tiler records its shapes),
+a crop is drawn again (up to :data:`ROI_DRAWS` times) until it lies wholly inside the region;
+when none does (a region smaller than a crop), the draw that covers most of it is kept. So
+tissue that nobody annotated is not taught as background.
+
 A ``margin`` around the crop is read as well, so that rotations and zooms of the
 augmentation see real tissue, not a reflected border; the transform ends with a centre crop.
 An epoch is ``samples`` draws. Draws use torch's random generator, which the DataLoader seeds
@@ -21,26 +26,33 @@ per worker from the run's seed: the same ``MODEL.SEED`` and worker count give th
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.annotations import Shape
 from data.datasets import normalize_tile, read_tile_pair
+from data.masks import ShapeMask
 from data.tiling import TileGrid, slide_box
 
 __all__ = ["SlideCanvas", "RandomCropDataset", "slide_canvases", "crop_margin"]
 
 WHITE = 255  # a tile dropped by the background filter: glass
+ROI_DRAWS = 20  # draws tried for a crop wholly inside a slide's region of interest
 
 
 class SlideCanvas:
     """The kept tiles of one slide on its padded low-res grid, read region by region."""
 
     def __init__(self, images: str, masks: str, slide_id: str, grid: TileGrid, names: Dict[int, str],
-                 cache_tiles: int = 64):
+                 cache_tiles: int = 64, roi: Optional[list] = None):
         self.images, self.masks, self.id, self.grid = images, masks, slide_id, grid
+        # the region of interest (shapes as rings of [x, y] grid px), as a mask of the grid
+        self.roi = None if not roi else ShapeMask(
+            [Shape("roi", np.asarray(rings[0], np.float64), tuple(np.asarray(h, np.float64) for h in rings[1:]))
+             for rings in roi], (grid.n_rows * grid.size, grid.n_cols * grid.size))
         self.names = dict(names)  # tile index -> file name
         self.size = grid.size
         self.box = slide_box(grid)  # (y0, y1, x0, x1): low-res pixels wholly on the slide
@@ -92,6 +104,13 @@ class SlideCanvas:
         index = np.ix_(rows - r0, cols - c0)
         return image[index], mask[index]
 
+    def roi_share(self, y: int, x: int, size: int) -> float:
+        """The share (0..1) of the ``size`` px crop at ``(y, x)`` inside the region of interest
+        (sampled every ``size // 32`` px); 1 without one."""
+        if self.roi is None:
+            return 1.0
+        return float(self.roi.window((y, y + size), (x, x + size), max(1, size // 32)).mean())
+
     def tile_origin(self, index: int) -> Tuple[int, int]:
         """Low-res grid ``(row, col)`` of the top-left pixel of tile ``index``."""
         row, col = divmod(int(index), self.grid.n_cols)
@@ -109,8 +128,9 @@ def _reflect(positions: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 
 def slide_canvases(images: str, masks: str, names: Sequence[str], grids: Dict[str, TileGrid],
-                   group_of, index_of) -> List[SlideCanvas]:
-    """One :class:`SlideCanvas` per slide of ``names`` (tile file names), in first-seen order."""
+                   group_of, index_of, rois: Optional[Dict[str, list]] = None) -> List[SlideCanvas]:
+    """One :class:`SlideCanvas` per slide of ``names`` (tile file names), in first-seen order;
+    ``rois``: the slides' regions of interest as the tiler records them."""
     by_slide: "OrderedDict[str, Dict[int, str]]" = OrderedDict()
     for name in names:
         by_slide.setdefault(group_of(name), {})[index_of(name)] = name
@@ -118,7 +138,8 @@ def slide_canvases(images: str, masks: str, names: Sequence[str], grids: Dict[st
     if missing:
         raise ValueError(f"no grid recorded for {missing[:3]}: tiles made by an older tiles_creator.py; "
                          "rerun it with OVERWRITE True")
-    return [SlideCanvas(images, masks, g, grids[g], tiles) for g, tiles in by_slide.items()]
+    rois = rois or {}
+    return [SlideCanvas(images, masks, g, grids[g], tiles, roi=rois.get(g)) for g, tiles in by_slide.items()]
 
 
 class RandomCropDataset(Dataset):
@@ -156,7 +177,19 @@ class RandomCropDataset(Dataset):
         return int(torch.randint(0, max(1, int(high)), (1,)).item())
 
     def draw(self) -> Tuple[int, int, int]:
-        """``(canvas, y, x)`` of the next crop's top-left corner (grid pixels)."""
+        """``(canvas, y, x)`` of the next crop's top-left corner (grid pixels); inside the slide's
+        region of interest when it has one (see the module)."""
+        best, best_share = None, -1.0
+        for _ in range(ROI_DRAWS):
+            c, y, x = self._draw_once()
+            share = self.canvases[c].roi_share(y, x, self.crop)
+            if share >= 1.0:
+                return c, y, x
+            if share > best_share:
+                best, best_share = (c, y, x), share
+        return best
+
+    def _draw_once(self) -> Tuple[int, int, int]:
         crop, s = self.crop, self.canvases[0].size
         total_fg = int(self.fg_cumsum[-1]) if len(self.fg_cumsum) else 0
         if total_fg and float(torch.rand(1)) < self.foreground:

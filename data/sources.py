@@ -1,4 +1,5 @@
-"""What to tile: slide + RLE jobs (``wsi_rle``) and image/mask pair jobs (``pairs``).
+"""What to tile: slide + RLE jobs (``wsi_rle``), image/mask pair jobs (``pairs``) and slide +
+annotation file jobs (``annotations``).
 
 Everything here checks its input up front and raises one clear error naming the file, the
 id or the config key, so that no output is written for a data set that cannot be read.
@@ -15,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from data.annotations import ANNOTATION_EXTENSIONS, annotation_id_of, read_annotations
 from data.dicom import is_dicom_folder
 from data.wsi import SLIDE_EXTENSIONS, SlideError
 
@@ -30,6 +32,8 @@ __all__ = [
     "select_ids",
     "wsi_jobs",
     "pairs_jobs",
+    "annotation_jobs",
+    "annotation_files",
     "load_pair_mask",
     "IMAGE_EXTENSIONS",
 ]
@@ -38,16 +42,24 @@ logger = logging.getLogger(__name__)
 
 RLE_COLUMNS = ("encoding", "rle", "predicted")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_LABEL_ENDINGS = (".seg.dcm", ".ann.dcm")  # DICOM labels beside their slides: never slides
 
 
 @dataclass(frozen=True)
 class TileJob:
-    """One slide or image to tile. ``rle`` is set in wsi_rle mode, ``mask_path`` in pairs."""
+    """One slide or image to tile. ``rle`` is set in wsi_rle mode, ``mask_path`` in pairs,
+    ``annotation_path`` in annotations mode (``image_path`` is then the annotation file itself when
+    the image is embedded in it: labelme's ``imageData``)."""
 
     id: str
     image_path: str
     rle: Optional[str] = None
     mask_path: Optional[str] = None
+    annotation_path: Optional[str] = None
+
+    @property
+    def embedded_image(self) -> bool:
+        return self.annotation_path is not None and self.image_path == self.annotation_path
 
 
 def validate_id(value, source: str) -> str:
@@ -134,22 +146,28 @@ def find_slide(folder: str, slide_id: str) -> Optional[str]:
     return path if is_dicom_folder(path) else None
 
 
-def slide_id_of(name: str) -> Optional[str]:
+def slide_id_of(name: str, images: bool = False) -> Optional[str]:
+    """The id of a slide file name (its name without the extension), or None; with ``images``
+    plain images (PNG, JPEG, BMP) count as slides too. Annotation files written beside slides
+    (``<id>.seg.dcm``, ``<id>.ann.dcm``) never do."""
     lower = name.lower()
-    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
-        if lower.endswith(ext):
+    if lower.endswith(DICOM_LABEL_ENDINGS):
+        return None
+    endings = SLIDE_EXTENSIONS + (IMAGE_EXTENSIONS if images else ())
+    for ext in sorted(endings, key=len, reverse=True):
+        if lower.endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
     return None
 
 
-def slide_entries(folder: str) -> List[Tuple[str, str]]:
+def slide_entries(folder: str, images: bool = False) -> List[Tuple[str, str]]:
     """``(id, path)`` of every slide in ``folder``, sorted by id: slide files (the id is the name
-    without its extension) and DICOM WSI folders (the folder's name). Two slides with one id
-    are an error naming both."""
+    without its extension; with ``images`` plain images too) and DICOM WSI folders (the folder's
+    name). Two slides with one id are an error naming both."""
     found: Dict[str, str] = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        slide_id = slide_id_of(name) if os.path.isfile(path) else (name if is_dicom_folder(path) else None)
+        slide_id = slide_id_of(name, images) if os.path.isfile(path) else (name if is_dicom_folder(path) else None)
         if not slide_id:
             continue
         if slide_id in found:
@@ -233,6 +251,69 @@ def pairs_jobs(pairs_folder: str, images: str, masks: str, labels_csv: str = "")
     return [
         TileJob(validate_id(i, image_dir), image_files[i], mask_path=mask_files[i]) for i in wanted
     ]
+
+
+def annotation_files(folder: str, same_as_slides: bool) -> Dict[str, str]:
+    """``{id: path}`` of the annotation files ``<id><ending>`` in ``folder`` (endings
+    ``ANNOTATION_EXTENSIONS``). In the slides' own folder a plain ``.dcm`` is a slide, not a label.
+    Two files for one id are an error naming both."""
+    endings = tuple(e for e in ANNOTATION_EXTENSIONS if not (same_as_slides and e == ".dcm"))
+    found: Dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        ann_id = annotation_id_of(name, endings) if os.path.isfile(path) else None
+        if ann_id is None:
+            continue
+        if ann_id in found:
+            raise ValueError(f"{folder}: two annotation files for id {ann_id!r}: {os.path.basename(found[ann_id])} "
+                             f"and {name}; keep one")
+        found[ann_id] = path
+    return found
+
+
+def _own_image(path: str) -> Optional[str]:
+    """The image a labelme file names (``imagePath``) when it exists, else the file itself when it
+    embeds its image (``imageData``); None for other annotation files."""
+    annotations = read_annotations(path)  # a malformed file is an error, not an unpaired one
+    if annotations.format != "labelme JSON":
+        return None
+    if annotations.image_path and os.path.isfile(annotations.image_path):
+        return annotations.image_path
+    return path if annotations.image_data else None
+
+
+def annotation_jobs(wsi_folder: str, annotations_folder: str = "") -> List[TileJob]:
+    """One job per slide (or plain image) of ``wsi_folder`` with its annotation file
+    ``<id>.<ext>`` in ``annotations_folder`` (empty: the slides' folder). A labelme file whose
+    image lies elsewhere (``imagePath``) or is embedded (``imageData``) is a job by itself.
+    Slides without an annotation file and annotation files without a slide are one error that
+    lists them."""
+    _require_folder(wsi_folder, "DATASETS.WSI_FOLDER")
+    folder = annotations_folder or wsi_folder
+    _require_folder(folder, "DATASETS.ANNOTATIONS_FOLDER")
+    same = os.path.realpath(folder) == os.path.realpath(wsi_folder)
+    slides = dict(slide_entries(wsi_folder, images=True))
+    labels = annotation_files(folder, same)
+    jobs, unpaired = [], []
+    for ann_id, path in sorted(labels.items()):
+        image = slides.get(ann_id) or _own_image(path)
+        if image is None:
+            unpaired.append(os.path.basename(path))
+        else:
+            jobs.append(TileJob(validate_id(ann_id, folder), image, annotation_path=path))
+    unlabelled = [slide_id for slide_id in slides if slide_id not in labels]
+    if unlabelled or unpaired:
+        parts = []
+        if unlabelled:
+            parts.append(f"{len(unlabelled)} slide(s) without an annotation file <id>{{{', '.join(ANNOTATION_EXTENSIONS)}}}"
+                         f" in {folder}: {unlabelled[:10]}")
+        if unpaired:
+            parts.append(f"{len(unpaired)} annotation file(s) without a slide in {wsi_folder}: {unpaired[:10]}")
+        raise FileNotFoundError(f"{wsi_folder}: " + "; ".join(parts))
+    if not jobs:
+        raise FileNotFoundError(f"{wsi_folder}: no slides or images with annotation files "
+                                f"({', '.join(ANNOTATION_EXTENSIONS)})")
+    return jobs
 
 
 def load_pair_mask(path: str, channel: int = -1, threshold: int = 0, invert: bool = False) -> np.ndarray:

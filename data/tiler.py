@@ -31,14 +31,14 @@ import numpy as np
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
+from data.annotations import Annotations, describe_classes, read_annotations
 from data.dicom import dicom_files
-from data.sources import TileJob, load_pair_mask, pairs_jobs, wsi_jobs
-from data.tiling import (ArrayMask, ResampledMask, RLEMask, TileGrid, iter_tile_rows, mask_band, pixel_limit,
-                         tile_panels, tissue_columns)
-from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, image_pixel_size,
-                      open_slide, read_image)
+from data.masks import LabelRules, LabelSource, open_labels
+from data.sources import TileJob, annotation_jobs, pairs_jobs, wsi_jobs
+from data.tiling import TileGrid, iter_tile_rows, mask_band, pixel_limit, tile_panels, tissue_columns
+from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, decode_image,
+                      image_pixel_size, open_image_slide, open_slide, read_image)
 from utils.io import atomic_write_bytes, atomic_write_json, read_json
-from utils.rle import parse_rle
 from utils.setup import pause_point, save_config
 
 __all__ = ["TilerOutput", "create_tiles", "tile_slide", "tiles_variant", "stats_path"]
@@ -78,7 +78,17 @@ def _settings(cfg: CN) -> Dict[str, object]:
                 "DATASETS.MASK_INVERT": cfg.DATASETS.MASK_INVERT,
             }
         )
+    if cfg.DATASETS.FORMAT == "annotations":
+        settings.update({f"DATASETS.{key}": list(cfg.DATASETS[key])
+                         for key in ("ANNOTATION_CLASSES", "ANNOTATION_EXCLUDE", "ANNOTATION_ROI")})
     return settings
+
+
+def label_rules(cfg: CN) -> LabelRules:
+    """The config's rules that turn label files into masks."""
+    d = cfg.DATASETS
+    return LabelRules(d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT, tuple(d.ANNOTATION_CLASSES),
+                      tuple(d.ANNOTATION_EXCLUDE), tuple(d.ANNOTATION_ROI))
 
 
 @dataclass
@@ -99,12 +109,16 @@ class SlideRecord:
     mpp_source: str = ""
     resample: float = 1.0  # slide px per tiled level-0 px (INPUT.MPP_TRAIN)
     tile_mpp: Optional[float] = None  # the tiles' pixel size, when known
+    labels: str = ""  # annotations: the shapes per class of the slide's file
+    foreground_px: Optional[int] = None  # level-0 pixels of foreground (before resampling)
+    roi_dropped: int = 0  # tissue tiles not written because they lie (mostly) outside the ROI
+    roi: List[list] = field(default_factory=list)  # ROI shapes (rings of [x, y]) in the tiles' grid px
 
 
 def _fingerprint(job: TileJob) -> str:
     """Changes when the input of a job changes (file size/mtime, RLE text)."""
     h = hashlib.sha1()
-    paths = [p for p in (job.image_path, job.mask_path) if p]
+    paths = [p for p in dict.fromkeys((job.image_path, job.mask_path, job.annotation_path)) if p]
     files = [f for p in paths for f in (dicom_files(p) if os.path.isdir(p) else [p])]  # a DICOM folder: its instances
     for file in files:
         st = os.stat(file)
@@ -262,8 +276,10 @@ def tile_slide(
     record: SlideRecord,
     writer: Optional[_Writer] = None,
     progress: Optional[tqdm] = None,
+    roi=None,
 ) -> SlideRecord:
-    """Tile one slide into ``writer``; fill ``record`` with kept indices and pixel sums."""
+    """Tile one slide into ``writer``; fill ``record`` with kept indices and pixel sums. With
+    ``roi`` (a mask of the region of interest), only tiles at least half inside it are kept."""
     size, limit = grid.size, pixel_limit(pixel_threshold, grid.size)
     # Per-channel histograms give exact integer sums and sums of squares, independent of
     # the order tiles are visited in (so a resumed run has identical stats).
@@ -275,6 +291,10 @@ def tile_slide(
     for c0, c1 in panels:
         for tile_row, band in iter_tile_rows(slide, grid, (c0, c1)):
             keep = np.flatnonzero(tissue_columns(band, size, saturation_threshold, limit))
+            if roi is not None and keep.size:
+                inside = mask_band(roi, grid, tile_row, (c0, c1)).reshape(size, -1, size).mean(axis=(0, 2)) >= 0.5
+                record.roi_dropped += int((~inside[keep]).sum())
+                keep = keep[inside[keep]]
             masks = mask_band(mask, grid, tile_row, (c0, c1)) if keep.size else None
             for col in keep.tolist():
                 tile = np.ascontiguousarray(band[:, col * size:(col + 1) * size])
@@ -317,56 +337,98 @@ def _resample_factor(job: TileJob, cfg: CN, mpp: Optional[PixelSize], note: str)
     return 1.0 if abs(factor - 1.0) < 1e-3 else factor
 
 
-def _open_job(job: TileJob, cfg: CN, workers: int) -> Tuple[Slide, object, Optional[PixelSize], float]:
-    """The job's slide and mask, resampled when INPUT.MPP_TRAIN asks; its pixel size and the
-    resampling factor."""
+def _open_image(job: TileJob, cfg: CN, workers: int, annotations: Optional[Annotations]) -> Slide:
+    """The job's slide or image: a slide through the slide readers; a pairs image read whole (with
+    its header's pixel size); an annotations job's slide or plain image (or the image its labelme
+    file embeds)."""
     if job.rle is not None:
-        slide = open_slide(job.image_path, workers=workers, channels=tuple(cfg.INPUT.CHANNELS),
-                           backend=cfg.INPUT.SLIDE_READER)
-        try:
-            runs = parse_rle(job.rle, slide.shape, name=job.id)
-            mpp = _pixel_size(job, cfg, slide)
-            factor = _resample_factor(job, cfg, mpp, slide.mpp_note)
-        except ValueError:
-            slide.close()
-            raise
-        mask = RLEMask(runs, slide.shape)
-    else:
-        image = read_image(job.image_path)
-        d = cfg.DATASETS
-        mask = load_pair_mask(job.mask_path, d.MASK_CHANNEL, d.MASK_THRESHOLD, d.MASK_INVERT)
-        if mask.shape != image.shape[:2]:
-            raise SlideError(
-                f"{job.mask_path}: mask is {mask.shape[1]} x {mask.shape[0]} but image "
-                f"{job.image_path} is {image.shape[1]} x {image.shape[0]} (W x H)"
-            )
-        slide, mask = ArraySlide(image, job.image_path), ArrayMask(mask)
-        slide.pixel_size, slide.mpp_note = image_pixel_size(job.image_path)
+        return open_slide(job.image_path, workers=workers, channels=tuple(cfg.INPUT.CHANNELS),
+                          backend=cfg.INPUT.SLIDE_READER)
+    if job.embedded_image:
+        slide = ArraySlide(decode_image(annotations.image_data, job.annotation_path), job.annotation_path)
+        slide.mpp_note = "an image embedded in its labelme file: no pixel size"
+        return slide
+    if job.annotation_path is not None:
+        return open_image_slide(job.image_path, tuple(cfg.INPUT.CHANNELS), cfg.INPUT.SLIDE_READER)
+    slide = ArraySlide(read_image(job.image_path), job.image_path)
+    slide.pixel_size, slide.mpp_note = image_pixel_size(job.image_path)
+    return slide
+
+
+def _open_job(job: TileJob, cfg: CN, workers: int, annotations: Optional[Annotations] = None
+              ) -> Tuple[Slide, LabelSource, Optional[PixelSize], float]:
+    """The job's slide and labels (resampled when INPUT.MPP_TRAIN asks), its pixel size and the
+    resampling factor. Every label source answers through the same mask interface."""
+    slide = _open_image(job, cfg, workers, annotations)
+    try:
+        labels = open_labels(job, slide.shape, label_rules(cfg), annotations)
+        labels.area = labels.foreground_px()
         mpp = _pixel_size(job, cfg, slide)
         factor = _resample_factor(job, cfg, mpp, slide.mpp_note)
+    except BaseException:
+        slide.close()
+        raise
     if factor != 1.0:
         slide = ResampledSlide(slide, factor)
-        mask = ResampledMask(mask, factor, slide.shape)
-    return slide, mask, mpp, factor
+        labels = labels.resampled(factor, slide.shape)
+    return slide, labels, mpp, factor
+
+
+def _roi_on_grid(labels: LabelSource, factor: float, grid: TileGrid) -> List[list]:
+    """The ROI's shapes as rings of ``[x, y]`` in the tiles' grid pixels (the padded slide
+    downscaled by the reduction), for the random crops of training."""
+    def ring(points: np.ndarray) -> list:
+        x = (points[:, 0] / factor + grid.pad_left) / grid.reduce
+        y = (points[:, 1] / factor + grid.pad_top) / grid.reduce
+        return np.round(np.stack((x, y), axis=1), 3).tolist()
+
+    return [[ring(s.exterior)] + [ring(h) for h in s.holes] for s in labels.roi_shapes]
 
 
 def _jobs(cfg: CN) -> List[TileJob]:
     d = cfg.DATASETS
     if d.FORMAT == "pairs":
         return pairs_jobs(d.PAIRS_FOLDER, d.PAIRS_IMAGES, d.PAIRS_MASKS, d.LABELS_CSV)
+    if d.FORMAT == "annotations":
+        return annotation_jobs(d.WSI_FOLDER, d.ANNOTATIONS_FOLDER)
     return wsi_jobs(d.WSI_FOLDER, d.LABELS_CSV)
 
 
-def _validate(jobs: List[TileJob], workers: int, cfg: CN) -> None:
-    """Check every input before writing anything: slides open and their RLE parses; pair
-    images and masks are readable images of the same size (headers only)."""
+def _check_annotations(job: TileJob, annotations: Annotations, labels: LabelSource, shape) -> None:
+    """What an annotation file says about its slide: its notes, shapes past the slide (clipped,
+    a warning), no shapes at all (an empty mask, a warning), a labelme image size that is not the
+    slide's (an error)."""
+    path = job.annotation_path
+    for note in annotations.notes:
+        logger.info("%s: %s", path, note)
+    if annotations.image_size is not None and tuple(annotations.image_size) != tuple(shape):
+        (h, w), (sh, sw) = annotations.image_size, shape
+        raise SlideError(f"{path}: labelme says its image is {w} x {h} but {job.image_path} is {sw} x {sh} (W x H)")
+    if not annotations.shapes and not annotations.is_raster:
+        logger.warning("%s: no shapes: a slide without foreground (an empty mask)", path)
+    elif not labels.used:
+        logger.warning("%s: no foreground shapes (%s): an empty mask", path, describe_classes(labels.counts))
+    if labels.outside:
+        logger.warning("%s: %d shape(s) reach past the %d x %d slide: clipped to it", path, labels.outside,
+                       shape[1], shape[0])
+
+
+def _validate(jobs: List[TileJob], workers: int, cfg: CN) -> Dict[str, Annotations]:
+    """Check every input before writing anything: slides open and their RLE parses or their
+    annotation file reads (classes, sizes); pair images and masks are readable images of the
+    same size (headers only). Returns the annotation files read, by path."""
     from PIL import Image, UnidentifiedImageError
 
+    read: Dict[str, Annotations] = {}
     for job in jobs:
-        if job.rle is not None:
-            with open_slide(job.image_path, workers=workers, channels=tuple(cfg.INPUT.CHANNELS),
-                           backend=cfg.INPUT.SLIDE_READER) as slide:
-                parse_rle(job.rle, slide.shape, name=job.id)
+        if job.mask_path is None:
+            annotations = None
+            if job.annotation_path is not None:
+                annotations = read[job.annotation_path] = read_annotations(job.annotation_path)
+            with _open_image(job, cfg, workers, annotations) as slide:
+                labels = open_labels(job, slide.shape, label_rules(cfg), annotations)
+                if annotations is not None:
+                    _check_annotations(job, annotations, labels, slide.shape)
                 _resample_factor(job, cfg, _pixel_size(job, cfg, slide), slide.mpp_note)
             continue
         _resample_factor(job, cfg, _pixel_size(job, cfg), "no pixel size in its header")
@@ -382,6 +444,7 @@ def _validate(jobs: List[TileJob], workers: int, cfg: CN) -> None:
                 f"{job.mask_path}: mask is {sizes[1][0]} x {sizes[1][1]} but image "
                 f"{job.image_path} is {sizes[0][0]} x {sizes[0][1]} (W x H)"
             )
+    return read
 
 
 def _stats(records: List[SlideRecord], size: int, reduce: int) -> Dict[str, object]:
@@ -404,7 +467,10 @@ def _stats(records: List[SlideRecord], size: int, reduce: int) -> Dict[str, obje
         "mask_fraction": round(float(sum(r.mask_pixels for r in records) / n), 8) if n else 0.0,
         "tile_mpp": _common_tile_mpp(records),
         "slides": {r.id: {"kept": len(r.kept), "tiles": r.n_tiles, "shape": list(r.shape), "mpp": r.mpp,
-                          "mpp_source": r.mpp_source, "resample": r.resample, "tile_mpp": r.tile_mpp}
+                          "mpp_source": r.mpp_source, "resample": r.resample, "tile_mpp": r.tile_mpp,
+                          "foreground_px": r.foreground_px,
+                          **({"labels": r.labels} if r.labels else {}),
+                          **({"roi": r.roi, "roi_dropped": r.roi_dropped} if r.roi else {})}
                    for r in records},
     }
 
@@ -430,22 +496,25 @@ def _common_tile_mpp(records: List[SlideRecord]) -> Optional[float]:
 
 
 def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, workers: int,
-              fingerprint: str, label: str) -> SlideRecord:
+              fingerprint: str, label: str, annotations: Optional[Annotations] = None) -> SlideRecord:
     """Tile one job; on any failure its tiles written so far are removed."""
     size, reduce = cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN
-    slide, mask, mpp, factor = _open_job(job, cfg, workers)
+    slide, labels, mpp, factor = _open_job(job, cfg, workers, annotations)
     record = SlideRecord(job.id, os.path.abspath(job.image_path), fingerprint)
     if mpp is not None:
         record.mpp, record.mpp_source = round(mpp.mpp, 6), mpp.source
         record.tile_mpp = round(mpp.mpp * factor * reduce, 6)
     record.resample = round(factor, 6)
+    record.labels = describe_classes(labels.counts) if job.annotation_path else ""
+    record.foreground_px = labels.area
     with slide:
         record.shape = [int(v) for v in slide.shape]
         grid = TileGrid(*slide.shape, size, reduce)
+        record.roi = _roi_on_grid(labels, factor, grid)
         bar = tqdm(total=grid.n_rows, desc=label, unit="row", leave=False, dynamic_ncols=True)
         try:
-            tile_slide(slide, mask, grid, cfg.INPUT.SATURATION_THRESHOLD,
-                       cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar)
+            tile_slide(slide, labels.mask, grid, cfg.INPUT.SATURATION_THRESHOLD,
+                       cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar, labels.roi)
             writer.drain()
         except BaseException:
             writer.close()
@@ -455,9 +524,25 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
             bar.close()
         description = slide.describe()
     output.save_record(record)
-    logger.info("%s: %s -> %d of %d tiles kept", job.id, description, len(record.kept), record.n_tiles)
+    logger.info("%s: %s -> %d of %d tiles kept%s", job.id, description, len(record.kept), record.n_tiles,
+                _label_note(record, job))
     pause_point("tiler.slide_done")
     return record
+
+
+def _label_note(record: SlideRecord, job: TileJob) -> str:
+    """The log's word on a slide's labels: shapes per class, foreground area, ROI."""
+    parts = []
+    if job.annotation_path:
+        parts.append(f"labels {os.path.basename(job.annotation_path)}: {record.labels}")
+    if record.foreground_px is not None:
+        area = f"foreground {record.foreground_px} px"
+        if record.mpp:
+            area += f" ({record.foreground_px * record.mpp ** 2 / 1e6:.4g} mm2)"
+        parts.append(area)
+    if record.roi:
+        parts.append(f"ROI of {len(record.roi)} shape(s): {record.roi_dropped} tissue tile(s) outside it not written")
+    return ("; " + "; ".join(parts)) if parts else ""
 
 
 def create_tiles(cfg: CN) -> Dict[str, object]:
@@ -465,9 +550,9 @@ def create_tiles(cfg: CN) -> Dict[str, object]:
     start = time.time()
     size, reduce = cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN
     workers = cfg.TILER.NUM_WORKERS or os.cpu_count() or 1
-    what = "slides" if cfg.DATASETS.FORMAT == "wsi_rle" else "image pairs"
+    what = {"wsi_rle": "slides", "pairs": "image pairs", "annotations": "annotated slides/images"}[cfg.DATASETS.FORMAT]
     jobs = _jobs(cfg)
-    _validate(jobs, workers, cfg)
+    annotations = _validate(jobs, workers, cfg)
     output = TilerOutput(cfg.DATASETS.TRAIN_FOLDER, size, reduce, cfg.TILER.PNG_COMPRESSION)
     output.prepare(_settings(cfg), cfg.OVERWRITE)
     logger.info("Tiling %d %s at %d px, reduction %d%s -> %s", len(jobs), what, size, reduce,
@@ -484,7 +569,7 @@ def create_tiles(cfg: CN) -> Dict[str, object]:
                 skipped += 1
             else:
                 record = _tile_job(job, cfg, output, writer, workers, fingerprint,
-                                   f"[{n}/{len(jobs)}] {job.id}")
+                                   f"[{n}/{len(jobs)}] {job.id}", annotations.get(job.annotation_path))
             records.append(record)
         stats = _stats(records, size, reduce)
         atomic_write_json(output.stats, stats)

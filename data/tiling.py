@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from data.wsi import Slide
-from utils.rle import check_shape, decode_window
+from utils.rle import check_shape
 
 __all__ = [
     "centered_padding",
@@ -35,9 +35,6 @@ __all__ = [
     "is_tissue",
     "tissue_columns",
     "tissue_windows",
-    "RLEMask",
-    "ArrayMask",
-    "ResampledMask",
     "iter_tile_rows",
     "tile_panels",
     "mask_band",
@@ -167,61 +164,6 @@ def tissue_windows(image: np.ndarray, starts_y: Sequence[int], starts_x: Sequenc
         keep = _keep_windows(image[y:y + size], xs, size, saturation_threshold, limit)
         kept.extend((int(y), int(x)) for x in xs[keep])
     return kept
-
-
-class RLEMask:
-    """A full-resolution mask given as parsed RLE runs (see ``utils.rle.parse_rle``)."""
-
-    def __init__(self, runs: np.ndarray, shape: Tuple[int, int]):
-        self.runs = runs
-        self.shape = check_shape(shape)
-
-    def window(self, rows: Tuple[int, int], cols: Tuple[int, int], step: int = 1) -> np.ndarray:
-        """Rows ``rows[0]:rows[1]:step``, cols likewise (outside the mask reads 0)."""
-        return decode_window(self.runs, self.shape, rows, cols, step)
-
-
-class ArrayMask:
-    """An in-memory ``(height, width)`` 0/1 mask with the same ``window`` interface."""
-
-    def __init__(self, mask: np.ndarray):
-        mask = np.asarray(mask)
-        if mask.ndim != 2:
-            raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-        self.mask = (mask != 0).astype(np.uint8)
-        self.shape = mask.shape
-
-    def window(self, rows: Tuple[int, int], cols: Tuple[int, int], step: int = 1) -> np.ndarray:
-        r = np.arange(rows[0], rows[1], step)
-        c = np.arange(cols[0], cols[1], step)
-        out = np.zeros((len(r), len(c)), dtype=np.uint8)
-        rv = (r >= 0) & (r < self.shape[0])
-        cv = (c >= 0) & (c < self.shape[1])
-        if rv.any() and cv.any():
-            out[np.ix_(rv, cv)] = self.mask[np.ix_(r[rv], c[cv])]
-        return out
-
-
-class ResampledMask:
-    """A mask (``RLEMask`` / ``ArrayMask``) resampled by ``scale`` (base px per new px) to
-    ``shape``: new pixel ``(r, c)`` is base pixel ``(floor((r + .5) g), floor((c + .5) g))``
-    (nearest), read through a window of the base at the nearest integer step (within half a
-    step), so a band never decodes more than the output's pixels."""
-
-    def __init__(self, base, scale: float, shape: Tuple[int, int]):
-        self.base, self.scale, self.shape = base, float(scale), check_shape(shape)
-
-    def window(self, rows: Tuple[int, int], cols: Tuple[int, int], step: int = 1) -> np.ndarray:
-        g = self.scale
-        sr = np.floor((np.arange(rows[0], rows[1], step) + 0.5) * g).astype(np.int64)
-        sc = np.floor((np.arange(cols[0], cols[1], step) + 0.5) * g).astype(np.int64)
-        if not len(sr) or not len(sc):
-            return np.zeros((len(sr), len(sc)), dtype=np.uint8)
-        q = max(1, int(step * g))
-        dense = self.base.window((int(sr[0]), int(sr[-1]) + 1), (int(sc[0]), int(sc[-1]) + 1), q)
-        ri = np.minimum(np.rint((sr - sr[0]) / q).astype(np.int64), dense.shape[0] - 1)
-        ci = np.minimum(np.rint((sc - sc[0]) / q).astype(np.int64), dense.shape[1] - 1)
-        return np.ascontiguousarray(dense[np.ix_(ri, ci)])
 
 
 class _RowDownscaler:

@@ -40,6 +40,8 @@ __all__ = [
     "OpenSlideSlide",
     "SLIDE_READERS",
     "open_slide",
+    "open_image_slide",
+    "decode_image",
     "read_image",
     "SLIDE_EXTENSIONS",
     "MAX_MPP",
@@ -858,3 +860,23 @@ def read_image(path: str) -> np.ndarray:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     raise SlideError(f"{path}: {image.shape[2]} channels; expected RGB")
 
+
+
+def open_image_slide(path: str, channels: Tuple[int, ...] = (), backend: str = "auto") -> Slide:
+    """A slide or a plain image as a :class:`Slide`: TIFF-family files and DICOM through
+    :func:`open_slide` (lazy, with their metadata), other images (PNG, JPEG, BMP) read whole,
+    with the pixel size of their header."""
+    if path.lower().endswith(SLIDE_EXTENSIONS) or os.path.isdir(path):
+        return open_slide(path, channels=channels, backend=backend)
+    slide = ArraySlide(read_image(path), path)
+    slide.pixel_size, slide.mpp_note = image_pixel_size(path)
+    return slide
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """An image file's bytes (PNG, JPEG, ...) as ``(H, W, 3)`` RGB uint8; ``name`` is given in
+    errors (e.g. the annotation file that embeds the image)."""
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SlideError(f"{name}: the embedded image is not a readable PNG/JPEG or is corrupt")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -106,6 +106,7 @@ def predict_canvas(
     progress=None,
     box: Optional[Tuple[int, int, int, int]] = None,
     helper: Optional[Executor] = None,
+    keep: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, int]:
     """Blend window predictions over a low-res ``image`` into a probability map.
 
@@ -114,7 +115,8 @@ def predict_canvas(
     (the part of ``image`` on the slide, :func:`slide_box`), windows are chosen on ``image``
     as it is, but the model sees the outside filled by :func:`fill_outside`. ``helper`` (a
     one-thread executor, kept across calls by a caller that predicts many slides) blends the
-    batches; by default one is made for the call.
+    batches; by default one is made for the call. With ``keep`` (a 0/1 map of ``image``'s shape:
+    a region of interest) only windows that hold some of it are predicted.
     Returns ``(probability map float32 (H, W), number of windows predicted)``.
     """
     h, w = image.shape[:2]
@@ -127,6 +129,8 @@ def predict_canvas(
     if pad_h or pad_w:  # an image smaller than one window: pad it
         image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
     windows = tissue_windows(image, ys, xs, size, saturation_threshold, limit)
+    if keep is not None:
+        windows = [(y, x) for y, x in windows if keep[y:y + size, x:x + size].any()]
     if box is not None:
         image = fill_outside(image, box)
     if progress is not None:

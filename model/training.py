@@ -502,6 +502,12 @@ def _grids(tiles: TileSet, cfg: CN) -> Dict[str, TileGrid]:
     return grids
 
 
+def _rois(tiles: TileSet) -> Dict[str, list]:
+    """Each slide's region of interest (shapes in grid pixels) recorded by the tiler, if any."""
+    stats = read_json(tiles.stats_file) if os.path.isfile(tiles.stats_file) else {}
+    return {slide_id: info["roi"] for slide_id, info in stats.get("slides", {}).items() if info.get("roi")}
+
+
 def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
     """Training loader (fixed tiles, or INPUT.CROP_SIZE random crops, SAMPLES_PER_EPOCH per
     epoch) and validation loader (the held-out tiles, whole); returns them and the validation
@@ -513,7 +519,7 @@ def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
     if crop:
         margin = crop_margin(crop, cfg.INPUT.PROB > 0)
         canvases = slide_canvases(tiles.images, tiles.masks, train_names, _grids(tiles, cfg), tile_group,
-                                  tile_index)
+                                  tile_index, _rois(tiles))
         samples = cfg.SOLVER.SAMPLES_PER_EPOCH or len(train_names)
         train_ds = RandomCropDataset(canvases, crop, samples, cfg.INPUT.FOREGROUND_FRACTION, mean, std,
                                      _seed_transform(_train_transform(cfg, margin)), margin)

@@ -159,6 +159,8 @@ def _broken(kind, root, case):
         (case / "labels.csv").write_text((root / "train.csv").read_text() + "odd,\n")
         return {"tiles_creator.py": ["DATASETS.WSI_FOLDER", wsi, "DATASETS.LABELS_CSV", case / "labels.csv"],
                 "test_net.py": ["TEST.WSI_FOLDER", wsi]}
+    if kind.startswith("ann_"):
+        return _broken_annotations(kind, root, case)
     if kind == "ckpt_empty_folder":
         (case / "models").mkdir()
         return {"test_net.py": ["TEST.MODEL_WEIGHTS_FOLDER", case / "models"]}
@@ -212,6 +214,15 @@ CASES = [
     ("fluorescence", "tiles_creator.py", "odd.tif: 3 channels stored as separate greyscale images (DAPI, FITC, Cy5)",
      False),
     ("fluorescence", "test_net.py", "odd.tif: 3 channels stored as separate greyscale images (DAPI, FITC, Cy5)", False),
+    ("ann_truncated_json", "tiles_creator.py", "s1.geojson: malformed or truncated JSON", False),
+    ("ann_truncated_json", "test_net.py", "s1.geojson: malformed or truncated JSON", False),
+    ("ann_truncated_xml", "tiles_creator.py", "s1.xml: malformed or truncated XML", False),
+    ("ann_truncated_xml", "test_net.py", "s1.xml: malformed or truncated XML", False),
+    ("ann_unknown", "tiles_creator.py", "s1.json: JSON but neither GeoJSON (QuPath) nor labelme", False),
+    ("ann_unknown", "test_net.py", "s1.json: JSON but neither GeoJSON (QuPath) nor labelme", False),
+    ("ann_unpaired", "tiles_creator.py", "1 slide(s) without an annotation file", False),
+    ("ann_class", "tiles_creator.py", "s1.geojson: no shapes of the class(es) ['Glomeruli']", False),
+    ("ann_class", "test_net.py", "s1.geojson: no shapes of the class(es) ['Glomeruli']", False),
     ("ckpt_empty_folder", "test_net.py", "no .pth checkpoints", False),
     ("ckpt_other_architecture", "test_net.py", "a.pth: weights do not fit", False),
     ("ckpt_other_architecture", "train_net.py", "a.pth: weights do not fit", False),
@@ -223,6 +234,34 @@ CASES = [
 ] + [(f"rle_{k}", script, "RLE of 's2'", False)
      for k in ("odd", "text", "start_0", "zero_length", "negative", "unsorted", "overlap", "past_end", "huge")
      for script in ("tiles_creator.py", "test_net.py")]
+
+
+def _broken_annotations(kind, root, case):
+    """Slides with annotation files (annotations format), one of them broken."""
+    wsi = case / "wsi"
+    wsi.mkdir()
+    for name in ("s1.tiff", "s2.tiff"):
+        shutil.copy(root / "wsi" / name, wsi / name)
+    square = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[10, 10], [90, 10], [90, 90],
+                                                                                 [10, 90], [10, 10]]]},
+              "properties": {"classification": {"name": "Glomerulus"}}}
+    good = json.dumps({"type": "FeatureCollection", "features": [square]})
+    (wsi / "s2.geojson").write_text(good)
+    if kind == "ann_truncated_json":
+        (wsi / "s1.geojson").write_text(good[:len(good) // 2])
+    elif kind == "ann_truncated_xml":
+        (wsi / "s1.xml").write_text('<?xml version="1.0"?><ASAP_Annotations><Annotations><Annotation Name="a" '
+                                    'Type="Polygon" PartOfGroup="g"><Coordinates><Coordinate Order="0" X="1"')
+    elif kind == "ann_unknown":
+        (wsi / "s1.json").write_text('{"images": [], "categories": []}')
+    elif kind == "ann_unpaired":
+        (wsi / "other.geojson").write_text(good)  # and s1 has no annotation file
+    elif kind == "ann_class":
+        (wsi / "s1.geojson").write_text(good)
+    args = ["DATASETS.FORMAT", "annotations", "DATASETS.WSI_FOLDER", wsi]
+    classes = ["DATASETS.ANNOTATION_CLASSES", "[Glomeruli]"] if kind == "ann_class" else []
+    return {"tiles_creator.py": args + classes, "test_net.py": ["TEST.LABELS_CSV", "", "TEST.ANNOTATIONS_FOLDER", wsi,
+                                                                *classes]}
 
 
 @pytest.mark.parametrize("kind, script, needle, needs_shared", CASES, ids=[f"{c[1][:-3]}-{c[0]}" for c in CASES])

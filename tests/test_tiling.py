@@ -5,7 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data.tiling import (ArrayMask, RLEMask, TileGrid, centered_padding, is_tissue, iter_tile_rows,
+from data.masks import ArrayMask, RLEMask
+from data.tiling import (TileGrid, centered_padding, is_tissue, iter_tile_rows,
                          mask_band, pixel_limit, tissue_columns, tissue_windows)
 from data.wsi import ArraySlide, open_slide
 from tests.conftest import requires_shared

@@ -1,0 +1,185 @@
+"""The kidney recipe (config/kidney.yaml: AIDPATH + HuBMAP FTU), trained and scored honestly:
+held-out Dice per source and seed, with test_net.py.
+
+    python -m tests.bench.kidney_heldout --seeds 1 2 3                 # tile, train, score
+    python -m tests.bench.kidney_heldout --output output/kidney_seed1   # score a run trained earlier
+    python -m tests.bench.kidney_heldout --seeds 1 -- SOLVER.MAX_EPOCHS 10   # an experiment (KEY VALUE)
+
+For each seed it runs the two documented commands in fresh processes, timed::
+
+    python tiles_creator.py --config-file config/kidney.yaml DATASETS.TRAIN_FOLDER <fresh>
+    python train_net.py --config-file config/kidney.yaml MODEL.SEED <seed> OUTPUT_DIR <out>
+
+then every fold's checkpoint predicts, with test_net.py, exactly the images that fold held out
+(each image is scored once, by a model that never saw it): the AIDPATH biopsies in pairs mode
+(TEST.PAIRS_FOLDER, red-channel masks, 0.5 um/px), the HuBMAP tiles as a folder of images with
+their labelme files (TEST.WSI_FOLDER + TEST.ANNOTATIONS_FOLDER, 0.95 um/px). The Dice is pooled
+per source over all its images (2 sum|P&G| / sum(|P|+|G|), from the full-resolution RLE against
+the true masks) at a threshold of 0.5 fixed before any run; nothing is chosen on these images.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Tuple
+
+from tests.bench.bench_tiles import REPO
+from tests.slides import SHARED_REASON, has_shared, shared
+
+RECIPE = os.path.join(REPO, "config", "kidney.yaml")
+THRESHOLD = 0.5  # fixed in advance
+
+
+def run(cmd: List[str], what: str) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def train_recipe(seed: int, out: str, tiles: str, recipe: str = RECIPE, extra=()) -> Tuple[float, float]:
+    """Tile and train ``recipe`` for ``seed``; returns the wall seconds of each command."""
+    tile_s = run([sys.executable, "tiles_creator.py", "--config-file", recipe, "DATASETS.TRAIN_FOLDER", tiles],
+                 "tiles_creator.py")
+    train_s = run([sys.executable, "train_net.py", "--config-file", recipe, "DATASETS.TRAIN_FOLDER", tiles,
+                   "MODEL.SEED", str(seed), "OUTPUT_DIR", out, *extra], "train_net.py")
+    print(f"seed {seed}: tiles_creator {tile_s:.0f} s + train_net {train_s:.0f} s = {(tile_s + train_s) / 60:.1f} min",
+          flush=True)
+    return tile_s, train_s
+
+
+def truth_runs(source: str, image_id: str):
+    """The true mask of a held-out image as RLE runs: AIDPATH's red-channel PNG, HuBMAP's labelme file."""
+    from data.masks import slide_labels
+    from data.sources import load_pair_mask
+    from utils.rle import parse_rle, rle_encode
+
+    if source == "aidpath":
+        mask = load_pair_mask(shared("aidpath", "masks", f"{image_id}.png"), 0, 127)
+        return parse_rle(rle_encode(mask), mask.shape), mask.shape
+    runs, _ = slide_labels(shared("hubmap_ftu", f"{image_id}.json"), (1200, 1600))
+    return runs, (1200, 1600)
+
+
+def _predict(source: str, ids: List[str], checkpoint: str, out: str, work: str) -> Dict[str, str]:
+    """test_net on the held-out images of one source; returns {id: predicted RLE}."""
+    common = [sys.executable, "test_net.py", "--config-file", RECIPE, "TEST.MODEL_WEIGHTS_FOLDER", checkpoint,
+              "TEST.TH", str(THRESHOLD), "OUTPUT_DIR", out]
+    if source == "aidpath":
+        id_csv = os.path.join(work, "ids.csv")
+        with open(id_csv, "w") as fh:
+            fh.write("id\n" + "".join(f"{i}\n" for i in ids))
+        run(common + ["TEST.PAIRS_FOLDER", shared("aidpath"), "TEST.LABELS_CSV", id_csv, "TEST.MPP", "0.5",
+                      "DATASETS.MASK_CHANNEL", "0", "DATASETS.MASK_THRESHOLD", "127"], "test_net.py (aidpath)")
+    else:
+        folder = os.path.join(work, "hubmap_ftu")
+        os.makedirs(folder, exist_ok=True)
+        for image_id in ids:
+            for ext in (".jpg", ".json"):
+                link = os.path.join(folder, image_id + ext)
+                if not os.path.exists(link):
+                    os.symlink(shared("hubmap_ftu", image_id + ext), link)
+        run(common + ["TEST.PAIRS_FOLDER", "", "TEST.WSI_FOLDER", folder, "TEST.ANNOTATIONS_FOLDER", folder,
+                      "TEST.LABELS_CSV", "", "TEST.MPP", "0.95"], "test_net.py (hubmap_ftu)")
+    with open(os.path.join(out, "submission.csv"), newline="") as fh:
+        return {row["id"]: row["predicted"] for row in csv.DictReader(fh)}
+
+
+def score(output: str, work: str) -> Dict[str, Dict[str, object]]:
+    """Pooled held-out Dice per source over every fold of the run in ``output``."""
+    from model.checkpoint import load_checkpoint
+    from utils.rle import parse_rle, rle_area, runs_intersection
+
+    results = sorted(glob.glob(os.path.join(output, "fold_*", "result.json")))
+    if not results:
+        sys.exit(f"{output}: no fold_*/result.json; train config/kidney.yaml first")
+    pooled: Dict[str, Dict[str, object]] = {}
+    for result_path in results:
+        result = json.load(open(result_path))
+        path = result["checkpoint"] if os.path.isabs(result["checkpoint"]) else os.path.join(REPO, result["checkpoint"])
+        ckpt = load_checkpoint(path)
+        fold = int(ckpt["fold"])
+        by_source: Dict[str, List[str]] = {}
+        for image_id in ckpt["metrics"]["valid_ids"]:
+            source = "aidpath" if os.path.isfile(shared("aidpath", "images", f"{image_id}.png")) else "hubmap_ftu"
+            by_source.setdefault(source, []).append(image_id)
+        for source, ids in sorted(by_source.items()):
+            folder = os.path.join(work, f"fold_{fold}_{source}")
+            os.makedirs(folder, exist_ok=True)
+            predicted = _predict(source, ids, path, os.path.join(folder, "out"), folder)
+            entry = pooled.setdefault(source, {"inter": 0, "total": 0, "per_image": {}, "per_fold": {}})
+            fold_inter = fold_total = 0
+            for image_id in ids:
+                truth, shape = truth_runs(source, image_id)
+                pred = parse_rle(predicted[image_id], shape)
+                inter, total = runs_intersection(pred, truth), rle_area(pred) + rle_area(truth)
+                fold_inter, fold_total = fold_inter + inter, fold_total + total
+                entry["per_image"][image_id] = 2 * inter / total if total else 1.0
+            entry["inter"] += fold_inter
+            entry["total"] += fold_total
+            entry["per_fold"][fold] = 2 * fold_inter / fold_total if fold_total else 1.0
+    for entry in pooled.values():
+        entry["dice"] = 2 * entry["inter"] / entry["total"] if entry["total"] else 1.0
+    return pooled
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[], help="train the recipe with these MODEL.SEED values")
+    parser.add_argument("--output", default=os.path.join(REPO, "output", "kidney"),
+                        help="without --seeds: the OUTPUT_DIR of a run to score; with: the prefix of the runs' folders")
+    parser.add_argument("--recipe", default=RECIPE, help="the recipe to train (default config/kidney.yaml)")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+    parser.add_argument("opts", nargs="*", help="extra KEY VALUE overrides for train_net.py (experiments)")
+    args = parser.parse_args(argv)
+    if not has_shared():
+        sys.exit(SHARED_REASON)
+    work = tempfile.mkdtemp(prefix="kidney_heldout_")
+    runs = []
+    for seed in args.seeds:
+        out = f"{args.output}_seed{seed}"
+        tile_s, train_s = train_recipe(seed, out, os.path.join(work, f"tiles_seed{seed}"), args.recipe, args.opts)
+        runs.append((seed, out, (tile_s + train_s) / 60))
+    if not args.seeds:
+        runs.append((None, args.output, float("nan")))
+    rows = []
+    for seed, out, minutes in runs:
+        pooled = score(out, os.path.join(work, os.path.basename(out)))
+        summary = json.load(open(os.path.join(out, "summary.json")))
+        rows.append({"seed": seed, "minutes": minutes, "oof": summary.get("oof_dice_by_source", {}),
+                     **{source: entry["dice"] for source, entry in pooled.items()}})
+        for source, entry in sorted(pooled.items()):
+            print(f"seed {seed} {source}: held-out pooled Dice {entry['dice']:.4f} at {THRESHOLD} (per fold "
+                  f"{', '.join(f'{k}: {v:.3f}' for k, v in sorted(entry['per_fold'].items()))}; worst images "
+                  f"{', '.join(f'{k} {v:.2f}' for k, v in sorted(entry['per_image'].items(), key=lambda kv: kv[1])[:4])})",
+                  flush=True)
+    sources = sorted({k for r in rows for k in r if k not in ("seed", "minutes", "oof")})
+    print("\n| seed | " + " | ".join(f"{s} held-out Dice" for s in sources) + " | out-of-fold (training) | "
+          "tiles + training, min |")
+    print("|---" * (len(sources) + 3) + "|")
+    for r in rows:
+        oof = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["oof"].items()))
+        print(f"| {r['seed']} | " + " | ".join(f"{r[s]:.4f}" for s in sources) + f" | {oof} | {r['minutes']:.1f} |")
+    if len(rows) > 1:
+        for s in sources:
+            values = [r[s] for r in rows]
+            print(f"{s}: mean {statistics.mean(values):.4f}, min {min(values):.4f}, max {max(values):.4f}, "
+                  f"spread (max - min) {max(values) - min(values):.4f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    print(f"(test_net outputs, pictures included, in {work})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
