@@ -78,6 +78,12 @@ _C.INPUT.FOREGROUND_FRACTION = 0.33
 # by any angle and zoom on a margin around the crop, mild stain/colour jitter for PAS/H&E; see
 # data/transforms.py).
 _C.INPUT.AUGMENTATION = "classic"
+# histology augmentation: scale of the stain and colour jitter ranges (1: +-8 % stain concentrations,
+# hue +-6, saturation +-15, value +-10, brightness/contrast +-12 %, gamma 85-115; 2: twice that).
+_C.INPUT.STAIN_STRENGTH = 1.0
+# Random crops: probability (0..1) that a glomerulus (a foreground pixel's neighbourhood, from any
+# training image) is pasted into the crop with a soft edge, its mask with it (copy-paste, as TumorCP).
+_C.INPUT.COPY_PASTE = 0.0
 # Per-channel RGB mean in 0..1 used to normalise tiles. Empty: use the mean measured by
 # tiles_creator.py (stats_<size>_red<r>.json in DATASETS.TRAIN_FOLDER).
 _C.INPUT.PIXEL_MEAN = []
@@ -130,6 +136,16 @@ _C.DATASETS.MASK_INVERT = False
 # Pixel size (µm/px, level 0) of the training slides or images, when their metadata lacks it or
 # is wrong; 0 = from each file's metadata (SVS MPP, OME PhysicalSize, TIFF/NDPI resolution).
 _C.DATASETS.MPP = 0.0
+# Several data sets in one training (a list; empty = the single source the keys above describe).
+# Each entry is a mapping with NAME (required, unique), WEIGHT (> 0: the share of training crops
+# drawn from it, relative to the others; default 1) and any of the DATASETS keys above (FORMAT,
+# WSI_FOLDER, LABELS_CSV, PAIRS_FOLDER, MASK_*, MPP, ANNOTATIONS_FOLDER, ANNOTATION_*), which
+# override the section's own values for that source. Image ids must be unique across sources.
+# Folds then hold images of every source; the stats, logs and results report each source.
+#   SOURCES:
+#     - {NAME: aidpath, FORMAT: pairs, PAIRS_FOLDER: ../shared/data/aidpath, MASK_CHANNEL: 0, MPP: 0.5}
+#     - {NAME: hubmap_ftu, FORMAT: annotations, WSI_FOLDER: ../shared/data/hubmap_ftu, MPP: 0.95}
+_C.DATASETS.SOURCES = []
 
 # -----------------------------------------------------------------------------
 # TILER (tiles_creator.py)
@@ -209,6 +225,9 @@ _C.SOLVER.FOLDS = []
 _C.SOLVER.RESUME = False
 # Save the resume state (weights + optimizer) every this many epochs (and after the last).
 _C.SOLVER.CHECKPOINT_PERIOD = 1
+# Validate each fold every this many epochs (and after the last): the curves and SAVE best see
+# only those epochs. Raise it when the validation images are many (it costs a pass over them).
+_C.SOLVER.EVAL_PERIOD = 1
 
 # -----------------------------------------------------------------------------
 # TEST (test_net.py)
@@ -216,8 +235,10 @@ _C.SOLVER.CHECKPOINT_PERIOD = 1
 _C.TEST = CN()
 # Inference batch size (tiles per forward pass).
 _C.TEST.IMS_PER_BATCH = 8
-# Folder of trained checkpoints (every *.pth in it joins the ensemble), or one .pth file.
-_C.TEST.MODEL_WEIGHTS_FOLDER = "output/models"
+# Folder of trained checkpoints (every *.pth in it joins the ensemble), or one .pth file. The
+# default is the shipped glomerulus model (model/checkpoints/, see its README.md: PAS kidney, tiles
+# of 2 um/px), found inside the toolkit when the path does not exist from where you run.
+_C.TEST.MODEL_WEIGHTS_FOLDER = "model/checkpoints"
 # Side of the sliding-window tile, in pixels of the downscaled slide.
 _C.TEST.SIZE = 256
 # Pixel size (µm/px, level 0) of the slides or images to predict, when their metadata lacks it

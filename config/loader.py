@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -21,7 +21,7 @@ from yacs.config import CfgNode as CN
 from config.defaults import get_cfg_defaults
 from data.wsi import MAX_MPP, SLIDE_READERS
 
-__all__ = ["ConfigError", "load_cfg", "merge_dict", "merge_opts", "validate_cfg"]
+__all__ = ["ConfigError", "load_cfg", "merge_dict", "merge_opts", "validate_cfg", "source_entries", "SOURCE_ONLY_KEYS"]
 
 BASE_KEY = "_BASE_"
 
@@ -186,6 +186,8 @@ def validate_cfg(cfg: CN) -> None:
     for key, value in (("INPUT.SATURATION_THRESHOLD", i.SATURATION_THRESHOLD), ("TEST.S_TH", t.S_TH)):
         _check(0 <= value <= 255, f"{key} must be within 0..255, got {value}")
     _check(0.0 <= i.PROB <= 1.0, f"INPUT.PROB must be within 0..1, got {i.PROB}")
+    _check(0.0 <= i.COPY_PASTE <= 1.0, f"INPUT.COPY_PASTE must be within 0..1, got {i.COPY_PASTE}")
+    _check(i.STAIN_STRENGTH >= 0, f"INPUT.STAIN_STRENGTH must be >= 0, got {i.STAIN_STRENGTH}")
     _check(t.TH <= 1.0, f"TEST.TH must be within 0..1 (or negative: the checkpoints' own), got {t.TH}")
     _check(i.CROP_SIZE >= 0, f"INPUT.CROP_SIZE must be >= 0 (0: fixed tiles), got {i.CROP_SIZE}")
     _check(0.0 <= i.FOREGROUND_FRACTION <= 1.0,
@@ -210,6 +212,10 @@ def validate_cfg(cfg: CN) -> None:
            f"INPUT.CHANNELS must be empty or three channel indices >= 0 (read as R, G, B), got {list(i.CHANNELS)}")
     formats = ("wsi_rle", "pairs", "annotations")
     _check(d.FORMAT in formats, f"DATASETS.FORMAT must be one of {formats}, got {d.FORMAT!r}")
+    for n, entry in enumerate(source_entries(cfg)):
+        _check(entry["FORMAT"] in formats, f"DATASETS.SOURCES[{n}].FORMAT must be one of {formats}, got {entry['FORMAT']!r}")
+        _check(entry["MPP"] == 0 or 0 < entry["MPP"] <= MAX_MPP,
+               f"DATASETS.SOURCES[{n}].MPP must be 0 or a pixel size > 0 and <= {MAX_MPP:g} um/px, got {entry['MPP']:g}")
     for key, value in (("DATASETS.ANNOTATION_CLASSES", d.ANNOTATION_CLASSES), ("DATASETS.ANNOTATION_EXCLUDE",
                        d.ANNOTATION_EXCLUDE), ("DATASETS.ANNOTATION_ROI", d.ANNOTATION_ROI), ("TEST.ROI", t.ROI)):
         _check(all(isinstance(v, str) and v for v in value), f"{key} must be a list of class names, got {list(value)}")
@@ -233,6 +239,7 @@ def validate_cfg(cfg: CN) -> None:
     _check(s.N_FOLDS >= 2, f"SOLVER.N_FOLDS must be >= 2 (cross-validation), got {s.N_FOLDS}")
     _check(s.MAX_EPOCHS >= 1, f"SOLVER.MAX_EPOCHS must be >= 1, got {s.MAX_EPOCHS}")
     _check(s.CHECKPOINT_PERIOD >= 1, f"SOLVER.CHECKPOINT_PERIOD must be >= 1, got {s.CHECKPOINT_PERIOD}")
+    _check(s.EVAL_PERIOD >= 1, f"SOLVER.EVAL_PERIOD must be >= 1, got {s.EVAL_PERIOD}")
     _check(s.IMS_PER_BATCH >= 1, f"SOLVER.IMS_PER_BATCH must be >= 1, got {s.IMS_PER_BATCH}")
     _check(s.SAMPLES_PER_EPOCH >= 0, f"SOLVER.SAMPLES_PER_EPOCH must be >= 0, got {s.SAMPLES_PER_EPOCH}")
     _check(0.0 <= s.WARMUP_FRACTION < 1.0, f"SOLVER.WARMUP_FRACTION must be >= 0 and < 1, got {s.WARMUP_FRACTION}")
@@ -257,6 +264,40 @@ def validate_cfg(cfg: CN) -> None:
     )
 
 
+# DATASETS.SOURCES entries: these keys of their own, and any DATASETS key but these.
+SOURCE_ONLY_KEYS = {"NAME": "", "WEIGHT": 1.0}
+NOT_PER_SOURCE = ("TRAIN_FOLDER", "SOURCES")
+
+
+def source_entries(cfg: CN) -> List[Dict[str, object]]:
+    """The DATASETS.SOURCES entries as plain dicts of every DATASETS key (the section's values
+    overridden by the entry's, converted to the keys' types) plus NAME and WEIGHT; checked:
+    known keys, a unique plain NAME, WEIGHT > 0."""
+    entries, names = [], set()
+    for n, raw in enumerate(cfg.DATASETS.SOURCES):
+        where = f"DATASETS.SOURCES[{n}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a mapping of keys (NAME, FORMAT, ...), got {raw!r}")
+        entry = {k: v for k, v in cfg.DATASETS.items() if k not in NOT_PER_SOURCE}
+        entry.update(SOURCE_ONLY_KEYS)
+        for key, value in raw.items():
+            if key not in entry:
+                raise ConfigError(f"{where}: unknown key {key!r} (a source takes NAME, WEIGHT and the DATASETS keys "
+                                  f"but {', '.join(NOT_PER_SOURCE)})")
+            try:
+                entry[key] = _coerce(value, entry[key], f"{where}.{key}", "-")
+            except ConfigError as exc:
+                raise ConfigError(str(exc)[3:]) from None  # named by load_cfg after the file that set it
+        name = entry["NAME"]
+        _check(bool(name) and name.replace("_", "").replace("-", "").isalnum(),
+               f"{where}.NAME must be a plain name (letters, digits, _ and -), got {name!r}")
+        _check(name not in names, f"{where}.NAME {name!r} names two sources")
+        _check(entry["WEIGHT"] > 0, f"{where}.WEIGHT must be > 0, got {entry['WEIGHT']}")
+        names.add(name)
+        entries.append(entry)
+    return entries
+
+
 def load_cfg(config_file: Optional[str] = None, opts: Optional[Iterable[str]] = None) -> CN:
     """Defaults, then ``config_file`` (if any), then ``opts``; validated and frozen."""
     cfg = get_cfg_defaults()
@@ -268,7 +309,7 @@ def load_cfg(config_file: Optional[str] = None, opts: Optional[Iterable[str]] = 
         validate_cfg(cfg)
     except ConfigError as exc:  # name where the offending key was set, as unknown keys do
         message = str(exc)
-        key = message.split(" ", 1)[0]
+        key = message.split(" ", 1)[0].split("[")[0].rstrip(":")
         if key in sources:
             raise ConfigError(f"{sources[key]}: {message}") from None
         raise

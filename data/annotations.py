@@ -40,7 +40,7 @@ import os
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -505,18 +505,6 @@ def read_annotations(path: str) -> Annotations:
         return Annotations(path, "ImageScope XML", notes=["no annotation layers"])
     raise AnnotationError(f"{path}: XML but neither ASAP (<ASAP_Annotations>) nor ImageScope (<Annotations>) "
                           f"annotations (root <{tag}>)")
-
-
-def find_annotation_files(folder: str, ids: Iterable[str]) -> Dict[str, List[str]]:
-    """``{id: [annotation files named <id><ending>]}`` in ``folder`` for the given ids."""
-    wanted = set(ids)
-    found: Dict[str, List[str]] = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        stem = annotation_id_of(name)
-        if stem is not None and stem in wanted and os.path.isfile(path):
-            found.setdefault(stem, []).append(path)
-    return found
 
 
 def annotation_id_of(name: str, endings: Sequence[str] = ANNOTATION_EXTENSIONS) -> Optional[str]:

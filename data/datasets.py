@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from data.tiler import TilerOutput
 
-__all__ = ["TILE_NAME", "TileSet", "list_tiles", "tile_group", "tile_index", "kfold_groups", "read_stats",
+__all__ = ["TILE_NAME", "TileSet", "list_tiles", "tile_group", "tile_index", "kfold_groups", "tile_sources", "read_stats",
            "read_tile_pair", "normalize_tile", "TileDataset"]
 
 TILE_NAME = re.compile(r"^(?P<id>.+)_(?P<index>\d+)red(?P<reduce>\d+)\.png$")
@@ -73,29 +73,44 @@ def list_tiles(folder: str) -> List[str]:
     return sorted(n for n in os.listdir(folder) if TILE_NAME.match(n))
 
 
-def kfold_groups(groups: Sequence[str], n_folds: int) -> Dict[str, int]:
+def kfold_groups(groups: Sequence[str], n_folds: int, strata: Optional[Dict[str, str]] = None) -> Dict[str, int]:
     """Assign each group (slide id) to a fold, balancing tile counts; deterministic.
 
     Groups are taken largest first (ties by name) and each goes to the fold with the fewest
-    tiles so far (ties: lowest fold).
+    tiles so far (ties: lowest fold). With ``strata`` (group -> its data source), this is done
+    for each source on its own, so that every fold holds images of every source.
     """
     counts: Dict[str, int] = {}
     for g in groups:
         counts[g] = counts.get(g, 0) + 1
     if n_folds < 2:
         raise ValueError(f"SOLVER.N_FOLDS must be >= 2 for cross-validation, got {n_folds}")
-    if n_folds > len(counts):
-        raise ValueError(
-            f"SOLVER.N_FOLDS {n_folds} is more than the {len(counts)} slides/images in the data; "
-            "each fold needs at least one"
-        )
-    load = [0] * n_folds
+    by_stratum: Dict[str, List[str]] = {}
+    for g in counts:
+        by_stratum.setdefault((strata or {}).get(g, ""), []).append(g)
     fold_of = {}
-    for group in sorted(counts, key=lambda g: (-counts[g], g)):
-        fold = min(range(n_folds), key=lambda f: (load[f], f))
-        fold_of[group] = fold
-        load[fold] += counts[group]
+    for stratum, members in sorted(by_stratum.items()):
+        if n_folds > len(members):
+            where = f" of source {stratum!r}" if stratum else ""
+            raise ValueError(
+                f"SOLVER.N_FOLDS {n_folds} is more than the {len(members)} slides/images{where} in the data; "
+                "each fold needs at least one"
+            )
+        load = [0] * n_folds
+        for group in sorted(members, key=lambda g: (-counts[g], g)):
+            fold = min(range(n_folds), key=lambda f: (load[f], f))
+            fold_of[group] = fold
+            load[fold] += counts[group]
     return fold_of
+
+
+def tile_sources(tiles: "TileSet") -> Dict[str, str]:
+    """``{slide id: source name}`` recorded by the tiler (DATASETS.SOURCES); empty for one source."""
+    if not os.path.isfile(tiles.stats_file):
+        return {}
+    with open(tiles.stats_file, "r", encoding="utf-8") as fh:
+        slides = json.load(fh).get("slides", {})
+    return {slide_id: info["source"] for slide_id, info in slides.items() if info.get("source")}
 
 
 def read_stats(tiles: TileSet, mean: Sequence[float] = (), std: Sequence[float] = ()) -> Tuple[List[float], List[float]]:

@@ -38,14 +38,14 @@ from data.wsi import SlideError
 from utils.rle import RLEStripEncoder, check_shape, decode_window, intersect_runs, parse_rle, rle_area
 
 __all__ = ["RLEMask", "ArrayMask", "ResampledMask", "ShapeMask", "SegMask", "mask_runs", "LabelSource",
-           "LabelRules", "open_labels", "annotation_labels", "slide_labels", "ring_spans", "EMPTY_SPANS"]
+           "LabelRules", "open_labels", "annotation_labels", "slide_labels", "ring_spans"]
 
 logger = logging.getLogger(__name__)
 
 # Pixel centres are tested at (col + 0.5 + _DX, row + 0.5 + _DY): no centre lies exactly on an
 # edge through half-integer points, so row-wise and column-wise scans agree pixel for pixel.
 _DX, _DY = 3.14159265e-7, 2.71828183e-7
-EMPTY_SPANS = (np.zeros(0, np.int64),) * 3
+_EMPTY_SPANS = (np.zeros(0, np.int64),) * 3
 _KEY = np.int64(1) << np.int64(34)  # scanline k and column x packed as k * _KEY + x (x < 2**34)
 
 
@@ -125,7 +125,7 @@ def ring_spans(ring: np.ndarray, row0: int, n_rows: int, step: int = 1, dx: floa
     counts = hi - lo
     total = int(counts.sum())
     if total == 0:
-        return EMPTY_SPANS
+        return _EMPTY_SPANS
     edge = np.repeat(np.arange(len(counts)), counts)
     k = lo[edge] + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
     yk = base + k * step
@@ -178,8 +178,8 @@ def _subtract(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> Tup
 
 @dataclass
 class _Rings:
-    """Shapes as flat arrays for fast band queries: their rings, which shape each belongs to,
-    and every shape's bounding box."""
+    """Shapes ready for band queries: each one's exterior and holes, and every exterior's
+    bounding box (to pick the shapes a band meets without looking at their vertices)."""
 
     exteriors: List[np.ndarray]
     holes: List[Tuple[np.ndarray, ...]]
@@ -347,9 +347,6 @@ class LabelSource:
     outside: int  # shapes reaching past the slide (clipped)
     roi_shapes: Tuple[Shape, ...] = ()  # the ROI's shapes, level-0 px of the slide (before resampling)
     area: Optional[int] = None  # level-0 pixels of foreground of the slide (before resampling), once counted
-
-    def describe(self) -> str:
-        return describe_classes(self.counts)
 
     def foreground_px(self) -> int:
         """Level-0 pixels of foreground (exact, from the runs: no mask is built)."""

@@ -13,6 +13,10 @@ background reads as white glass with an empty mask.
   pixels (nnU-Net forces a third of its patches to hold foreground);
 * otherwise its centre is uniform over the area of the kept tiles.
 
+With several data sources (``DATASETS.SOURCES``), each draw first picks a source with probability
+proportional to its ``WEIGHT``, then draws as above among that source's tiles only, so that a
+source of 12 images is not drowned by one of 800 tiles.
+
 On a slide with a region of interest (``DATASETS.ANNOTATION_ROI``: the tiler records its shapes),
 a crop is drawn again (up to :data:`ROI_DRAWS` times) until it lies wholly inside the region;
 when none does (a region smaller than a crop), the draw that covers most of it is kept. So
@@ -28,18 +32,20 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from data.annotations import Shape
-from data.datasets import normalize_tile, read_tile_pair
+from data.datasets import TileDataset, normalize_tile, read_tile_pair, tile_group, tile_index
 from data.masks import ShapeMask
 from data.tiling import TileGrid, slide_box
 
-__all__ = ["SlideCanvas", "RandomCropDataset", "slide_canvases", "crop_margin"]
+__all__ = ["SlideCanvas", "RandomCropDataset", "ValidationTiles", "slide_canvases", "crop_margin", "OUTSIDE"]
 
 WHITE = 255  # a tile dropped by the background filter: glass
+OUTSIDE = 2  # validation masks: the grid's padding (off the slide), ignored by the loss and the Dice
 ROI_DRAWS = 20  # draws tried for a crop wholly inside a slide's region of interest
 
 
@@ -151,7 +157,8 @@ class RandomCropDataset(Dataset):
     the centre is cut."""
 
     def __init__(self, canvases: List[SlideCanvas], crop: int, samples: int, foreground: float, mean, std,
-                 transform=None, margin: int = 0):
+                 transform=None, margin: int = 0, sources: Optional[Dict[str, str]] = None,
+                 weights: Optional[Dict[str, float]] = None, copy_paste: float = 0.0):
         if not canvases:
             raise ValueError("no training tiles to sample crops from")
         self.canvases, self.crop, self.samples = canvases, int(crop), int(samples)
@@ -168,6 +175,23 @@ class RandomCropDataset(Dataset):
             canvas._cache.clear()  # workers start with an empty cache (no copy per process)
         self.fg_counts = np.asarray(counts, dtype=np.int64)
         self.fg_cumsum = np.cumsum(self.fg_counts)
+        self._groups, self._share = self._source_groups(sources or {}, weights or {})
+        self.copy_paste = float(copy_paste)
+
+    def _source_groups(self, sources: Dict[str, str], weights: Dict[str, float]):
+        """The tiles of each data source (``sources``: slide id -> source) with their foreground
+        cumulative sums, and the cumulative share of draws of each (``weights``, 1 when absent).
+        One source: one group of every tile (the draws of a single-source run are unchanged)."""
+        names = sorted({sources.get(canvas.id, "") for canvas in self.canvases})
+        if len(names) < 2:
+            return [(np.arange(len(self.tiles)), self.fg_cumsum)], None
+        of_tile = np.asarray([names.index(sources.get(self.canvases[c].id, "")) for c, _ in self.tiles])
+        groups = []
+        for k in range(len(names)):
+            members = np.flatnonzero(of_tile == k)
+            groups.append((members, np.cumsum(self.fg_counts[members])))
+        share = np.asarray([float(weights.get(name, 1.0)) for name in names])
+        return groups, np.cumsum(share / share.sum())
 
     def __len__(self) -> int:
         return self.samples
@@ -189,12 +213,21 @@ class RandomCropDataset(Dataset):
                 best, best_share = (c, y, x), share
         return best
 
+    def _group(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The tiles (and their foreground cumulative sums) of a data source drawn by its weight;
+        every tile when there is one source (no draw)."""
+        if self._share is None:
+            return self._groups[0]
+        k = int(np.searchsorted(self._share, float(torch.rand(1)), side="right"))
+        return self._groups[min(len(self._groups) - 1, k)]
+
     def _draw_once(self) -> Tuple[int, int, int]:
         crop, s = self.crop, self.canvases[0].size
-        total_fg = int(self.fg_cumsum[-1]) if len(self.fg_cumsum) else 0
+        members, fg_cumsum = self._group()
+        total_fg = int(fg_cumsum[-1]) if len(fg_cumsum) else 0
         if total_fg and float(torch.rand(1)) < self.foreground:
-            k = self._randint(total_fg)  # a foreground pixel, uniformly among all of them
-            t = int(np.searchsorted(self.fg_cumsum, k, side="right"))
+            k = self._randint(total_fg)  # a foreground pixel, uniformly among all of them (of the source)
+            t = int(members[int(np.searchsorted(fg_cumsum, k, side="right"))])
             c, index = self.tiles[t]
             canvas = self.canvases[c]
             ys, xs = np.nonzero(canvas.tile(index)[1])
@@ -203,8 +236,8 @@ class RandomCropDataset(Dataset):
             jitter = max(1, crop // 4)
             cy = ty + int(ys[j]) + self._randint(2 * jitter + 1) - jitter
             cx = tx + int(xs[j]) + self._randint(2 * jitter + 1) - jitter
-        else:  # a uniform point of the kept tissue
-            c, index = self.tiles[self._randint(len(self.tiles))]
+        else:  # a uniform point of the kept tissue (of the source)
+            c, index = self.tiles[int(members[self._randint(len(members))])]
             canvas = self.canvases[c]
             ty, tx = canvas.tile_origin(index)
             cy, cx = ty + self._randint(s), tx + self._randint(s)
@@ -214,10 +247,41 @@ class RandomCropDataset(Dataset):
         return c, y, x
 
     def sample(self) -> Tuple[np.ndarray, np.ndarray]:
-        """One raw crop (RGB uint8, 0/1 mask) with its margin, before augmentation."""
+        """One raw crop (RGB uint8, 0/1 mask) with its margin, before augmentation (and, with
+        probability ``copy_paste``, a glomerulus pasted into it)."""
         c, y, x = self.draw()
         m = self.margin
-        return self.canvases[c].read(y - m, x - m, self.crop + 2 * m, self.crop + 2 * m)
+        image, mask = self.canvases[c].read(y - m, x - m, self.crop + 2 * m, self.crop + 2 * m)
+        if self.copy_paste and float(torch.rand(1)) < self.copy_paste:
+            image, mask = self.paste(image, mask)
+        return image, mask
+
+    def paste(self, image: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """A glomerulus from the training set (the ``3/4 crop`` square around a foreground pixel
+        drawn as a crop's centre is) pasted at a random place of ``image``: its pixels where its
+        mask is (dilated 2 px, edge blurred: sigma 2 px), the rest of the crop unchanged; the mask
+        takes the pasted glomerulus's (TumorCP's copy-paste)."""
+        members, fg_cumsum = self._group()
+        total = int(fg_cumsum[-1]) if len(fg_cumsum) else 0
+        side = min(image.shape[0], image.shape[1], max(8, 3 * self.crop // 4))
+        if not total:
+            return image, mask
+        t = int(members[int(np.searchsorted(fg_cumsum, self._randint(total), side="right"))])
+        c, index = self.tiles[t]
+        canvas = self.canvases[c]
+        ys, xs = np.nonzero(canvas.tile(index)[1])
+        j = self._randint(len(ys))
+        ty, tx = canvas.tile_origin(index)
+        patch, patch_mask = canvas.read(ty + int(ys[j]) - side // 2, tx + int(xs[j]) - side // 2, side, side)
+        alpha = cv2.dilate(patch_mask, np.ones((5, 5), np.uint8)).astype(np.float32)
+        alpha = cv2.GaussianBlur(alpha, (0, 0), 2.0)[..., None]
+        py = self._randint(image.shape[0] - side + 1)
+        px = self._randint(image.shape[1] - side + 1)
+        image, mask = image.copy(), mask.copy()
+        region = image[py:py + side, px:px + side].astype(np.float32)
+        image[py:py + side, px:px + side] = np.clip(alpha * patch + (1 - alpha) * region + 0.5, 0, 255).astype(np.uint8)
+        mask[py:py + side, px:px + side] |= patch_mask
+        return image, mask
 
     def __getitem__(self, i: int):
         image, mask = self.sample()
@@ -237,3 +301,34 @@ def crop_margin(crop: int, geometric: bool) -> int:
     """Margin read around a crop for the augmentation (a quarter of the crop when it rotates
     and zooms), 0 without geometric augmentation."""
     return max(8, crop // 4) if geometric else 0
+
+
+class ValidationTiles(TileDataset):
+    """The validation tiles as test_net sees their slide: where a tile reaches past the slide into
+    the grid's zero padding, the slide's mirror image fills it (as test_net fills the padding, and
+    as the training crops see it) and the mask marks it :data:`OUTSIDE` (ignored by the loss and
+    the Dice: test_net predicts nothing off the slide). Tiles wholly on the slide are unchanged;
+    slides without a recorded grid (tiles of an older tiler) give their tiles as they are."""
+
+    def __init__(self, tiles, names: Sequence[str], mean, std, grids: Dict[str, TileGrid]):
+        super().__init__(tiles, names, mean, std, None)
+        known = [n for n in self.names if tile_group(n) in grids]
+        self.canvases = {c.id: c for c in slide_canvases(tiles.images, tiles.masks, known, grids, tile_group,
+                                                          tile_index)}
+
+    def load(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        image, mask = super().load(i)
+        name = self.names[i]
+        canvas = self.canvases.get(tile_group(name))
+        if canvas is None:
+            return image, mask
+        ty, tx = canvas.tile_origin(tile_index(name))
+        s = canvas.size
+        y0, y1, x0, x1 = canvas.box
+        rows = slice(min(s, max(0, y0 - ty)), max(0, min(s, y1 - ty)))
+        cols = slice(min(s, max(0, x0 - tx)), max(0, min(s, x1 - tx)))
+        if (rows.start, rows.stop, cols.start, cols.stop) == (0, s, 0, s):
+            return image, mask
+        marked = np.full_like(mask, OUTSIDE)
+        marked[rows, cols] = mask[rows, cols]
+        return canvas.read(ty, tx, s, s)[0], marked

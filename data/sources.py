@@ -34,6 +34,7 @@ __all__ = [
     "pairs_jobs",
     "annotation_jobs",
     "annotation_files",
+    "source_views",
     "load_pair_mask",
     "IMAGE_EXTENSIONS",
 ]
@@ -56,6 +57,7 @@ class TileJob:
     rle: Optional[str] = None
     mask_path: Optional[str] = None
     annotation_path: Optional[str] = None
+    source: str = ""  # the DATASETS.SOURCES entry it comes from ("": a single-source config)
 
     @property
     def embedded_image(self) -> bool:
@@ -314,6 +316,27 @@ def annotation_jobs(wsi_folder: str, annotations_folder: str = "") -> List[TileJ
         raise FileNotFoundError(f"{wsi_folder}: no slides or images with annotation files "
                                 f"({', '.join(ANNOTATION_EXTENSIONS)})")
     return jobs
+
+
+def source_views(cfg) -> List[Tuple[str, float, object]]:
+    """``(name, weight, cfg)`` per data source: the DATASETS.SOURCES entries, each as a frozen copy of
+    ``cfg`` whose DATASETS keys are the entry's; ``[("", 1.0, cfg)]`` for a single-source config."""
+    from config.loader import source_entries
+
+    entries = source_entries(cfg)
+    if not entries:
+        return [("", 1.0, cfg)]
+    views = []
+    for entry in entries:
+        view = cfg.clone()
+        view.defrost()
+        for key, value in entry.items():
+            if key in view.DATASETS:
+                view.DATASETS[key] = value
+        view.DATASETS.SOURCES = []
+        view.freeze()
+        views.append((entry["NAME"], float(entry["WEIGHT"]), view))
+    return views
 
 
 def load_pair_mask(path: str, channel: int = -1, threshold: int = 0, invert: bool = False) -> np.ndarray:

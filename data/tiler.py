@@ -23,7 +23,7 @@ import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Deque, Dict, List, Optional, Tuple
 
 import cv2
@@ -34,7 +34,7 @@ from yacs.config import CfgNode as CN
 from data.annotations import Annotations, describe_classes, read_annotations
 from data.dicom import dicom_files
 from data.masks import LabelRules, LabelSource, open_labels
-from data.sources import TileJob, annotation_jobs, pairs_jobs, wsi_jobs
+from data.sources import TileJob, annotation_jobs, pairs_jobs, source_views, wsi_jobs
 from data.tiling import TileGrid, iter_tile_rows, mask_band, pixel_limit, tile_panels, tissue_columns
 from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, decode_image,
                       image_pixel_size, open_image_slide, open_slide, read_image)
@@ -81,6 +81,8 @@ def _settings(cfg: CN) -> Dict[str, object]:
     if cfg.DATASETS.FORMAT == "annotations":
         settings.update({f"DATASETS.{key}": list(cfg.DATASETS[key])
                          for key in ("ANNOTATION_CLASSES", "ANNOTATION_EXCLUDE", "ANNOTATION_ROI")})
+    if cfg.DATASETS.SOURCES:  # each source's settings (its folders and keys): which tiles it makes
+        settings["DATASETS.SOURCES"] = [dict(entry) for entry in cfg.DATASETS.SOURCES]
     return settings
 
 
@@ -113,6 +115,7 @@ class SlideRecord:
     foreground_px: Optional[int] = None  # level-0 pixels of foreground (before resampling)
     roi_dropped: int = 0  # tissue tiles not written because they lie (mostly) outside the ROI
     roi: List[list] = field(default_factory=list)  # ROI shapes (rings of [x, y]) in the tiles' grid px
+    source_name: str = ""  # its DATASETS.SOURCES entry ("": a single-source config)
 
 
 def _fingerprint(job: TileJob) -> str:
@@ -385,13 +388,24 @@ def _roi_on_grid(labels: LabelSource, factor: float, grid: TileGrid) -> List[lis
     return [[ring(s.exterior)] + [ring(h) for h in s.holes] for s in labels.roi_shapes]
 
 
-def _jobs(cfg: CN) -> List[TileJob]:
-    d = cfg.DATASETS
-    if d.FORMAT == "pairs":
-        return pairs_jobs(d.PAIRS_FOLDER, d.PAIRS_IMAGES, d.PAIRS_MASKS, d.LABELS_CSV)
-    if d.FORMAT == "annotations":
-        return annotation_jobs(d.WSI_FOLDER, d.ANNOTATIONS_FOLDER)
-    return wsi_jobs(d.WSI_FOLDER, d.LABELS_CSV)
+def _jobs(cfg: CN) -> List[Tuple[TileJob, CN]]:
+    """Every job with the config of its source (DATASETS.SOURCES: one view per entry)."""
+    out, seen = [], {}
+    for name, _, view in source_views(cfg):
+        d = view.DATASETS
+        if d.FORMAT == "pairs":
+            jobs = pairs_jobs(d.PAIRS_FOLDER, d.PAIRS_IMAGES, d.PAIRS_MASKS, d.LABELS_CSV)
+        elif d.FORMAT == "annotations":
+            jobs = annotation_jobs(d.WSI_FOLDER, d.ANNOTATIONS_FOLDER)
+        else:
+            jobs = wsi_jobs(d.WSI_FOLDER, d.LABELS_CSV)
+        for job in jobs:
+            if job.id in seen:
+                raise ValueError(f"image id {job.id!r} is in two sources ({seen[job.id] or 'the config'} and {name}): "
+                                 "tile names must be unique; rename one of the files")
+            seen[job.id] = name
+            out.append((replace(job, source=name), view))
+    return out
 
 
 def _check_annotations(job: TileJob, annotations: Annotations, labels: LabelSource, shape) -> None:
@@ -413,14 +427,14 @@ def _check_annotations(job: TileJob, annotations: Annotations, labels: LabelSour
                        shape[1], shape[0])
 
 
-def _validate(jobs: List[TileJob], workers: int, cfg: CN) -> Dict[str, Annotations]:
+def _validate(jobs: List[Tuple[TileJob, CN]], workers: int) -> Dict[str, Annotations]:
     """Check every input before writing anything: slides open and their RLE parses or their
     annotation file reads (classes, sizes); pair images and masks are readable images of the
     same size (headers only). Returns the annotation files read, by path."""
     from PIL import Image, UnidentifiedImageError
 
     read: Dict[str, Annotations] = {}
-    for job in jobs:
+    for job, cfg in jobs:
         if job.mask_path is None:
             annotations = None
             if job.annotation_path is not None:
@@ -447,7 +461,8 @@ def _validate(jobs: List[TileJob], workers: int, cfg: CN) -> Dict[str, Annotatio
     return read
 
 
-def _stats(records: List[SlideRecord], size: int, reduce: int) -> Dict[str, object]:
+def _stats(records: List[SlideRecord], size: int, reduce: int, weights: Optional[Dict[str, float]] = None
+           ) -> Dict[str, object]:
     n = sum(r.n_pixels for r in records)
     total = np.sum([r.pixel_sum for r in records], axis=0, dtype=np.float64)
     total_sq = np.sum([r.pixel_sumsq for r in records], axis=0, dtype=np.float64)
@@ -470,9 +485,23 @@ def _stats(records: List[SlideRecord], size: int, reduce: int) -> Dict[str, obje
                           "mpp_source": r.mpp_source, "resample": r.resample, "tile_mpp": r.tile_mpp,
                           "foreground_px": r.foreground_px,
                           **({"labels": r.labels} if r.labels else {}),
+                          **({"source": r.source_name} if r.source_name else {}),
                           **({"roi": r.roi, "roi_dropped": r.roi_dropped} if r.roi else {})}
                    for r in records},
+        **({"sources": _source_stats(records, weights)} if weights else {}),
     }
+
+
+def _source_stats(records: List[SlideRecord], weights: Dict[str, float]) -> Dict[str, object]:
+    """Per source: its slides/images, kept tiles, mask fraction and sampling weight."""
+    out = {}
+    for name, weight in weights.items():
+        mine = [r for r in records if r.source_name == name]
+        pixels = sum(r.n_pixels for r in mine)
+        out[name] = {"slides": len(mine), "tiles": int(sum(len(r.kept) for r in mine)), "weight": weight,
+                     "mask_fraction": round(sum(r.mask_pixels for r in mine) / pixels, 8) if pixels else 0.0,
+                     "tile_mpp": sorted({r.tile_mpp for r in mine if r.tile_mpp})}
+    return out
 
 
 def _common_tile_mpp(records: List[SlideRecord]) -> Optional[float]:
@@ -500,7 +529,7 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
     """Tile one job; on any failure its tiles written so far are removed."""
     size, reduce = cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN
     slide, labels, mpp, factor = _open_job(job, cfg, workers, annotations)
-    record = SlideRecord(job.id, os.path.abspath(job.image_path), fingerprint)
+    record = SlideRecord(job.id, os.path.abspath(job.image_path), fingerprint, source_name=job.source)
     if mpp is not None:
         record.mpp, record.mpp_source = round(mpp.mpp, 6), mpp.source
         record.tile_mpp = round(mpp.mpp * factor * reduce, 6)
@@ -524,8 +553,8 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
             bar.close()
         description = slide.describe()
     output.save_record(record)
-    logger.info("%s: %s -> %d of %d tiles kept%s", job.id, description, len(record.kept), record.n_tiles,
-                _label_note(record, job))
+    logger.info("%s%s: %s -> %d of %d tiles kept%s", job.id, f" ({job.source})" if job.source else "", description,
+                len(record.kept), record.n_tiles, _label_note(record, job))
     pause_point("tiler.slide_done")
     return record
 
@@ -551,8 +580,10 @@ def create_tiles(cfg: CN) -> Dict[str, object]:
     size, reduce = cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN
     workers = cfg.TILER.NUM_WORKERS or os.cpu_count() or 1
     what = {"wsi_rle": "slides", "pairs": "image pairs", "annotations": "annotated slides/images"}[cfg.DATASETS.FORMAT]
+    if cfg.DATASETS.SOURCES:
+        what = f"slides/images of {len(cfg.DATASETS.SOURCES)} sources"
     jobs = _jobs(cfg)
-    annotations = _validate(jobs, workers, cfg)
+    annotations = _validate(jobs, workers)
     output = TilerOutput(cfg.DATASETS.TRAIN_FOLDER, size, reduce, cfg.TILER.PNG_COMPRESSION)
     output.prepare(_settings(cfg), cfg.OVERWRITE)
     logger.info("Tiling %d %s at %d px, reduction %d%s -> %s", len(jobs), what, size, reduce,
@@ -562,16 +593,16 @@ def create_tiles(cfg: CN) -> Dict[str, object]:
     writer = _Writer(output, workers)
     try:
         save_config(cfg, output.config)
-        for n, job in enumerate(jobs, 1):
+        for n, (job, view) in enumerate(jobs, 1):
             fingerprint = _fingerprint(job)
             record = output.done(job, fingerprint)
             if record is not None:
                 skipped += 1
             else:
-                record = _tile_job(job, cfg, output, writer, workers, fingerprint,
+                record = _tile_job(job, view, output, writer, workers, fingerprint,
                                    f"[{n}/{len(jobs)}] {job.id}", annotations.get(job.annotation_path))
             records.append(record)
-        stats = _stats(records, size, reduce)
+        stats = _stats(records, size, reduce, {name: weight for name, weight, _ in source_views(cfg) if name})
         atomic_write_json(output.stats, stats)
     except BaseException:
         output.rollback_if_empty()

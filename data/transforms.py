@@ -77,10 +77,12 @@ def build_train_transform(prob: float, seed: int = None):
     )
 
 
-def build_histology_transform(prob: float, crop: int, margin: int = 0, seed: int = None, colour: bool = True):
+def build_histology_transform(prob: float, crop: int, margin: int = 0, seed: int = None, colour: bool = True,
+                              stain: float = 1.0):
     """The histology pipeline for ``crop`` px crops read with ``margin`` px on each side;
     ``prob`` scales how often each transform fires (0: only the centre crop). ``colour=False``
-    keeps only the geometry (for alignment checks)."""
+    keeps only the geometry (for alignment checks). ``stain`` scales the ranges of the stain and
+    colour jitter (1: +-8 % stain concentrations, hue +-6, saturation +-15, ...; 2: twice that)."""
     import albumentations as A
 
     p = float(prob)
@@ -99,12 +101,13 @@ def build_histology_transform(prob: float, crop: int, margin: int = 0, seed: int
     geometry.append(A.CenterCrop(crop, crop) if margin else A.NoOp())
     colours = []
     if colour and p > 0:
+        k = float(stain)
         colours = [
-            A.HEStain(method="preset", preset="standard", intensity_scale_range=(0.92, 1.08),
-                      intensity_shift_range=(-0.03, 0.03), augment_background=False, p=0.5 * p),
-            A.HueSaturationValue(hue_shift_limit=6, sat_shift_limit=15, val_shift_limit=10, p=0.5 * p),
-            A.RandomBrightnessContrast(brightness_limit=0.12, contrast_limit=0.12, p=0.5 * p),
-            A.RandomGamma(gamma_limit=(85, 115), p=0.3 * p),
+            A.HEStain(method="preset", preset="standard", intensity_scale_range=(1 - 0.08 * k, 1 + 0.08 * k),
+                      intensity_shift_range=(-0.03 * k, 0.03 * k), augment_background=False, p=0.5 * p),
+            A.HueSaturationValue(hue_shift_limit=6 * k, sat_shift_limit=15 * k, val_shift_limit=10 * k, p=0.5 * p),
+            A.RandomBrightnessContrast(brightness_limit=0.12 * k, contrast_limit=0.12 * k, p=0.5 * p),
+            A.RandomGamma(gamma_limit=(100 - 15 * k, 100 + 15 * k), p=0.3 * p),
             A.OneOf([A.GaussianBlur(blur_limit=(3, 3), p=1.0), A.GaussNoise(std_range=(0.01, 0.04), p=1.0)],
                     p=0.15 * p),
         ]

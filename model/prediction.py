@@ -9,7 +9,7 @@ Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
                                    Segmentation referencing the slide (utils.dicom_seg)
     predictions/<id>_mask.png      the predicted mask at the model's scale (1/reduce)
     predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours, the
-                                   objects numbered as in objects.csv
+                                   objects numbered as in objects.csv; the region of interest (blue)
     objects.csv                    one row per predicted object (TEST.MEASURE): centroid, area, equivalent
                                    diameter, perimeter, circularity, box, mean probability; um columns
                                    when the pixel size is known
@@ -62,6 +62,7 @@ from data.wsi import (SLIDE_EXTENSIONS, PixelSize, choose_mpp, image_pixel_size,
                       resolve_mpp)
 from model.build import resolve_device
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
+from model.ship import SHIPPED_FOLDER
 from model.inference import (lowres_image, predict_canvas, prob_to_runs, remove_small_objects, slide_box,
                              threshold_mask, torch_predictor)
 from utils.dicom_seg import SEG_INSTALL, write_segmentation
@@ -79,9 +80,15 @@ __all__ = ["load_checkpoints", "predict_slides", "list_slides", "ensemble_thresh
 logger = logging.getLogger(__name__)
 
 
+SHIPPED = "model/checkpoints"  # TEST.MODEL_WEIGHTS_FOLDER's default: the shipped model
+
+
 def load_checkpoints(folder: str) -> Tuple[List[Dict[str, object]], List[str]]:
     """Every checkpoint in ``folder`` (or the one file ``folder`` names), loaded safely but not
-    yet built, and its path. Checkpoints of one ensemble must agree on reduction and tile size."""
+    yet built, and its path. Checkpoints of one ensemble must agree on reduction and tile size.
+    The default folder (the shipped model) is found inside the toolkit from any working folder."""
+    if folder == SHIPPED and not os.path.exists(folder):
+        folder = SHIPPED_FOLDER
     if os.path.isfile(folder):  # one checkpoint file
         paths = [folder]
     elif not os.path.isdir(folder):
@@ -119,11 +126,13 @@ def list_slides(folder: str) -> List[Tuple[str, str]]:
     return found
 
 
-def _overlay(image: np.ndarray, mask: np.ndarray, truth=None, max_side: int = 2048) -> np.ndarray:
+def _overlay(image: np.ndarray, mask: np.ndarray, truth=None, max_side: int = 2048, roi=None) -> np.ndarray:
+    """A thumbnail with the true (red) and predicted (green) contours, and the region of
+    interest's (blue) when there is one."""
     scale = min(1.0, max_side / max(image.shape[:2]))
     size = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[0] * scale)))
     picture = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    for m, colour in ((truth, (255, 0, 0)), (mask, (0, 255, 0))):
+    for m, colour in ((roi, (0, 90, 255)), (truth, (255, 0, 0)), (mask, (0, 255, 0))):
         if m is None:
             continue
         small = cv2.resize(m, size, interpolation=cv2.INTER_NEAREST)
@@ -424,7 +433,8 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
     windows_s = time.perf_counter() - start
     mask = _final_mask(cfg, item, prob, threshold, slide_id)
     # the pictures are drawn while the RLE is encoded (and the objects measured)
-    pictures = helper.submit(_pictures, slide_id, item.image, mask, grid, truth_rle, out_dir, not cfg.TEST.MEASURE)
+    pictures = helper.submit(_pictures, slide_id, item.image, mask, grid, truth_rle, out_dir, not cfg.TEST.MEASURE,
+                             item.roi_lr)
     try:
         runs, objects = _postprocess(cfg, item, prob, threshold)
         del prob
@@ -465,7 +475,7 @@ def _write_item(slide_id, item: _Input, runs, objects: Optional[Objects], overla
     return record
 
 
-def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, geojson: bool):
+def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, geojson: bool, roi_lr=None):
     """Stage 4 (pictures): ``predictions/<id>_mask.png`` and the overlay (with the true contours
     when ``truth_rle`` is given) and, when ``geojson`` (no measurements), the GeoJSON of the
     low-res mask and ``_overlay.png``. Returns the number of objects of the low-res mask
@@ -484,7 +494,8 @@ def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, geojson: bool):
     y0, y1, x0, x1 = slide_box(grid)  # the pictures show the slide, not the grid's padding
     crop = (slice(y0, y1), slice(x0, x1))
     _write_png(os.path.join(pictures, f"{slide_id}_mask.png"), mask[crop] * 255)
-    overlay = _overlay(image[crop], mask[crop], None if truth_lr is None else truth_lr[crop])
+    overlay = _overlay(image[crop], mask[crop], None if truth_lr is None else truth_lr[crop],
+                       roi=None if roi_lr is None else roi_lr[crop])
     n_objects = max(0, cv2.connectedComponents(mask, connectivity=8)[0] - 1)
     if not geojson:  # numbered once the objects are measured
         return n_objects, overlay

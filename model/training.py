@@ -33,14 +33,15 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from yacs.config import CfgNode as CN
 
-from data.datasets import TileDataset, TileSet, kfold_groups, read_stats, tile_group, tile_index
-from data.sampling import RandomCropDataset, crop_margin, slide_canvases
+from data.datasets import TileDataset, TileSet, kfold_groups, read_stats, tile_group, tile_index, tile_sources
+from data.sources import source_views
+from data.sampling import OUTSIDE, RandomCropDataset, ValidationTiles, crop_margin, slide_canvases
 from data.tiling import TileGrid
 from data.transforms import build_histology_transform, build_train_transform
 from model.build import build_model, check_architecture, model_spec, param_groups, resolve_device
@@ -183,7 +184,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _callbacks(cfg: CN, label: str, fold_dir: str, start_epoch: int, append: bool, best_value: float,
-               n_epochs: int):
+               n_epochs: int, is_final: bool = False):
     """History (CSV), one log line per epoch (progress bar on a terminal), weight averaging,
     best-epoch tracking and the resume state; the returned dict names them."""
     from fastai.callback.core import Callback, CancelValidException
@@ -217,7 +218,11 @@ def _callbacks(cfg: CN, label: str, fold_dir: str, start_epoch: int, append: boo
 
         def after_epoch(self):
             if self.file is not None and self.epoch >= start_epoch:
-                csv.writer(self.file, lineterminator="\n").writerow([str(t) for t in self.recorder.log])
+                row = [str(t) for t in self.recorder.log]
+                missing = len(self.recorder.metric_names) - len(row)  # an epoch without validation
+                if missing > 0:
+                    row = row[:-1] + [""] * missing + row[-1:]
+                csv.writer(self.file, lineterminator="\n").writerow(row)
                 self.file.flush()
 
         def after_fit(self):
@@ -347,15 +352,31 @@ def _callbacks(cfg: CN, label: str, fold_dir: str, start_epoch: int, append: boo
                 pause_point("training.state_saved")
             average.restore()
 
+    class IgnoreOutside(Callback):
+        """Validation tiles' pixels off the slide count for nothing in the loss and the Dice."""
+
+        order = -5  # after the prediction, before the loss and the metrics
+
+        def after_pred(self):
+            if not self.training and self.learn.yb:
+                pred, y = ignore_outside(self.learn.pred, self.learn.yb[0])
+                self.learn.pred, self.learn.yb = pred, (y,)
+
     class SkipValidation(Callback):
-        """The model trained on everything has no validation images."""
+        """The model trained on everything has no validation images (``every`` 0); a fold
+        validates every ``every`` epochs and after the last (SOLVER.EVAL_PERIOD)."""
+
+        def __init__(self, every: int):
+            self.every = every
 
         def before_validate(self):
-            raise CancelValidException()
+            if not self.every or ((self.epoch + 1) % self.every and self.epoch + 1 != n_epochs):
+                raise CancelValidException()
 
     average, best = WeightAverage(), BestState()
-    cbs = {"history": History(), "log": EpochLog(), "average": average, "best": best, "resume": ResumeState()}
-    cbs["skip_valid"] = SkipValidation()
+    cbs = {"history": History(), "log": EpochLog(), "average": average, "best": best, "resume": ResumeState(),
+           "outside": IgnoreOutside()}
+    cbs["skip_valid"] = SkipValidation(0 if is_final else s.EVAL_PERIOD)
     return cbs
 
 
@@ -483,7 +504,7 @@ def training_precision(amp: str, device) -> str:
 def _train_transform(cfg: CN, margin: int = 0):
     i = cfg.INPUT
     if i.AUGMENTATION == "histology":
-        return build_histology_transform(i.PROB, i.CROP_SIZE or i.SIZE_TRAIN, margin)
+        return build_histology_transform(i.PROB, i.CROP_SIZE or i.SIZE_TRAIN, margin, stain=i.STAIN_STRENGTH)
     transform = build_train_transform(i.PROB)
     if transform is not None and margin:
         import albumentations as A
@@ -521,11 +542,13 @@ def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
         canvases = slide_canvases(tiles.images, tiles.masks, train_names, _grids(tiles, cfg), tile_group,
                                   tile_index, _rois(tiles))
         samples = cfg.SOLVER.SAMPLES_PER_EPOCH or len(train_names)
+        weights = {name: weight for name, weight, _ in source_views(cfg) if name}
         train_ds = RandomCropDataset(canvases, crop, samples, cfg.INPUT.FOREGROUND_FRACTION, mean, std,
-                                     _seed_transform(_train_transform(cfg, margin)), margin)
+                                     _seed_transform(_train_transform(cfg, margin)), margin,
+                                     tile_sources(tiles), weights, cfg.INPUT.COPY_PASTE)
     else:
         train_ds = TileDataset(tiles, train_names, mean, std, _seed_transform(_train_transform(cfg)))
-    valid_ds = TileDataset(tiles, valid_names, mean, std, None)
+    valid_ds = ValidationTiles(tiles, valid_names, mean, std, _grids(tiles, cfg))
     bs, workers = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS
     # persistent workers: no new worker processes every epoch
     extra = dict(num_workers=workers, persistent_workers=workers > 0, device=device)
@@ -534,11 +557,22 @@ def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
     return DataLoaders(train_dl, valid_dl, device=device), valid_ds
 
 
+def ignore_outside(logits: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validation pixels off the slide (mask :data:`OUTSIDE`) count for nothing: their target
+    becomes 0 and their logit a sure background (-30: ~1e-13 of loss, never above a threshold)."""
+    outside = y > 1.5
+    if not bool(outside.any()):
+        return logits, y
+    return logits.masked_fill(outside, -30.0), y.masked_fill(outside, 0.0)
+
+
 @torch.no_grad()
-def _evaluate(model, valid_ds, device, bs: int, n_pictures: int = 6):
-    """Dice-vs-threshold counts over the validation tiles, and a few triplets."""
+def _evaluate(model, valid_ds, device, bs: int, n_pictures: int = 6, sources: Optional[Dict[str, str]] = None):
+    """Dice-vs-threshold counts over the validation tiles (and, with ``sources``: slide id ->
+    data source, over each source's tiles), and a few triplets."""
     model.eval()
     acc = DiceAccumulator(THRESHOLDS)
+    by_source: Dict[str, DiceAccumulator] = {}
     per_tile = []  # (foreground pixels, index, probability map)
     keep = max(n_pictures * 3, 12)
     for start in range(0, len(valid_ds), bs):
@@ -547,12 +581,18 @@ def _evaluate(model, valid_ds, device, bs: int, n_pictures: int = 6):
         y = torch.stack([b for _, b in items]).to(device)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = model(x)
+        logits, y = ignore_outside(logits, y)
         acc.update(logits, y)
+        if sources:
+            names = [sources.get(tile_group(valid_ds.names[i]), "") for i in range(start, start + len(items))]
+            for name in sorted(set(names)):
+                rows = torch.as_tensor([k for k, n in enumerate(names) if n == name], device=logits.device)
+                by_source.setdefault(name, DiceAccumulator(THRESHOLDS)).update(logits[rows], y[rows])
         prob = torch.sigmoid(logits.float()).cpu().numpy()[:, 0]
         for j, p in enumerate(prob):
             per_tile.append((float(y[j].sum()), start + j, p))
         per_tile = sorted(per_tile, key=lambda t: -t[0])[:keep]
-    return acc, per_tile
+    return acc, per_tile, by_source
 
 
 def _triplets(valid_ds, per_tile, threshold: float, n: int = 6):
@@ -560,6 +600,8 @@ def _triplets(valid_ds, per_tile, threshold: float, n: int = 6):
     items = []
     for _, index, prob in chosen:
         image, mask = valid_ds.load(index)
+        prob = np.where(mask == OUTSIDE, 0.0, prob)
+        mask = (mask == 1).astype(np.uint8)
         pred = (prob > threshold).astype(np.uint8)
         inter, total = float((pred & mask).sum()), float(pred.sum() + mask.sum())
         items.append((valid_ds.names[index], image, mask, pred, dice_from_counts(inter, total)))
@@ -575,8 +617,9 @@ def _read_history(path: str) -> Dict[str, List[float]]:
             for key, value in row.items():
                 try:
                     history.setdefault(key, []).append(float(value))
-                except (TypeError, ValueError):
-                    pass
+                except (TypeError, ValueError):  # an epoch without validation: a gap in its curves
+                    if key != "time":
+                        history.setdefault(key, []).append(float("nan"))
     return history
 
 
@@ -584,8 +627,8 @@ def _read_history(path: str) -> Dict[str, List[float]]:
 class _Fold:
     """What one fold (or the all-images model) trains on, and where it writes."""
 
-    def __init__(self, cfg: CN, fold, tiles: TileSet, fold_of: Dict[str, int]):
-        self.cfg, self.fold, self.tiles = cfg, fold, tiles
+    def __init__(self, cfg: CN, fold, tiles: TileSet, fold_of: Dict[str, int], sources: Dict[str, str]):
+        self.cfg, self.fold, self.tiles, self.sources = cfg, fold, tiles, sources
         self.label = "Final model" if fold == ALL else f"Fold {fold}"
         self.dir = os.path.join(cfg.OUTPUT_DIR, ALL if fold == ALL else f"fold_{fold}")
         self.checkpoint = os.path.join(cfg.OUTPUT_DIR, checkpoint_name(cfg, fold))
@@ -675,12 +718,15 @@ def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
         logger.info("%s: %s, threshold %.2f (%s) -> %s", fold.label, what, threshold, metrics["threshold_source"],
                     fold.checkpoint)
         return {"fold": ALL, "checkpoint": fold.checkpoint, "threshold": threshold, **metrics}
-    acc, per_tile = _evaluate(model, valid_ds, device, cfg.SOLVER.IMS_PER_BATCH)
+    acc, per_tile, by_source = _evaluate(model, valid_ds, device, cfg.SOLVER.IMS_PER_BATCH, sources=fold.sources)
     threshold, dice = acc.best()
     table = acc.per_threshold()
     metrics = {"dice_th": dice, "dice_soft": acc.soft, "threshold": threshold, "valid_tiles": len(fold.valid_names),
                "train_tiles": len(fold.train_names), "valid_ids": fold.valid_ids,
                "dice_at_0.5": table.get(0.5, float("nan"))}
+    if by_source:  # each source's Dice at the fold's threshold (the sweep's nearest entry)
+        metrics["dice_by_source"] = {name: min(a.per_threshold().items(), key=lambda kv: abs(kv[0] - threshold))[1]
+                                     for name, a in sorted(by_source.items())}
     save_checkpoint(fold.checkpoint, model, {**info, "threshold": float(threshold), "metrics": metrics})
     atomic_write_csv(os.path.join(fold.dir, "thresholds.csv"), ["threshold", "dice"],
                      ([f"{t:.2f}", f"{d:.6f}"] for t, d in table.items()))
@@ -693,10 +739,14 @@ def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
     if share > COLLAPSE:
         logger.warning("%s: the saved model marks %.0f%% of the validation pixels as foreground (%.0f%% are): "
                        "it has probably collapsed", fold.label, 100 * share, 100 * acc.true_fraction)
-    logger.info("%s: %s: validation Dice %.4f at threshold %.2f (%.4f at 0.50, soft %.4f) -> %s", fold.label, what,
-                dice, threshold, metrics["dice_at_0.5"], acc.soft, fold.checkpoint)
+    logger.info("%s: %s: validation Dice %.4f at threshold %.2f (%.4f at 0.50, soft %.4f%s) -> %s", fold.label, what,
+                dice, threshold, metrics["dice_at_0.5"], acc.soft, "".join(
+                    f"; {name} {value:.4f}" for name, value in metrics.get("dice_by_source", {}).items()),
+                fold.checkpoint)
     return {"fold": fold.fold, "checkpoint": fold.checkpoint, **metrics,
-            "counts": {"inter": acc.inter.tolist(), "total": acc.total.tolist()}}
+            "counts": {"inter": acc.inter.tolist(), "total": acc.total.tolist()},
+            **({"counts_by_source": {name: {"inter": a.inter.tolist(), "total": a.total.tolist()}
+                                     for name, a in sorted(by_source.items())}} if by_source else {})}
 
 
 def _clean_states(fold: _Fold) -> None:
@@ -729,8 +779,8 @@ def _train_fold(cfg: CN, fold: _Fold, mean, std, device, oof_threshold: Optional
     start_epoch = int(state["epoch"]) + 1 if state else 0
     cbs = _callbacks(cfg, fold.label, fold.dir, start_epoch, append=bool(state),
                      best_value=float(state.get("best", -np.inf)) if state else -np.inf,
-                     n_epochs=cfg.SOLVER.MAX_EPOCHS)
-    if fold.fold != ALL:
+                     n_epochs=cfg.SOLVER.MAX_EPOCHS, is_final=fold.fold == ALL)
+    if fold.fold != ALL and cfg.SOLVER.EVAL_PERIOD == 1:
         del cbs["skip_valid"]
     learn = make_learner(cfg, dls, model, cfg.OUTPUT_DIR, fold.dir, list(cbs.values()), device)
     if state:
@@ -776,7 +826,8 @@ def train(cfg: CN) -> Dict[str, object]:
     check_architecture(cfg.MODEL.ARCHITECTURE)
     tiles = TileSet(cfg.DATASETS.TRAIN_FOLDER, cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN)
     mean, std = read_stats(tiles, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
-    fold_of = kfold_groups(tiles.groups, cfg.SOLVER.N_FOLDS)
+    sources = tile_sources(tiles)
+    fold_of = kfold_groups(tiles.groups, cfg.SOLVER.N_FOLDS, sources)
     folds = list(cfg.SOLVER.FOLDS) or list(range(cfg.SOLVER.N_FOLDS))
     bad = [f for f in folds if not 0 <= f < cfg.SOLVER.N_FOLDS]
     if bad:
@@ -786,9 +837,9 @@ def train(cfg: CN) -> Dict[str, object]:
     if cfg.INPUT.CROP_SIZE and not _grids(tiles, cfg):
         raise ValueError(f"{tiles.stats_file}: no slide shapes recorded (tiles of an older tiles_creator.py); "
                          "INPUT.CROP_SIZE needs them: rerun tiles_creator.py with OVERWRITE True")
-    runs = [_Fold(cfg, f, tiles, fold_of) for f in folds]
+    runs = [_Fold(cfg, f, tiles, fold_of, sources) for f in folds]
     if cfg.SOLVER.FINAL_MODEL:
-        runs.append(_Fold(cfg, ALL, tiles, fold_of))
+        runs.append(_Fold(cfg, ALL, tiles, fold_of, sources))
     done = {run.fold: _finished(run) for run in runs}  # refuses other settings before any work
     if cfg.SOLVER.RESUME:
         logger.info("SOLVER.RESUME is no longer needed: a rerun with the same settings resumes")
@@ -822,12 +873,22 @@ def train(cfg: CN) -> Dict[str, object]:
     oof = {float(t): dice_from_counts(i, s) for t, i, s in zip(THRESHOLDS, inter, total)}
     best_th = max(oof, key=lambda t: (oof[t], -t))
     summary = {
-        "folds": [{k: v for k, v in r.items() if k not in ("counts", "settings")} for r in results],
+        "folds": [{k: v for k, v in r.items() if k not in ("counts", "counts_by_source", "settings")} for r in results],
         "mean_fold_dice": float(np.mean([r["dice_th"] for r in results])),
         "oof_dice": oof[best_th],
         "oof_threshold": best_th,
         "oof_dice_at_0.5": oof.get(0.5),
     }
+    if sources:  # out-of-fold Dice of each source, at the run's threshold and at 0.5
+        k_best, k_half = (int(np.argmin(np.abs(np.asarray(THRESHOLDS) - t))) for t in (best_th, 0.5))
+        for name in sorted(set(sources.values())):
+            parts = [r["counts_by_source"][name] for r in results if name in r.get("counts_by_source", {})]
+            inter = np.sum([p["inter"] for p in parts], axis=0)
+            total = np.sum([p["total"] for p in parts], axis=0)
+            summary.setdefault("oof_dice_by_source", {})[name] = dice_from_counts(inter[k_best], total[k_best])
+            summary.setdefault("oof_dice_by_source_at_0.5", {})[name] = dice_from_counts(inter[k_half], total[k_half])
+        logger.info("Out-of-fold Dice by source (threshold %.2f): %s", best_th, ", ".join(
+            f"{name} {value:.4f}" for name, value in summary["oof_dice_by_source"].items()))
     atomic_write_csv(os.path.join(cfg.OUTPUT_DIR, "oof_thresholds.csv"), ["threshold", "dice"],
                      ([f"{t:.2f}", f"{d:.6f}"] for t, d in oof.items()))
     logger.info("Out-of-fold Dice %.4f at threshold %.2f (%.4f at 0.50); mean fold Dice %.4f", summary["oof_dice"],

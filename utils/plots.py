@@ -25,15 +25,20 @@ def plot_curves(history: Dict[str, List[float]], path: str, title: str = "") -> 
     """Loss (left axis) and Dice (right axis) per epoch."""
     fig, ax = plt.subplots(figsize=(7, 4))
     epochs = np.arange(1, len(history.get("train_loss", [])) + 1)
+    def finite(key):  # epochs without validation are gaps (NaN): the line joins the others
+        values = np.asarray(history[key], dtype=np.float64)
+        keep = np.isfinite(values)
+        return epochs[:len(values)][keep[:len(epochs)]], values[:len(epochs)][keep[:len(epochs)]]
+
     for key, style in (("train_loss", "o-"), ("valid_loss", "o--")):
         if history.get(key):
-            ax.plot(epochs, history[key], style, label=key)
+            ax.plot(*finite(key), style, label=key)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
     for key, colour in (("dice_soft", "tab:green"), ("dice_th", "tab:red")):
         if history.get(key):
-            ax2.plot(epochs, history[key], "s-", color=colour, label=key)
+            ax2.plot(*finite(key), "s-", color=colour, label=key)
     ax2.set_ylabel("Dice")
     ax2.set_ylim(0, 1)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]

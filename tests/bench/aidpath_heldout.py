@@ -23,34 +23,14 @@ import glob
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 from tests.bench.bench_tiles import REPO
+from tests.bench.kidney_heldout import run, train_recipe
 from tests.slides import SHARED_REASON, has_shared, shared
 
 RECIPE = os.path.join(REPO, "config", "aidpath.yaml")
-
-
-def _run(cmd, what: str) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
-
-
-def train_recipe(seed: int, out: str, tiles: str, extra=()) -> float:
-    """Tile and train the recipe for ``seed``; returns the wall seconds of both commands."""
-    tile_s = _run([sys.executable, "tiles_creator.py", "--config-file", RECIPE, "DATASETS.TRAIN_FOLDER", tiles],
-                  "tiles_creator.py")
-    train_s = _run([sys.executable, "train_net.py", "--config-file", RECIPE, "DATASETS.TRAIN_FOLDER", tiles,
-                    "MODEL.SEED", str(seed), "OUTPUT_DIR", out, *extra], "train_net.py")
-    print(f"seed {seed}: tiles_creator {tile_s:.0f} s + train_net {train_s:.0f} s = {(tile_s + train_s) / 60:.1f} min",
-          flush=True)
-    return tile_s + train_s
 
 
 def score(output: str, threshold: float, work: str):
@@ -73,7 +53,7 @@ def score(output: str, threshold: float, work: str):
         with open(id_csv, "w") as fh:
             fh.write("id\n" + "".join(f"{i}\n" for i in ids))
         out = os.path.join(work, f"fold_{fold}_th{threshold:g}")
-        _run([sys.executable, "test_net.py", "--config-file", RECIPE, "TEST.PAIRS_FOLDER", shared("aidpath"),
+        run([sys.executable, "test_net.py", "--config-file", RECIPE, "TEST.PAIRS_FOLDER", shared("aidpath"),
               "TEST.LABELS_CSV", id_csv, "TEST.MODEL_WEIGHTS_FOLDER", path, "TEST.TH", str(threshold),
               "OUTPUT_DIR", out], "test_net.py")
         fold_inter = fold_total = 0
@@ -105,7 +85,7 @@ def main(argv=None) -> int:
     if args.seeds:
         for seed in args.seeds:
             out = f"{args.output}_seed{seed}"
-            minutes = train_recipe(seed, out, os.path.join(work, f"tiles_seed{seed}"), args.opts) / 60
+            minutes = sum(train_recipe(seed, out, os.path.join(work, f"tiles_seed{seed}"), RECIPE, args.opts)) / 60
             runs.append((seed, out, minutes))
     else:
         runs.append((None, args.output, float("nan")))
