@@ -221,27 +221,31 @@ class RandomCropDataset(Dataset):
         k = int(np.searchsorted(self._share, float(torch.rand(1)), side="right"))
         return self._groups[min(len(self._groups) - 1, k)]
 
+    def _foreground_pixel(self, members: np.ndarray, fg_cumsum: np.ndarray, total: int) -> Tuple[int, int, int]:
+        """A foreground pixel drawn uniformly among the ``total`` of the tiles ``members``:
+        ``(canvas, y, x)`` in that canvas's coordinates."""
+        k = self._randint(total)
+        c, index = self.tiles[int(members[int(np.searchsorted(fg_cumsum, k, side="right"))])]
+        canvas = self.canvases[c]
+        ys, xs = np.nonzero(canvas.tile(index)[1])
+        j = self._randint(len(ys))
+        ty, tx = canvas.tile_origin(index)
+        return c, ty + int(ys[j]), tx + int(xs[j])
+
     def _draw_once(self) -> Tuple[int, int, int]:
         crop, s = self.crop, self.canvases[0].size
         members, fg_cumsum = self._group()
         total_fg = int(fg_cumsum[-1]) if len(fg_cumsum) else 0
         if total_fg and float(torch.rand(1)) < self.foreground:
-            k = self._randint(total_fg)  # a foreground pixel, uniformly among all of them (of the source)
-            t = int(members[int(np.searchsorted(fg_cumsum, k, side="right"))])
-            c, index = self.tiles[t]
-            canvas = self.canvases[c]
-            ys, xs = np.nonzero(canvas.tile(index)[1])
-            j = self._randint(len(ys))
-            ty, tx = canvas.tile_origin(index)
+            c, fy, fx = self._foreground_pixel(members, fg_cumsum, total_fg)
             jitter = max(1, crop // 4)
-            cy = ty + int(ys[j]) + self._randint(2 * jitter + 1) - jitter
-            cx = tx + int(xs[j]) + self._randint(2 * jitter + 1) - jitter
+            cy = fy + self._randint(2 * jitter + 1) - jitter
+            cx = fx + self._randint(2 * jitter + 1) - jitter
         else:  # a uniform point of the kept tissue (of the source)
             c, index = self.tiles[int(members[self._randint(len(members))])]
-            canvas = self.canvases[c]
-            ty, tx = canvas.tile_origin(index)
+            ty, tx = self.canvases[c].tile_origin(index)
             cy, cx = ty + self._randint(s), tx + self._randint(s)
-        y0, y1, x0, x1 = canvas.box  # the crop stays on the slide where the slide is big enough
+        y0, y1, x0, x1 = self.canvases[c].box  # the crop stays on the slide where the slide is big enough
         y = int(np.clip(cy - crop // 2, y0, max(y0, y1 - crop)))
         x = int(np.clip(cx - crop // 2, x0, max(x0, x1 - crop)))
         return c, y, x
@@ -266,13 +270,8 @@ class RandomCropDataset(Dataset):
         side = min(image.shape[0], image.shape[1], max(8, 3 * self.crop // 4))
         if not total:
             return image, mask
-        t = int(members[int(np.searchsorted(fg_cumsum, self._randint(total), side="right"))])
-        c, index = self.tiles[t]
-        canvas = self.canvases[c]
-        ys, xs = np.nonzero(canvas.tile(index)[1])
-        j = self._randint(len(ys))
-        ty, tx = canvas.tile_origin(index)
-        patch, patch_mask = canvas.read(ty + int(ys[j]) - side // 2, tx + int(xs[j]) - side // 2, side, side)
+        c, fy, fx = self._foreground_pixel(members, fg_cumsum, total)
+        patch, patch_mask = self.canvases[c].read(fy - side // 2, fx - side // 2, side, side)
         alpha = cv2.dilate(patch_mask, np.ones((5, 5), np.uint8)).astype(np.float32)
         alpha = cv2.GaussianBlur(alpha, (0, 0), 2.0)[..., None]
         py = self._randint(image.shape[0] - side + 1)
