@@ -12,7 +12,9 @@ import os
 import sys
 import time
 
-from utils.setup import add_log_file, launch, seed_everything  # first: warning filters
+from utils.setup import add_log_file, configure_process, launch, seed_everything
+
+configure_process()  # before the model imports: their deprecation notices are hidden
 from data.sample import generate_sample  # noqa: E402
 from data.tiler import create_tiles  # noqa: E402
 from model.prediction import predict_slides  # noqa: E402

@@ -8,7 +8,9 @@ TEST.OVERLAP, Gaussian blending, background skipped, threshold TEST.TH). Writes 
 full-resolution RLE CSV (OUTPUT_DIR/submission.csv or TEST.OUTPUT_CSV), a mask and an overlay
 picture per slide, and with TEST.LABELS_CSV the Dice. A rerun skips finished slides.
 """
-from utils.setup import add_log_file, exit_now, launch  # first: warning filters
+from utils.setup import add_log_file, configure_process, exit_now, launch
+
+configure_process()  # before the model imports: their deprecation notices are hidden
 from model.prediction import predict_slides  # noqa: E402
 
 

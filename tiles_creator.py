@@ -10,8 +10,10 @@ config and log.txt. Background tiles are skipped. An interrupted run resumes whe
 """
 import sys
 
-from data.tiler import create_tiles
-from utils.setup import add_log_file, launch
+from utils.setup import add_log_file, configure_process, launch
+
+configure_process()
+from data.tiler import create_tiles  # noqa: E402
 
 
 def main(cfg, args):

@@ -6,12 +6,16 @@ Reads the tiles of DATASETS.TRAIN_FOLDER (INPUT.SIZE_TRAIN px at INPUT.SIZE_REDU
 as written by tiles_creator.py), splits them into SOLVER.N_FOLDS folds grouped by slide and
 trains MODEL.ARCHITECTURE on each (fastai, one-cycle schedule). Writes to OUTPUT_DIR the
 checkpoints, per-fold curves, threshold study and validation pictures, summary.json, the merged
-config and log.txt. SOLVER.RESUME True continues an interrupted run.
+config and log.txt. Rerunning the same command resumes an interrupted run (finished folds are
+kept, an unfinished one continues after its last saved epoch); other training settings are
+refused, naming the keys that changed.
 """
 import logging
 import sys
 
-from utils.setup import add_log_file, launch, seed_everything  # first: warning filters
+from utils.setup import add_log_file, configure_process, launch, seed_everything
+
+configure_process()  # before the model imports: their deprecation notices are hidden
 from model.training import train  # noqa: E402
 from utils.distributed import is_main  # noqa: E402
 

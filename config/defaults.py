@@ -32,7 +32,7 @@ _C.MODEL.WEIGHTS = ""
 _C.MODEL.NORM = "batch"
 # Device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
 _C.MODEL.DEVICE = "auto"
-# Number of output channels (1 for binary segmentation).
+# Number of output channels: 1 (binary segmentation; multi-class models are not supported yet).
 _C.MODEL.NUM_CLASSES = 1
 # Seed of every random number generator (Python, numpy, torch).
 _C.MODEL.SEED = 2020
@@ -160,7 +160,9 @@ _C.TILER.PNG_COMPRESSION = 1
 # DATALOADER
 # -----------------------------------------------------------------------------
 _C.DATALOADER = CN()
-# Worker processes of the training/validation data loaders.
+# Worker processes of the training/validation data loaders. Part of what a run learns: the
+# workers seed the random crops and augmentation, so another count draws another stream (a
+# resume with another count is refused).
 _C.DATALOADER.NUM_WORKERS = 2
 
 # -----------------------------------------------------------------------------
@@ -246,8 +248,10 @@ _C.TEST.SIZE = 256
 # each slide is read at the checkpoints' physical scale (any real factor); without one, at the
 # checkpoints' reduction (with a warning).
 _C.TEST.MPP = 0.0
-# Measure every predicted object (objects.csv, GeoJSON measurements, per-slide counts, areas
-# and densities in metrics.json; object-level scores with labels).
+# Measure every predicted object: objects.csv, the GeoJSON outlines with their measurements, the
+# numbered overlay, median areas in metrics.json. Objects are the 8-connected components of the
+# full-resolution mask either way: False still counts them (per-slide counts and densities,
+# object-level scores with labels), without measuring or outlining them.
 _C.TEST.MEASURE = True
 # Probability threshold (0..1) that turns the predicted probability into the mask. Negative:
 # the threshold each checkpoint learned in training, averaged over the ensemble (0.45 for a

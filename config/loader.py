@@ -19,7 +19,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from config.defaults import get_cfg_defaults
-from data.wsi import MAX_MPP, SLIDE_READERS
+from config.choices import ARCHITECTURES, LOSS_NAMES, MAX_MPP, SLIDE_READERS, SMP_ARCHITECTURES
 
 __all__ = ["ConfigError", "load_cfg", "merge_dict", "merge_opts", "validate_cfg", "source_entries", "SOURCE_ONLY_KEYS"]
 
@@ -174,7 +174,14 @@ def _check(condition: bool, message: str) -> None:
 
 
 def validate_cfg(cfg: CN) -> None:
-    """Reject impossible values, naming the key."""
+    """Reject impossible values, naming the key: every check that needs no file (the scripts
+    exit with code 2 before doing anything)."""
+    _check_scales_and_test(cfg)
+    _check_datasets(cfg)
+    _check_training(cfg)
+
+
+def _check_scales_and_test(cfg: CN) -> None:
     i, d, t = cfg.INPUT, cfg.DATASETS, cfg.TEST
     _check(i.SIZE_TRAIN > 0, f"INPUT.SIZE_TRAIN must be > 0, got {i.SIZE_TRAIN}")
     _check(t.SIZE > 0, f"TEST.SIZE must be > 0, got {t.SIZE}")
@@ -210,6 +217,10 @@ def validate_cfg(cfg: CN) -> None:
     _check(len(i.CHANNELS) in (0, 3) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                              for v in i.CHANNELS),
            f"INPUT.CHANNELS must be empty or three channel indices >= 0 (read as R, G, B), got {list(i.CHANNELS)}")
+
+
+def _check_datasets(cfg: CN) -> None:
+    d, t = cfg.DATASETS, cfg.TEST
     formats = ("wsi_rle", "pairs", "annotations")
     _check(d.FORMAT in formats, f"DATASETS.FORMAT must be one of {formats}, got {d.FORMAT!r}")
     for n, entry in enumerate(source_entries(cfg)):
@@ -229,6 +240,10 @@ def validate_cfg(cfg: CN) -> None:
                                               "shapes are)")
     _check(-1 <= d.MASK_CHANNEL <= 3, f"DATASETS.MASK_CHANNEL must be -1, 0, 1, 2 or 3, got {d.MASK_CHANNEL}")
     _check(d.MASK_THRESHOLD >= 0, f"DATASETS.MASK_THRESHOLD must be >= 0, got {d.MASK_THRESHOLD}")
+
+
+def _check_training(cfg: CN) -> None:
+    i, t = cfg.INPUT, cfg.TEST
     _check(cfg.TILER.NUM_WORKERS >= 0, f"TILER.NUM_WORKERS must be >= 0, got {cfg.TILER.NUM_WORKERS}")
     _check(
         0 <= cfg.TILER.PNG_COMPRESSION <= 9,
@@ -256,7 +271,17 @@ def validate_cfg(cfg: CN) -> None:
         f"SOLVER.BASE_LR_MIN must be > 0 and <= SOLVER.BASE_LR_MAX, got {s.BASE_LR_MIN} and {s.BASE_LR_MAX}",
     )
     _check(cfg.MODEL.NORM in ("batch", "group"), f"MODEL.NORM must be 'batch' or 'group', got {cfg.MODEL.NORM!r}")
-    _check(cfg.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be >= 1, got {cfg.MODEL.NUM_CLASSES}")
+    _check(cfg.MODEL.NUM_CLASSES == 1, f"MODEL.NUM_CLASSES must be 1 (binary segmentation: multi-class models are "
+                                       f"not supported yet), got {cfg.MODEL.NUM_CLASSES}")
+    arch = cfg.MODEL.ARCHITECTURE
+    _check(arch in ARCHITECTURES or arch.lower() in {a.lower() for a in SMP_ARCHITECTURES},
+           f"MODEL.ARCHITECTURE: unknown architecture {arch!r}; valid: {', '.join(ARCHITECTURES + SMP_ARCHITECTURES)}")
+    _check(s.LOSS_FUNCTION_NAME in LOSS_NAMES, f"SOLVER.LOSS_FUNCTION_NAME: unknown loss {s.LOSS_FUNCTION_NAME!r}; "
+                                               f"valid: {', '.join(sorted(LOSS_NAMES))}")
+    _check(i.CROP_SIZE % 32 == 0, f"INPUT.CROP_SIZE must be a multiple of 32 px (the models' stride), got {i.CROP_SIZE}")
+    bad_folds = [f for f in s.FOLDS if not (isinstance(f, int) and 0 <= f < s.N_FOLDS)]
+    _check(not bad_folds, f"SOLVER.FOLDS {list(bad_folds)}: folds are numbered 0..{s.N_FOLDS - 1} (SOLVER.N_FOLDS "
+                          f"{s.N_FOLDS})")
     device = cfg.MODEL.DEVICE
     _check(
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()),

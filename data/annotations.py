@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data.wsi import SlideError
+from data.readers import SlideError
 
 __all__ = ["AnnotationError", "Shape", "Annotations", "read_annotations", "ANNOTATION_EXTENSIONS",
            "UNCLASSIFIED", "describe_classes", "polygon_from_ellipse"]

@@ -34,7 +34,7 @@ import numpy as np
 
 from data.annotations import AnnotationError, Annotations, Shape, describe_classes, read_annotations
 from data.sources import load_pair_mask
-from data.wsi import SlideError
+from data.readers import SlideError
 from utils.rle import RLEStripEncoder, check_shape, decode_window, intersect_runs, parse_rle, rle_area
 
 __all__ = ["RLEMask", "ArrayMask", "ResampledMask", "ShapeMask", "SegMask", "mask_runs", "LabelSource",

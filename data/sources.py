@@ -6,6 +6,7 @@ id or the config key, so that no output is written for a data set that cannot be
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import logging
@@ -17,8 +18,8 @@ import cv2
 import numpy as np
 
 from data.annotations import ANNOTATION_EXTENSIONS, annotation_id_of, read_annotations
-from data.dicom import is_dicom_folder
-from data.wsi import SLIDE_EXTENSIONS, SlideError
+from data.readers.dicom import is_dicom_folder
+from data.readers import SLIDE_EXTENSIONS, SlideError
 
 __all__ = [
     "TileJob",
@@ -81,15 +82,26 @@ def validate_id(value, source: str) -> str:
     return value
 
 
-def _read_csv(path: str, what: str) -> Dict[str, List[str]]:
-    """The columns of a CSV file as ``{name: values}`` (the csv module: no pandas start-up)."""
-    if not path:
-        raise ValueError(f"DATASETS.LABELS_CSV is not set; it must name the {what} CSV")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: {what} CSV not found (DATASETS.LABELS_CSV)")
-    csv.field_size_limit(1 << 31)  # a slide's RLE is megabytes long
+@contextlib.contextmanager
+def _long_csv_fields():
+    """The csv module's field limit raised for a while (a slide's RLE is megabytes long), then
+    put back: nothing global stays changed."""
+    previous = csv.field_size_limit(1 << 31)
     try:
-        with open(path, "r", encoding="utf-8-sig", newline="") as fh:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _read_csv(path: str, what: str, key: str = "DATASETS.LABELS_CSV") -> Dict[str, List[str]]:
+    """The columns of a CSV file as ``{name: values}`` (the csv module: no pandas start-up);
+    ``key`` is the config key that named it (in errors)."""
+    if not path:
+        raise ValueError(f"{key} is not set; it must name the {what} CSV")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} CSV not found ({key})")
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as fh, _long_csv_fields():
             rows = list(csv.reader(fh))
     except (csv.Error, UnicodeDecodeError, OSError) as exc:
         raise ValueError(f"{path}: not a readable CSV ({exc})") from None
@@ -114,10 +126,10 @@ def _check_ids(ids: Sequence[str], path: str) -> List[str]:
     return ids
 
 
-def read_labels_csv(path: str) -> Dict[str, str]:
+def read_labels_csv(path: str, key: str = "DATASETS.LABELS_CSV") -> Dict[str, str]:
     """``{id: rle}`` from a CSV with an ``id`` column and an ``encoding`` (or ``rle``,
-    ``predicted``) column, in file order."""
-    columns = _read_csv(path, "labels")
+    ``predicted``) column, in file order; ``key`` names the config key in errors."""
+    columns = _read_csv(path, "labels", key)
     if "id" not in columns:
         raise ValueError(f"{path}: no 'id' column (columns: {list(columns)})")
     column = next((c for c in RLE_COLUMNS if c in columns), None)
@@ -129,9 +141,9 @@ def read_labels_csv(path: str) -> Dict[str, str]:
     return dict(zip(ids, columns[column]))
 
 
-def read_id_list(path: str) -> List[str]:
+def read_id_list(path: str, key: str = "DATASETS.LABELS_CSV") -> List[str]:
     """The ``id`` column of a CSV (pairs mode: which pairs to use)."""
-    columns = _read_csv(path, "id list")
+    columns = _read_csv(path, "id list", key)
     if "id" not in columns:
         raise ValueError(f"{path}: no 'id' column (columns: {list(columns)})")
     return _check_ids(columns["id"], path)
@@ -225,12 +237,13 @@ def files_by_stem(folder: str) -> Dict[str, str]:
     return out
 
 
-def select_ids(files: Dict[str, str], labels_csv: str, folder: str) -> List[str]:
+def select_ids(files: Dict[str, str], labels_csv: str, folder: str, key: str = "DATASETS.LABELS_CSV") -> List[str]:
     """The ids of ``files`` (``{id: path}`` of ``folder``) to use: those of the ``id`` column of
-    ``labels_csv`` (each must have a file), or all of them, sorted, when it is ""."""
+    ``labels_csv`` (each must have a file; ``key`` names it in errors), or all of them, sorted,
+    when it is ""."""
     if not labels_csv:
         return sorted(files)
-    wanted = read_id_list(labels_csv)
+    wanted = read_id_list(labels_csv, key)
     absent = [i for i in wanted if i not in files]
     if absent:
         raise FileNotFoundError(f"{folder}: no image for {len(absent)} id(s) of {labels_csv}: {absent[:5]}")

@@ -32,11 +32,11 @@ from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
 from data.annotations import Annotations, describe_classes, read_annotations
-from data.dicom import dicom_files
+from data.readers.dicom import dicom_files
 from data.masks import LabelRules, LabelSource, open_labels
 from data.sources import TileJob, annotation_jobs, pairs_jobs, source_views, wsi_jobs
 from data.tiling import TileGrid, iter_tile_rows, mask_band, pixel_limit, tile_panels, tissue_columns
-from data.wsi import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, decode_image,
+from data.readers import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, decode_image, same_scale,
                       image_pixel_size, open_image_slide, open_slide, read_image)
 from utils.io import atomic_write_bytes, atomic_write_json, read_json
 from utils.setup import pause_point, save_config
@@ -337,7 +337,7 @@ def _resample_factor(job: TileJob, cfg: CN, mpp: Optional[PixelSize], note: str)
         raise SlideError(f"{job.image_path}: pixel size unknown ({note}); INPUT.MPP_TRAIN needs it: set "
                          "DATASETS.MPP")
     factor = cfg.INPUT.MPP_TRAIN / cfg.INPUT.SIZE_REDUCTION_TRAIN / mpp.mpp
-    return 1.0 if abs(factor - 1.0) < 1e-3 else factor
+    return 1.0 if same_scale(factor, 1.0) else factor
 
 
 def _open_image(job: TileJob, cfg: CN, workers: int, annotations: Optional[Annotations]) -> Slide:
@@ -505,7 +505,7 @@ def _source_stats(records: List[SlideRecord], weights: Dict[str, float]) -> Dict
 
 
 def _common_tile_mpp(records: List[SlideRecord]) -> Optional[float]:
-    """The tiles' pixel size (um/px) when every slide's is known and they agree within 2 %
+    """The tiles' pixel size (um/px) when every slide's is known and they agree (:func:`same_scale`)
     (it reaches the checkpoints); else None, with a warning saying why."""
     values = [r.tile_mpp for r in records]
     if not values:
@@ -517,7 +517,7 @@ def _common_tile_mpp(records: List[SlideRecord]) -> Optional[float]:
                            "DATASETS.MPP, or INPUT.MPP_TRAIN to tile at one physical scale", len(missing),
                            len(records), ", ".join(missing[:5]))
         return None
-    if max(values) > 1.02 * min(values):
+    if not same_scale(max(values), min(values)):
         logger.warning("The tiles' pixel sizes differ (%.4g to %.4g um/px): set INPUT.MPP_TRAIN to tile every "
                        "slide at one physical scale; the scale is not recorded", min(values), max(values))
         return None

@@ -24,7 +24,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from data.wsi import Slide
+from data.readers import Slide, same_scale
 from utils.rle import check_shape
 
 __all__ = [
@@ -305,7 +305,7 @@ def iter_tile_rows(slide: Slide, grid: TileGrid, cols: Optional[Tuple[int, int]]
     level = slide.best_level(grid.reduce)
     downsample = slide.levels[level].downsample if level else 1.0
     rest = grid.reduce / downsample
-    if abs(rest - round(rest)) < 1e-3:
+    if same_scale(rest, round(rest)):
         factor = int(round(rest))
         rows = _streamed_rows(
             slide,

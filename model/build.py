@@ -93,21 +93,6 @@ def _load_into(module: nn.Module, state: Dict[str, torch.Tensor], path: str, wha
         logger.warning("%s: %d %s tensors not in the file kept their initial values", path, len(missing), what)
 
 
-def _hub_logs_once() -> None:
-    """huggingface_hub gives its loggers a console handler of their own *and* lets them
-    propagate to the root logger, so every line of it (download retries...) printed twice:
-    drop its handler; the lines reach the console and log.txt through ours."""
-    try:
-        import huggingface_hub.utils.logging as hub_logging
-    except ImportError:  # pragma: no cover - a dependency of timm
-        return
-    root = hub_logging._get_library_root_logger()
-    for handler in list(root.handlers):
-        if type(handler) is logging.StreamHandler:
-            root.removeHandler(handler)
-    root.propagate = True
-
-
 def _reachable(url: str, timeout: float = 3.0) -> bool:
     """Whether the host of ``url`` accepts a connection within ``timeout`` seconds."""
     import socket
@@ -131,7 +116,9 @@ def _hub_cached(repo_id: str, filenames, revision: Optional[str] = None) -> bool
         try:
             if isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
                 return True
-        except Exception:  # a malformed repo id or cache: treat as not cached
+        except (ValueError, OSError) as exc:  # a malformed repo id or cache: treat as not cached
+            logger.info("%s/%s: the local cache cannot be read (%s: %s); treated as not cached", repo_id, filename,
+                        type(exc).__name__, exc)
             continue
     return False
 
@@ -187,10 +174,11 @@ def timm_encoder(name: str, weights: str = "", norm: str = "batch") -> nn.Module
             f"available tags: {available or 'none'} (or a local file path)"
         )
     logger.info("Loading pretrained encoder weights timm %s (offline? set MODEL.ENCODER_WEIGHTS to a local file)", full)
-    _hub_logs_once()
     try:
         pretrained = timm.models.get_pretrained_cfg(full)
-    except Exception:  # an unusual name: let timm say what is wrong
+    except (RuntimeError, KeyError, ValueError) as exc:  # an unusual name: let timm say what is wrong
+        logger.info("timm %s: no pretrained config (%s: %s); asking timm for the weights directly", full,
+                    type(exc).__name__, exc)
         pretrained = None
     if pretrained is not None:
         check_obtainable(f"timm {full}", getattr(pretrained, "hf_hub_id", None) or None,
@@ -266,7 +254,6 @@ def _build_smp(spec) -> nn.Module:
 
 def _check_smp_weights(encoder: str, weights: str) -> None:
     """The local cache or a connection for smp's pretrained encoder weights, before smp tries."""
-    _hub_logs_once()
     if encoder.startswith("tu-"):
         return  # timm's own names: timm_encoder's check covers the UneXt family; smp passes True
     from segmentation_models_pytorch.encoders import encoders

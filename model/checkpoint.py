@@ -3,11 +3,15 @@
 A checkpoint is a dict saved with ``torch.save``::
 
     {"format": "glomeruli/1",
-     "model": {"ARCHITECTURE", "ENCODER_NAME", "ENCODER_WEIGHTS", "NUM_CLASSES"},
+     "model": {"ARCHITECTURE", "ENCODER_NAME", "ENCODER_WEIGHTS", "NUM_CLASSES",
+               "NORM"},                                # "batch" or "group" (absent: batch)
      "input": {"size", "reduce", "mean", "std", "mpp"},  # tile size/reduction, RGB 0..1 stats,
                                                        # tiles' um/px (None: unknown)
-     "threshold": float, "fold": int, "metrics": {...},
-     "state_dict": {...}}
+     "threshold": float, "fold": int (-1: the all-images model), "n_folds": int,
+     "loss": str, "epochs": int, "weights": str,       # how it was trained, which weights
+     "metrics": {...},                                 # validation Dice, threshold, tiles...
+     "card": {...},                                    # only in shipped models (model.ship)
+     "state_dict": {...}}                              # float32 (float16 in shipped models)
 
 It is loaded with ``torch.load(weights_only=True)``: a file carrying code is refused. The
 original toolkit's bare UneXt101 ``state_dict`` files load too (:func:`load_model_weights`).
@@ -15,6 +19,7 @@ original toolkit's bare UneXt101 ``state_dict`` files load too (:func:`load_mode
 from __future__ import annotations
 
 import io
+import logging
 import os
 from typing import Dict, Tuple
 
@@ -27,6 +32,8 @@ from utils.io import atomic_write_bytes
 
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "model_from_loaded",
            "load_model_weights"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "glomeruli/1"
 
@@ -91,7 +98,9 @@ def model_from_loaded(ckpt: Dict[str, object], path: str) -> nn.Module:
             model = build_model(ckpt["model"], weights=False)
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    except Exception:  # an encoder that computes on tensors while it is built: not on meta
+    except (RuntimeError, NotImplementedError, TypeError) as exc:  # an encoder that computes while it is built
+        logger.info("%s: the model cannot be built without memory (%s: %s); building it the ordinary way", path,
+                    type(exc).__name__, exc)
         model = None
     if model is not None:
         load_model_weights(model, ckpt["state_dict"], path, assign=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from data.tiling import TileGrid, iter_tile_rows, pixel_limit, slide_box, tissue_windows
-from data.wsi import Slide
+from data.readers import Slide
 from utils.rle import RLEStripEncoder, rle_area, runs_to_rle
 
 __all__ = ["blend_weights", "window_starts", "lowres_image", "slide_box", "fill_outside", "predict_canvas", "threshold_mask",

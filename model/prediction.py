@@ -4,17 +4,28 @@
 Output in ``OUTPUT_DIR`` (CSV at ``TEST.OUTPUT_CSV`` when set)::
 
     submission.csv                 id,predicted (full-resolution Kaggle RLE; "" = empty)
-    predictions/<id>.geojson       QuPath annotations ("Glomerulus"), level-0 pixel coordinates
+    objects.csv                    one row per predicted object (TEST.MEASURE): centroid, area, equivalent
+                                   diameter, perimeter, circularity, box, mean probability; um columns
+                                   when the pixel size is known
+    metrics.json                   per-slide summary (objects, tissue mm2, objects per mm2, median area,
+                                   pixel size and its source, scale factor), with labels the pooled Dice
+                                   and object precision / recall / F1
+    dice.csv                       with labels (TEST.LABELS_CSV, TEST.ANNOTATIONS_FOLDER, pairs masks):
+                                   per-item Dice and object-level scores
+    config_test.yaml               the config of these outputs
+    log.txt                        the log (appended)
+    predictions/<id>.geojson       with TEST.MEASURE: QuPath annotations ("Glomerulus"), one per object,
+                                   level-0 pixel coordinates, with its measurements
     predictions/<id>.seg.dcm       with TEST.DICOM_SEG, for DICOM WSI slides: the mask as a DICOM
                                    Segmentation referencing the slide (utils.dicom_seg)
     predictions/<id>_mask.png      the predicted mask at the model's scale (1/reduce)
     predictions/<id>_overlay.png   thumbnail with predicted (green) and true (red) contours, the
-                                   objects numbered as in objects.csv; the region of interest (blue)
-    objects.csv                    one row per predicted object (TEST.MEASURE): centroid, area, equivalent
-                                   diameter, perimeter, circularity, box, mean probability; um columns
-                                   when the pixel size is known
-    metrics.json                   per-slide summary (objects, tissue mm2, objects per mm2, median area),
-                                   with labels the pooled Dice and object precision / recall / F1
+                                   objects numbered as in objects.csv (with TEST.MEASURE); the region
+                                   of interest (blue)
+    .predictions/<id>.json         per-item record (RLE, objects, settings): a rerun skips finished items
+
+Objects are always the 8-connected components of the full-resolution mask (its runs): with
+``TEST.MEASURE False`` the same objects are counted, but not measured, outlined or numbered.
 
 Stages per item: read (:func:`_read`: open, choose the scale, the padded low-res image, the tissue
 area), predict (:func:`_predict`: the probability map), post-process (:func:`_final_mask`,
@@ -29,8 +40,6 @@ With ``TEST.PAIRS_FOLDER`` the items are the images of an image/mask pairs folde
 ``DATASETS.PAIRS_FOLDER``, the DATASETS mask encoding applies, masks optional) instead of slides;
 there ``TEST.LABELS_CSV``, when set, is a CSV whose ``id`` column picks the images.
 ``TEST.MODEL_WEIGHTS_FOLDER`` may also name a single checkpoint file.
-    dice.csv                       with TEST.LABELS_CSV: per-item Dice and object-level scores
-    .predictions/<id>.json         per-slide result: a rerun skips finished slides
 """
 from __future__ import annotations
 
@@ -54,11 +63,11 @@ import torch
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
-from data.dicom import is_dicom_slide, source_of
+from data.readers.dicom import is_dicom_slide, source_of
 from data.masks import RLEMask, mask_runs, slide_labels
 from data.sources import IMAGE_EXTENSIONS, annotation_files, files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_entries
 from data.tiling import TileGrid, mask_band
-from data.wsi import (SLIDE_EXTENSIONS, PixelSize, choose_mpp, image_pixel_size, open_image_slide,
+from data.readers import (SLIDE_EXTENSIONS, PixelSize, choose_mpp, same_scale, image_pixel_size, open_image_slide,
                       resolve_mpp)
 from model.build import resolve_device
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
@@ -67,10 +76,11 @@ from model.inference import (lowres_image, predict_canvas, prob_to_runs, remove_
                              threshold_mask, torch_predictor)
 from utils.dicom_seg import SEG_INSTALL, write_segmentation
 from utils.distributed import local_rank, world_size
-from utils.export import mask_polygons, polygons_geojson
+from utils.export import polygons_geojson
 from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from utils.metrics import dice_from_counts
-from utils.objects import OBJECT_COLUMNS, Objects, find_objects, match_objects, object_rows, object_scores
+from utils.objects import (OBJECT_COLUMNS, Objects, count_objects, find_objects, match_objects, object_rows,
+                           object_scores)
 from utils.rle import intersect_runs, parse_rle, rle_area, rle_encode, runs_intersection, runs_to_rle
 from utils.setup import pause_point
 
@@ -175,7 +185,7 @@ def _pair_items(cfg: CN) -> List[_Item]:
     if not images:
         raise FileNotFoundError(f"{image_dir}: no images")
     # pairs: TEST.LABELS_CSV's id column picks the images (e.g. a fold's held-out ones)
-    images = {i: images[i] for i in select_ids(images, t.LABELS_CSV, image_dir)}
+    images = {i: images[i] for i in select_ids(images, t.LABELS_CSV, image_dir, "TEST.LABELS_CSV")}
 
     def truth(mask_path, shape):
         if mask_path is None:
@@ -210,7 +220,7 @@ def _items(cfg: CN) -> List[_Item]:
     ids = {slide_id for slide_id, _ in slides}
     truth, roi = {}, {}
     if t.LABELS_CSV:
-        labels = read_labels_csv(t.LABELS_CSV)
+        labels = read_labels_csv(t.LABELS_CSV, "TEST.LABELS_CSV")
         _unmatched(ids, labels, t.LABELS_CSV, t.WSI_FOLDER, "no row")
         truth = {i: (lambda shape, rle=rle: rle) for i, rle in labels.items()}
     elif t.ANNOTATIONS_FOLDER:
@@ -261,16 +271,11 @@ def _scale(slide, ckpt_mpp: Optional[float], reduce: int, override: float) -> Tu
     return float(reduce), mpp, f"read at the checkpoints' reduction {reduce} ({why})"
 
 
-# A real factor within this share of an integer is read at that integer (no resize).
-FACTOR_TOLERANCE = 1e-3
-
-
 def integer_reduction(factor: float) -> int:
     """The integer reduction whose grid an item of real ``factor`` is read on: ``factor`` itself
-    when it is one (within :data:`FACTOR_TOLERANCE`), else the next integer below (then resized
-    by the rest)."""
+    when it is one (:func:`same_scale`), else the next integer below (then resized by the rest)."""
     nearest = max(1, round(factor))
-    if abs(factor - nearest) <= FACTOR_TOLERANCE * factor:
+    if same_scale(factor, nearest):
         return nearest
     return max(1, math.floor(factor))
 
@@ -320,7 +325,7 @@ def _predict(cfg: CN, item: _Input, predict, progress, helper) -> Tuple[np.ndarr
     size, box = grid.size, slide_box(grid)
     options = dict(overlap=t.OVERLAP, blend=t.BLEND, batch_size=t.IMS_PER_BATCH, saturation_threshold=t.S_TH,
                    pixel_threshold=t.P_TH, progress=progress, helper=helper)
-    if abs(item.factor - grid.reduce) <= FACTOR_TOLERANCE * item.factor:  # an integer: no resize
+    if same_scale(item.factor, grid.reduce):  # an integer: no resize
         prob, n_windows = predict_canvas(image, predict, size, box=box, keep=item.roi_lr, **options)
     else:
         h, w = image.shape[:2]
@@ -433,15 +438,13 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
     windows_s = time.perf_counter() - start
     mask = _final_mask(cfg, item, prob, threshold, slide_id)
     # the pictures are drawn while the RLE is encoded (and the objects measured)
-    pictures = helper.submit(_pictures, slide_id, item.image, mask, grid, truth_rle, out_dir, not cfg.TEST.MEASURE,
-                             item.roi_lr)
+    pictures = helper.submit(_pictures, slide_id, item.image, mask, grid, truth_rle, out_dir, item.roi_lr)
     try:
         runs, objects = _postprocess(cfg, item, prob, threshold)
         del prob
     finally:
         wait([pictures])  # the pictures are finished (or failed) before anything else happens
-    n_lowres, overlay = pictures.result()
-    record = _write_item(slide_id, item, runs, objects, overlay, n_lowres, n_windows, out_dir)
+    record = _write_item(slide_id, item, runs, objects, pictures.result(), n_windows, out_dir)
     if cfg.TEST.DICOM_SEG and item.dicom_source:
         seg_path = os.path.join(out_dir, "predictions", f"{slide_id}.seg.dcm")
         frames = write_segmentation(item.dicom_source, runs, (grid.height, grid.width), seg_path)
@@ -451,18 +454,21 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
     return record
 
 
-def _write_item(slide_id, item: _Input, runs, objects: Optional[Objects], overlay, n_lowres: int, n_windows: int,
+def _write_item(slide_id, item: _Input, runs, objects: Optional[Objects], overlay, n_windows: int,
                 out_dir: str) -> Dict[str, object]:
-    """Stage 4: the GeoJSON with measurements and the numbered overlay (with ``objects``);
-    returns the item's record (RLE, scale, objects table, summary)."""
+    """Stage 4: the GeoJSON with measurements and the numbered overlay (with ``objects``; without,
+    TEST.MEASURE False, the same objects are only counted from the runs and the overlay is not
+    numbered); returns the item's record (RLE, scale, objects table, summary)."""
     grid = item.grid
     mpp = item.mpp.mpp if item.mpp else None
     record = {"id": slide_id, "predicted": runs_to_rle(runs), "area": rle_area(runs), "windows": n_windows,
               "shape": [grid.height, grid.width], "factor": round(item.factor, 6), "scale": item.scale_note,
               "mpp": mpp, "mpp_source": item.mpp.source if item.mpp else None}
     if objects is None:
-        record["objects"] = n_lowres
-        record["summary"] = slide_summary(n_lowres, [], item.tissue_px, mpp)
+        record["objects"] = count_objects(runs, grid.height)
+        record["summary"] = slide_summary(record["objects"], [], item.tissue_px, mpp)
+        _write_png(os.path.join(out_dir, "predictions", f"{slide_id}_overlay.png"),
+                   cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
         return record
     rows = object_rows(slide_id, objects, mpp)
     atomic_write_text(os.path.join(out_dir, "predictions", f"{slide_id}.geojson"),
@@ -475,11 +481,10 @@ def _write_item(slide_id, item: _Input, runs, objects: Optional[Objects], overla
     return record
 
 
-def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, geojson: bool, roi_lr=None):
-    """Stage 4 (pictures): ``predictions/<id>_mask.png`` and the overlay (with the true contours
-    when ``truth_rle`` is given) and, when ``geojson`` (no measurements), the GeoJSON of the
-    low-res mask and ``_overlay.png``. Returns the number of objects of the low-res mask
-    (8-connected) and, with measurements, the overlay to number (:func:`_number_objects`)."""
+def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, roi_lr=None):
+    """Stage 4 (pictures): ``predictions/<id>_mask.png``; returns the overlay (with the true
+    contours when ``truth_rle`` is given), numbered and written once the objects are known
+    (:func:`_write_item`)."""
     height, width = grid.height, grid.width
     truth_lr = None
     if truth_rle is not None:  # for the overlay; the Dice is computed when the outputs are assembled
@@ -487,20 +492,11 @@ def _pictures(slide_id, image, mask, grid, truth_rle, out_dir, geojson: bool, ro
         truth_lr = np.concatenate([mask_band(truth_mask, grid, r) for r in range(grid.n_rows)])
     pictures = os.path.join(out_dir, "predictions")
     os.makedirs(pictures, exist_ok=True)
-    if geojson:
-        polygons = mask_polygons(mask, scale=grid.reduce, offset=(grid.pad_left, grid.pad_top),
-                                 clip=(float(width), float(height)))
-        atomic_write_text(os.path.join(pictures, f"{slide_id}.geojson"), json.dumps(polygons_geojson(polygons)))
     y0, y1, x0, x1 = slide_box(grid)  # the pictures show the slide, not the grid's padding
     crop = (slice(y0, y1), slice(x0, x1))
     _write_png(os.path.join(pictures, f"{slide_id}_mask.png"), mask[crop] * 255)
-    overlay = _overlay(image[crop], mask[crop], None if truth_lr is None else truth_lr[crop],
-                       roi=None if roi_lr is None else roi_lr[crop])
-    n_objects = max(0, cv2.connectedComponents(mask, connectivity=8)[0] - 1)
-    if not geojson:  # numbered once the objects are measured
-        return n_objects, overlay
-    _write_png(os.path.join(pictures, f"{slide_id}_overlay.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-    return n_objects, None
+    return _overlay(image[crop], mask[crop], None if truth_lr is None else truth_lr[crop],
+                    roi=None if roi_lr is None else roi_lr[crop])
 
 
 def _number_objects(overlay: np.ndarray, objects: Objects, grid: TileGrid) -> np.ndarray:
@@ -628,7 +624,7 @@ def _checkpoint_mpp(ckpts: List[Dict[str, object]], paths: List[str]) -> Optiona
                            "without one): every item is read at their reduction %d, whatever its scale",
                            int(ckpts[0]["input"]["reduce"]))
         return None
-    if max(values) > min(values) * 1.01:
+    if not same_scale(max(values), min(values)):
         raise CheckpointError(f"{paths[int(np.argmax(values))]}: tiles of {max(values):g} um/px, but "
                               f"{paths[int(np.argmin(values))]} has {min(values):g}: checkpoints of one ensemble "
                               "must share their scale")
@@ -729,6 +725,13 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         dist.barrier()  # every rank's records are saved
         if rank != 0:
             return {"slides": len(todo), "rank": rank}
+    records, scores = _collect(items, settings, state, fresh)
+    return _write_outputs(records, scores, csv_path, out_dir, start, cfg, (threshold, threshold_source))
+
+
+def _collect(items, settings: Dict[str, object], state: str, fresh: Dict[str, Optional[Dict[str, object]]]):
+    """Every item's saved record, and the scores of those with labels: ``fresh`` ones from this
+    run, the others scored now with this run's labels (they may have changed)."""
     records, scores = [], []
     for slide_id, path, _, truth, _ in items:
         record = _finished(os.path.join(state, f"{slide_id}.json"), settings, path)
@@ -737,12 +740,12 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         records.append(record)
         if slide_id in fresh:
             score = fresh[slide_id]
-        else:  # predicted earlier: scored now, with this run's labels (they may have changed)
+        else:
             truth_rle = truth(tuple(record["shape"]))
             score = _score(record, truth_rle) if truth_rle is not None else None
         if score is not None:
             scores.append(score)
-    return _write_outputs(records, scores, csv_path, out_dir, start, cfg, (threshold, threshold_source))
+    return records, scores
 
 
 DICE_COLUMNS = ["id", "dice", "true_objects", "predicted_objects", "matched_objects", "object_precision",

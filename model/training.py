@@ -27,13 +27,11 @@ is validated and saved, its BatchNorm statistics recomputed at the end.
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import logging
 import os
-import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -44,25 +42,36 @@ from data.sources import source_views
 from data.sampling import OUTSIDE, RandomCropDataset, ValidationTiles, crop_margin, slide_canvases
 from data.tiling import TileGrid
 from data.transforms import build_histology_transform, build_train_transform
-from model.build import build_model, check_architecture, model_spec, param_groups, resolve_device
+from model.build import build_model, model_spec, param_groups, resolve_device
+from model.callbacks import (COLLAPSE, BestState, BF16Autocast, CollapseGuard, DiceMetric, EpochLog, EpochSeed, History,
+                             IgnoreOutside, ResumeState, SkipValidation, WeightAverage, ignore_outside,
+                             load_opt_state, load_state, unwrap)
 from model.checkpoint import load_weights_file, save_checkpoint
-from utils.distributed import is_main, world_size
-from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
+from utils.distributed import is_main, rank, world_size
+from utils.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, dice_from_counts
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
-from utils.setup import pause_point
 
-__all__ = ["train", "checkpoint_name", "make_learner", "make_dataloaders", "training_settings", "WeightAverager", "ALL"]
+__all__ = ["train", "checkpoint_name", "make_learner", "make_dataloaders", "training_settings", "changed_settings",
+           "TRAINING_KEYS", "ALL"]
 
 logger = logging.getLogger(__name__)
 
 ALL = "all"  # the "fold" of the model trained on every image
-COLLAPSE = 0.5  # warn when the model marks more than this share of the validation pixels
-# Keys that do not change what a fold learns: a rerun may change them and still resume.
-_RUN_ONLY_KEYS = ("OUTPUT_DIR", "OVERWRITE", "SOLVER.RESUME", "SOLVER.FOLDS", "SOLVER.CHECKPOINT_PERIOD",
-                  "SOLVER.KEEP_RESUME_STATES", "SOLVER.FINAL_MODEL", "DATALOADER.NUM_WORKERS", "MODEL.DEVICE",
-                  "TEST", "TILER")
+# The keys a fold's training reads, which decide what it learns: a rerun resumes (or keeps a
+# finished fold) only when these are unchanged; any other key (OUTPUT_DIR, tiling or test keys,
+# SOLVER.FOLDS, CHECKPOINT_PERIOD...) may change. DATALOADER.NUM_WORKERS is one: the workers
+# seed the random crops and augmentation, so another count draws another stream.
+TRAINING_KEYS = (
+    "DATASETS.TRAIN_FOLDER", "INPUT.SIZE_TRAIN", "INPUT.SIZE_REDUCTION_TRAIN", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD",
+    "INPUT.PROB", "INPUT.CROP_SIZE", "INPUT.FOREGROUND_FRACTION", "INPUT.AUGMENTATION", "INPUT.STAIN_STRENGTH",
+    "INPUT.COPY_PASTE", "MODEL.ARCHITECTURE", "MODEL.ENCODER_NAME", "MODEL.ENCODER_WEIGHTS", "MODEL.WEIGHTS",
+    "MODEL.NORM", "MODEL.NUM_CLASSES", "MODEL.SEED", "DATALOADER.NUM_WORKERS", "SOLVER.LOSS_FUNCTION_NAME",
+    "SOLVER.FOCAL_ALPHA", "SOLVER.FOCAL_GAMMA", "SOLVER.DICE_SMOOTH", "SOLVER.MAX_EPOCHS", "SOLVER.N_FOLDS",
+    "SOLVER.BASE_LR_MIN", "SOLVER.BASE_LR_MAX", "SOLVER.SAMPLES_PER_EPOCH", "SOLVER.WARMUP_FRACTION",
+    "SOLVER.WEIGHT_DECAY", "SOLVER.AVERAGE", "SOLVER.EMA_DECAY", "SOLVER.SWA_START", "SOLVER.BN_UPDATE_BATCHES",
+    "SOLVER.SAVE", "SOLVER.IMS_PER_BATCH", "SOLVER.EVAL_PERIOD")
 
 
 def checkpoint_name(cfg: CN, fold) -> str:
@@ -71,27 +80,33 @@ def checkpoint_name(cfg: CN, fold) -> str:
     return f"model_{cfg.MODEL.ARCHITECTURE}_{encoder}_{suffix}.pth"
 
 
-def training_settings(cfg: CN) -> Dict[str, object]:
-    """The config values that decide what a fold learns, flattened (``SECTION.KEY: value``)."""
+def training_settings(cfg: CN, device: Optional[torch.device] = None) -> Dict[str, object]:
+    """What a fold learns from: the :data:`TRAINING_KEYS` (``SECTION.KEY: value``), each source's
+    sampling weight, and where and at which precision it trains (the device kind and
+    SOLVER.AMP resolved on it: bf16 and fp32 runs differ)."""
     flat: Dict[str, object] = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if any(name == k or name.startswith(k + ".") for k in _RUN_ONLY_KEYS):
-                continue
-            if isinstance(value, CN):
-                walk(value, name + ".")
-            else:
-                flat[name] = list(value) if isinstance(value, (list, tuple)) else value
-
-    walk(cfg, "")
+    for key in TRAINING_KEYS:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        flat[key] = list(value) if isinstance(value, (list, tuple)) else value
+    flat["DATASETS.SOURCES weights"] = [[str(e.get("NAME", "")), float(e.get("WEIGHT", 1.0))]
+                                        for e in cfg.DATASETS.SOURCES]
+    device = device if device is not None else resolve_device(cfg.MODEL.DEVICE)
+    flat["MODEL.DEVICE (kind)"] = device.type
+    flat["SOLVER.AMP (precision)"] = training_precision(cfg.SOLVER.AMP, device)
     return flat
 
 
+def changed_settings(old: Dict[str, object], new: Dict[str, object]) -> List[str]:
+    """The keys of ``new`` whose value ``old`` does not have (keys only ``old`` has are not
+    compared: an earlier version may have recorded more)."""
+    return [k for k in new if old.get(k) != new[k]]
+
+
 def _differences(old: Dict[str, object], new: Dict[str, object]) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
+    keys = changed_settings(old, new)
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) + (
+        f" and {', '.join(keys[4:])}" if len(keys) > 4 else "")
 
 
 def _patch_fastai_distributed() -> None:
@@ -110,312 +125,6 @@ def _patch_fastai_distributed() -> None:
     DistributedDL._broadcast = _broadcast
 
 
-def _fastai_metrics():
-    from fastai.learner import Metric
-
-    class DiceMetric(Metric):
-        """Pooled validation Dice: soft, or thresholded at the best threshold of the sweep."""
-
-        def __init__(self, kind: str):
-            self.kind = kind
-            self.acc = DiceAccumulator(THRESHOLDS if kind == "th" else (0.5,))
-
-        def reset(self):
-            self.acc.reset()
-            self.reduced = False
-
-        def accumulate(self, learn):
-            self.acc.update(learn.pred, learn.yb[0])
-
-        @property
-        def value(self):
-            if not self.reduced:  # under torchrun: pool the counts of every rank, once
-                self.acc.all_reduce()
-                self.reduced = True
-            return self.acc.soft if self.kind == "soft" else self.acc.best()[1]
-
-        @property
-        def name(self):
-            return f"dice_{self.kind}"
-
-    return [DiceMetric("soft"), DiceMetric("th")]
-
-
-class WeightAverager:
-    """An exponential (``ema``) or equal (``swa``) running average of a model's state_dict.
-
-    Kept as plain tensors rather than a deep copy of the model (``AveragedModel``), which
-    modules with weight normalisation (fastai's pixel shuffle in UneXt) cannot give. Integer
-    buffers (BatchNorm's batch counts) take the latest value. The EMA decay warms up as
-    ``min(decay, (1 + n) / (10 + n))`` so that early weights fade quickly."""
-
-    def __init__(self, kind: str, decay: float = 0.99):
-        if kind not in ("ema", "swa"):
-            raise ValueError(f"weight averaging must be 'ema' or 'swa', got {kind!r}")
-        self.kind, self.decay = kind, float(decay)
-        self.state: Dict[str, torch.Tensor] = {}
-        self.n_averaged = 0
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        current = model.state_dict()
-        if not self.n_averaged:
-            self.state = {k: v.detach().clone() for k, v in current.items()}
-        else:
-            n = self.n_averaged
-            weight = 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)) if self.kind == "ema" else 1.0 / (n + 1)
-            keys = [k for k, v in self.state.items() if v.is_floating_point()]
-            torch._foreach_lerp_([self.state[k] for k in keys], [current[k].detach() for k in keys], weight)
-            for k, v in self.state.items():
-                if not v.is_floating_point():
-                    v.copy_(current[k])
-        self.n_averaged += 1
-
-    def state_dict(self) -> Dict[str, object]:
-        return {"kind": self.kind, "n_averaged": self.n_averaged, "state": self.state}
-
-    def load_state_dict(self, saved: Dict[str, object]) -> None:
-        self.n_averaged = int(saved["n_averaged"])
-        self.state = {k: v.clone() for k, v in saved["state"].items()}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-def _callbacks(cfg: CN, label: str, fold_dir: str, start_epoch: int, append: bool, best_value: float,
-               n_epochs: int, is_final: bool = False):
-    """History (CSV), one log line per epoch (progress bar on a terminal), weight averaging,
-    best-epoch tracking and the resume state; the returned dict names them."""
-    from fastai.callback.core import Callback, CancelValidException
-    from fastai.learner import Recorder
-    from tqdm import tqdm
-
-    s = cfg.SOLVER
-    log_every = is_main()
-
-    class History(Callback):
-        """The per-epoch CSV (fastai's CSVLogger, made resumable: on resume it keeps the rows
-        of the epochs before ``start_epoch`` and appends). Also swallows fastai's own printing."""
-
-        order = Recorder.order + 1
-
-        def before_fit(self):
-            self.file = None
-            self.learn.logger = lambda *_: None  # no raw lists on stdout; EpochLog writes the lines
-            if not is_main():
-                return
-            path = os.path.join(fold_dir, "history.csv")
-            rows = []
-            if append and os.path.isfile(path):
-                with open(path, newline="") as fh:
-                    rows = [r for r in csv.reader(fh)]
-                rows = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < start_epoch]
-            if not rows:
-                rows = [list(self.recorder.metric_names)]
-            atomic_write_csv(path, rows[0], rows[1:])
-            self.file = open(path, "a", newline="")
-
-        def after_epoch(self):
-            if self.file is not None and self.epoch >= start_epoch:
-                row = [str(t) for t in self.recorder.log]
-                missing = len(self.recorder.metric_names) - len(row)  # an epoch without validation
-                if missing > 0:
-                    row = row[:-1] + [""] * missing + row[-1:]
-                csv.writer(self.file, lineterminator="\n").writerow(row)
-                self.file.flush()
-
-        def after_fit(self):
-            if self.file is not None:
-                self.file.close()
-
-    class EpochLog(Callback):
-        """A progress bar over the batches on a terminal only; one log line per epoch always
-        (so a log file holds one readable line per epoch, not bar redraws), and the collapse
-        guard."""
-
-        order = Recorder.order + 2
-
-        def before_epoch(self):
-            self.start = time.time()
-            tty = sys.stderr.isatty() and log_every
-            self.bar = tqdm(total=len(self.dls.train), desc=f"{label} epoch {self.epoch + 1}/{n_epochs}",
-                            unit="batch", leave=False, disable=not tty or self.epoch < start_epoch)
-
-        def after_batch(self):
-            if self.training:
-                self.bar.update(1)
-
-        def after_epoch(self):
-            self.bar.close()
-            if self.epoch < start_epoch or not log_every:
-                return
-            values = dict(zip(self.recorder.metric_names, self.recorder.log))
-            parts = [f"{k} {v:.4f}" for k, v in values.items()
-                     if k not in ("epoch", "time") and isinstance(v, (float, np.floating))]
-            logger.info("%s epoch %d/%d: %s (%.0f s)", label, self.epoch + 1, n_epochs, ", ".join(parts),
-                        time.time() - self.start)
-            acc = self.learn.metrics[0].acc
-            share = acc.foreground_fraction(0.5)
-            if acc.pixels and share > COLLAPSE:
-                logger.warning("%s epoch %d: the model marks %.0f%% of the validation pixels as foreground "
-                               "(%.0f%% are): it may have collapsed; try a lower SOLVER.BASE_LR_MAX, SOLVER.AVERAGE "
-                               "ema, or more INPUT.FOREGROUND_FRACTION", label, self.epoch + 1, 100 * share,
-                               100 * acc.true_fraction)
-
-    class WeightAverage(Callback):
-        """An EMA (every step) or SWA (every epoch from SWA_START on) copy of the weights;
-        validation runs on it, then the training weights come back."""
-
-        order = 5
-
-        def __init__(self):
-            self.avg = None
-            self.raw = None
-            self.swa_from = int(np.ceil(s.SWA_START * n_epochs))
-            self.pending_state = None
-
-        def before_fit(self):
-            if s.AVERAGE == "none":
-                return
-            self.avg = WeightAverager(s.AVERAGE, s.EMA_DECAY)
-            if self.pending_state is not None:
-                self.avg.load_state_dict(self.pending_state)
-                self.pending_state = None
-
-        @property
-        def active(self) -> bool:
-            return self.avg is not None and self.avg.n_averaged > 0
-
-        def after_step(self):
-            if s.AVERAGE == "ema":
-                self.avg.update(_unwrap(self.learn.model))
-
-        def after_train(self):
-            if s.AVERAGE == "swa" and self.epoch >= self.swa_from:
-                self.avg.update(_unwrap(self.learn.model))
-
-        def before_validate(self):
-            if self.active:
-                base = _unwrap(self.learn.model)
-                self.raw = {k: v.detach().clone() for k, v in base.state_dict().items()}
-                base.load_state_dict(self.avg.state)
-
-        def restore(self):
-            if self.raw is not None:
-                _unwrap(self.learn.model).load_state_dict(self.raw)
-                self.raw = None
-
-        def training_state(self) -> Dict[str, torch.Tensor]:
-            """The training (not averaged) weights, whatever is loaded now."""
-            if self.raw is not None:
-                return self.raw
-            return _unwrap(self.learn.model).state_dict()
-
-    class BestState(Callback):
-        """After validation: the evaluated weights (averaged when averaging) of the best epoch
-        by validation Dice, to ``best.state``."""
-
-        order = Recorder.order + 3
-
-        def __init__(self):
-            self.best = best_value
-
-        def after_epoch(self):
-            if self.epoch < start_epoch:
-                return
-            value = dict(zip(self.recorder.metric_names, self.recorder.log)).get("dice_th")
-            if isinstance(value, (float, np.floating)) and value > self.best:
-                self.best = float(value)
-                if is_main():
-                    _save_state(os.path.join(fold_dir, "best.state"),
-                                {"model": _unwrap(self.learn.model).state_dict(), "epoch": int(self.epoch)})
-
-    class ResumeState(Callback):
-        """Every CHECKPOINT_PERIOD epochs (and after the last): training weights, optimiser,
-        averaged copy and progress to ``last.state`` + ``state.json``; then the training
-        weights are put back."""
-
-        order = Recorder.order + 4
-
-        def after_epoch(self):
-            if self.epoch >= start_epoch and is_main() and (
-                    (self.epoch + 1) % s.CHECKPOINT_PERIOD == 0 or self.epoch + 1 == self.n_epoch):
-                _save_state(os.path.join(fold_dir, "last.state"), {
-                    "model": average.training_state(),
-                    "opt": _plain_opt_state(self.learn.opt),
-                    "average": average.avg.state_dict() if average.avg is not None else None,
-                    "epoch": int(self.epoch)})
-                atomic_write_json(os.path.join(fold_dir, "state.json"),
-                                  {"epoch": int(self.epoch), "best": float(best.best),
-                                   "settings": training_settings(cfg)})
-                pause_point("training.state_saved")
-            average.restore()
-
-    class IgnoreOutside(Callback):
-        """Validation tiles' pixels off the slide count for nothing in the loss and the Dice."""
-
-        order = -5  # after the prediction, before the loss and the metrics
-
-        def after_pred(self):
-            if not self.training and self.learn.yb:
-                pred, y = ignore_outside(self.learn.pred, self.learn.yb[0])
-                self.learn.pred, self.learn.yb = pred, (y,)
-
-    class SkipValidation(Callback):
-        """The model trained on everything has no validation images (``every`` 0); a fold
-        validates every ``every`` epochs and after the last (SOLVER.EVAL_PERIOD)."""
-
-        def __init__(self, every: int):
-            self.every = every
-
-        def before_validate(self):
-            if not self.every or ((self.epoch + 1) % self.every and self.epoch + 1 != n_epochs):
-                raise CancelValidException()
-
-    average, best = WeightAverage(), BestState()
-    cbs = {"history": History(), "log": EpochLog(), "average": average, "best": best, "resume": ResumeState(),
-           "outside": IgnoreOutside()}
-    cbs["skip_valid"] = SkipValidation(0 if is_final else s.EVAL_PERIOD)
-    return cbs
-
-
-def _plain_opt_state(opt) -> Dict[str, object]:
-    """fastai's optimiser state as plain lists and dicts (loadable with ``weights_only``)."""
-    def plain(value):
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        if isinstance(value, (int, np.integer)):
-            return int(value)
-        if isinstance(value, (float, np.floating)):  # fastai's schedulers set numpy floats
-            return float(value)
-        return value
-
-    sd = opt.state_dict()
-    return {"state": [{k: plain(v) for k, v in s.items()} for s in sd["state"]],
-            "hypers": [{k: plain(v) for k, v in h.items()} for h in sd["hypers"]]}
-
-
-def _load_opt_state(opt, saved: Dict[str, object]) -> None:
-    from fastcore.foundation import L
-
-    opt.load_state_dict({"state": list(saved["state"]), "hypers": L(dict(h) for h in saved["hypers"])})
-
-
-def _save_state(path: str, state: Dict[str, object]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _load_state(path: str) -> Dict[str, object]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable resume state ({type(exc).__name__}); delete it, or set "
-                         "OVERWRITE True to start the fold again") from None
-
-
 def _seed_transform(transform):
     """Seed albumentations per item from torch's RNG (seeded per worker by the DataLoader), so
     runs with the same MODEL.SEED and worker count are reproducible."""
@@ -427,36 +136,6 @@ def _seed_transform(transform):
         return transform(**kwargs)
 
     return apply
-
-
-def _bf16_autocast():
-    """A fastai callback: the forward pass under bfloat16 autocast; the loss, the gradients'
-    accumulation, the weights and the optimiser stay float32."""
-    from fastai.callback.core import Callback
-
-    class BF16Autocast(Callback):
-        order = 10
-
-        def before_batch(self):
-            self.ctx = torch.autocast(self.dls.device.type, dtype=torch.bfloat16)
-            self.ctx.__enter__()
-
-        def after_pred(self):
-            self._leave()
-            self.learn.pred = self.learn.pred.float()
-
-        def after_batch(self):
-            self._leave()
-
-        def after_cancel_batch(self):
-            self._leave()
-
-        def _leave(self):
-            if getattr(self, "ctx", None) is not None:
-                self.ctx.__exit__(None, None, None)
-                self.ctx = None
-
-    return BF16Autocast()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -477,12 +156,12 @@ def make_learner(cfg: CN, dls, model, path: str, model_dir: str, cbs, device):
     from fastai.callback.progress import ProgressCallback
     from fastai.learner import Learner
 
-    learn = Learner(dls, model, loss_func=build_loss(cfg), metrics=_fastai_metrics(), splitter=param_groups,
-                    path=path, model_dir=model_dir, cbs=cbs, wd=cfg.SOLVER.WEIGHT_DECAY)
+    learn = Learner(dls, model, loss_func=build_loss(cfg), metrics=[DiceMetric("soft"), DiceMetric("th")],
+                    splitter=param_groups, path=path, model_dir=model_dir, cbs=cbs, wd=cfg.SOLVER.WEIGHT_DECAY)
     if any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
         learn.remove_cb(ProgressCallback)
     if training_precision(cfg.SOLVER.AMP, device) == "bf16":
-        learn.add_cb(_bf16_autocast())
+        learn.add_cb(BF16Autocast())
     elif training_precision(cfg.SOLVER.AMP, device) == "fp16":
         learn.to_fp16()
     return learn
@@ -550,20 +229,12 @@ def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
         train_ds = TileDataset(tiles, train_names, mean, std, _seed_transform(_train_transform(cfg)))
     valid_ds = ValidationTiles(tiles, valid_names, mean, std, _grids(tiles, cfg))
     bs, workers = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS
-    # persistent workers: no new worker processes every epoch
-    extra = dict(num_workers=workers, persistent_workers=workers > 0, device=device)
+    # workers are started again every epoch (forked: ~0.1 s), seeded from the epoch's seed
+    # (model.callbacks.EpochSeed): an epoch's draws do not depend on the epochs before it
+    extra = dict(num_workers=workers, persistent_workers=False, device=device)
     train_dl = DataLoader(train_ds, bs=bs, shuffle=not crop, drop_last=len(train_ds) > bs, **extra)
     valid_dl = DataLoader(valid_ds, bs=bs, shuffle=False, **extra)
     return DataLoaders(train_dl, valid_dl, device=device), valid_ds
-
-
-def ignore_outside(logits: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Validation pixels off the slide (mask :data:`OUTSIDE`) count for nothing: their target
-    becomes 0 and their logit a sure background (-30: ~1e-13 of loss, never above a threshold)."""
-    outside = y > 1.5
-    if not bool(outside.any()):
-        return logits, y
-    return logits.masked_fill(outside, -30.0), y.masked_fill(outside, 0.0)
 
 
 @torch.no_grad()
@@ -627,8 +298,9 @@ def _read_history(path: str) -> Dict[str, List[float]]:
 class _Fold:
     """What one fold (or the all-images model) trains on, and where it writes."""
 
-    def __init__(self, cfg: CN, fold, tiles: TileSet, fold_of: Dict[str, int], sources: Dict[str, str]):
-        self.cfg, self.fold, self.tiles, self.sources = cfg, fold, tiles, sources
+    def __init__(self, cfg: CN, fold, tiles: TileSet, fold_of: Dict[str, int], sources: Dict[str, str], device):
+        self.cfg, self.fold, self.tiles, self.sources, self.device = cfg, fold, tiles, sources, device
+        self.settings = training_settings(cfg, device)
         self.label = "Final model" if fold == ALL else f"Fold {fold}"
         self.dir = os.path.join(cfg.OUTPUT_DIR, ALL if fold == ALL else f"fold_{fold}")
         self.checkpoint = os.path.join(cfg.OUTPUT_DIR, checkpoint_name(cfg, fold))
@@ -643,20 +315,38 @@ class _Fold:
 
 def _resume_point(fold: _Fold) -> Dict[str, object]:
     """``{}`` for a fresh start, or the saved progress of an unfinished run of this fold with
-    the same settings; an unfinished run with other settings is refused (or, with OVERWRITE,
-    forgotten)."""
+    the same :func:`training_settings`; an unfinished run with others is refused, naming the
+    keys that changed (or, with OVERWRITE, forgotten)."""
     last = os.path.join(fold.dir, "last.state")
     if not (os.path.isfile(fold.state_file) and os.path.isfile(last)):
         return {}
     state = read_json(fold.state_file)
-    settings = training_settings(fold.cfg)
-    if state.get("settings") != settings:
+    if changed_settings(state.get("settings") or {}, fold.settings):
         if fold.cfg.OVERWRITE:
             return {}
         raise FileExistsError(
-            f"{fold.dir}: an unfinished run with other settings ({_differences(state.get('settings') or {}, settings)}); "
+            f"{fold.dir}: an unfinished run with other settings "
+            f"({_differences(state.get('settings') or {}, fold.settings)}); "
             "rerun it with its own settings to resume, or set OVERWRITE True to start again, or another OUTPUT_DIR")
     return state
+
+
+def _callbacks(fold: _Fold, state: Dict[str, object]) -> Dict[str, object]:
+    """The fold's callbacks by name; ``state`` is its resume point ({} for a fresh start)."""
+    s, n_epochs, main = fold.cfg.SOLVER, fold.cfg.SOLVER.MAX_EPOCHS, is_main()
+    start = int(state["epoch"]) + 1 if state else 0
+    average = WeightAverage(s.AVERAGE, s.EMA_DECAY, swa_from=int(np.ceil(s.SWA_START * n_epochs)))
+    best = BestState(os.path.join(fold.dir, "best.state"), float(state.get("best", -np.inf)) if state else -np.inf,
+                     start, save=main)
+    cbs = {"seed": EpochSeed(fold.seed, rank()),
+           "history": History(os.path.join(fold.dir, "history.csv"), start, append=bool(state), save=main),
+           "log": EpochLog(fold.label, n_epochs, start, log=main), "collapse": CollapseGuard(fold.label, start, main),
+           "average": average, "best": best, "outside": IgnoreOutside(),
+           "resume": ResumeState(fold.dir, s.CHECKPOINT_PERIOD, average, best, lambda: fold.settings, start, main)}
+    every = 0 if fold.fold == ALL else s.EVAL_PERIOD
+    if every != 1:
+        cbs["skip_valid"] = SkipValidation(every, n_epochs)
+    return cbs
 
 
 def _fit(fold: _Fold, learn, cbs, start_epoch: int, device) -> None:
@@ -676,10 +366,10 @@ def _fit(fold: _Fold, learn, cbs, start_epoch: int, device) -> None:
 
 def _final_weights(fold: _Fold, learn, cbs, device) -> str:
     """Load the weights the fold saves; returns what they are."""
-    cfg, model = fold.cfg, _unwrap(learn.model)
+    cfg, model = fold.cfg, unwrap(learn.model)
     best_file = os.path.join(fold.dir, "best.state")
     if cfg.SOLVER.SAVE == "best" and fold.fold != ALL and os.path.isfile(best_file):
-        state = _load_state(best_file)
+        state = load_state(best_file)
         model.load_state_dict(state["model"])
         return f"the best epoch by validation Dice ({int(state['epoch']) + 1})"
     average = cbs["average"]
@@ -758,6 +448,28 @@ def _clean_states(fold: _Fold) -> None:
             os.remove(path)
 
 
+def _learner(fold: _Fold, mean, std, state: Dict[str, object]):
+    """The fold's data, model and fastai Learner (with the resume point's weights, optimiser
+    and averaged copy when ``state``); returns it, its callbacks and the validation tiles."""
+    cfg, device = fold.cfg, fold.device
+    valid_names = fold.valid_names or fold.train_names[:1]  # fastai wants a validation set; skipped for ALL
+    dls, valid_ds = make_dataloaders(cfg, fold.tiles, fold.train_names, valid_names, mean, std, device)
+    model = build_model(cfg, weights=not cfg.MODEL.WEIGHTS)
+    if cfg.MODEL.WEIGHTS:
+        load_weights_file(model, cfg.MODEL.WEIGHTS)
+        logger.info("%s: initialised from %s", fold.label, cfg.MODEL.WEIGHTS)
+    cbs = _callbacks(fold, state)
+    learn = make_learner(cfg, dls, model, cfg.OUTPUT_DIR, fold.dir, list(cbs.values()), device)
+    if state:
+        saved = load_state(os.path.join(fold.dir, "last.state"))
+        learn.create_opt()
+        unwrap(learn.model).load_state_dict(saved["model"])
+        load_opt_state(learn.opt, saved["opt"])
+        cbs["average"].pending_state = saved.get("average")
+        logger.info("%s: resuming after epoch %d of %d", fold.label, int(state["epoch"]) + 1, cfg.SOLVER.MAX_EPOCHS)
+    return learn, cbs, valid_ds
+
+
 def _train_fold(cfg: CN, fold: _Fold, mean, std, device, oof_threshold: Optional[float] = None) -> Dict[str, object]:
     """Data -> model -> (resume) -> fit -> saved weights -> checkpoint, pictures -> clean-up."""
     import fastai.callback.schedule  # noqa: F401 - adds fit_one_cycle
@@ -766,36 +478,17 @@ def _train_fold(cfg: CN, fold: _Fold, mean, std, device, oof_threshold: Optional
                 len(fold.valid_names), ", ".join(fold.valid_ids)[:200] or "none: trained on every image")
     torch.manual_seed(fold.seed)
     np.random.seed(fold.seed % 2**32)
-    valid_names = fold.valid_names or fold.train_names[:1]  # fastai wants a validation set; skipped for ALL
-    dls, valid_ds = make_dataloaders(cfg, fold.tiles, fold.train_names, valid_names, mean, std, device)
-    model = build_model(cfg, weights=not cfg.MODEL.WEIGHTS)
-    if cfg.MODEL.WEIGHTS:
-        load_weights_file(model, cfg.MODEL.WEIGHTS)
-        logger.info("%s: initialised from %s", fold.label, cfg.MODEL.WEIGHTS)
     state = _resume_point(fold)
+    learn, cbs, valid_ds = _learner(fold, mean, std, state)
     os.makedirs(fold.dir, exist_ok=True)  # only once the model could be built
     if is_main():  # the config of these outputs, written once nothing can fail on bad input
         atomic_write_text(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
-    start_epoch = int(state["epoch"]) + 1 if state else 0
-    cbs = _callbacks(cfg, fold.label, fold.dir, start_epoch, append=bool(state),
-                     best_value=float(state.get("best", -np.inf)) if state else -np.inf,
-                     n_epochs=cfg.SOLVER.MAX_EPOCHS, is_final=fold.fold == ALL)
-    if fold.fold != ALL and cfg.SOLVER.EVAL_PERIOD == 1:
-        del cbs["skip_valid"]
-    learn = make_learner(cfg, dls, model, cfg.OUTPUT_DIR, fold.dir, list(cbs.values()), device)
-    if state:
-        saved = _load_state(os.path.join(fold.dir, "last.state"))
-        learn.create_opt()
-        _unwrap(learn.model).load_state_dict(saved["model"])
-        _load_opt_state(learn.opt, saved["opt"])
-        cbs["average"].pending_state = saved.get("average")
-        logger.info("%s: resuming after epoch %d of %d", fold.label, start_epoch, cfg.SOLVER.MAX_EPOCHS)
-    _fit(fold, learn, cbs, start_epoch, device)
+    _fit(fold, learn, cbs, int(state["epoch"]) + 1 if state else 0, device)
     if not is_main():  # the other ranks only helped to train
         return {"fold": fold.fold, "checkpoint": fold.checkpoint}
     what = _final_weights(fold, learn, cbs, device)
-    result = _report(fold, _unwrap(learn.model), valid_ds, mean, std, device, what, oof_threshold)
-    result["settings"] = training_settings(cfg)
+    result = _report(fold, unwrap(learn.model), valid_ds, mean, std, device, what, oof_threshold)
+    result["settings"] = fold.settings
     atomic_write_json(fold.result_file, result)
     _clean_states(fold)
     return result
@@ -808,41 +501,17 @@ def _finished(fold: _Fold) -> Optional[Dict[str, object]]:
     if not os.path.exists(fold.checkpoint):
         return None
     result = read_json(fold.result_file) if os.path.isfile(fold.result_file) else None
-    if result is not None and (result.get("settings") == training_settings(cfg) or cfg.SOLVER.RESUME):
+    if result is not None and (not changed_settings(result.get("settings") or {}, fold.settings) or cfg.SOLVER.RESUME):
         return result
     if cfg.OVERWRITE:
         return None
-    why = (f"with other settings ({_differences(result.get('settings') or {}, training_settings(cfg))})"
+    why = (f"with other settings ({_differences(result.get('settings') or {}, fold.settings)})"
            if result is not None else "by another run")
     raise FileExistsError(f"{fold.checkpoint} exists, trained {why}; set OVERWRITE True to train again "
                           "(SOLVER.RESUME True keeps it as it is), or use another OUTPUT_DIR")
 
 
-def train(cfg: CN) -> Dict[str, object]:
-    """Train the configured folds (and the all-images model); return (and write) the summary."""
-    start = time.time()
-    device = resolve_device(cfg.MODEL.DEVICE)
-    build_loss(cfg)  # a wrong loss or architecture name fails before any work
-    check_architecture(cfg.MODEL.ARCHITECTURE)
-    tiles = TileSet(cfg.DATASETS.TRAIN_FOLDER, cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN)
-    mean, std = read_stats(tiles, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
-    sources = tile_sources(tiles)
-    fold_of = kfold_groups(tiles.groups, cfg.SOLVER.N_FOLDS, sources)
-    folds = list(cfg.SOLVER.FOLDS) or list(range(cfg.SOLVER.N_FOLDS))
-    bad = [f for f in folds if not 0 <= f < cfg.SOLVER.N_FOLDS]
-    if bad:
-        raise ValueError(f"SOLVER.FOLDS {bad}: folds are numbered 0..{cfg.SOLVER.N_FOLDS - 1}")
-    if cfg.INPUT.CROP_SIZE % 32:
-        raise ValueError(f"INPUT.CROP_SIZE {cfg.INPUT.CROP_SIZE}: the models need a multiple of 32 px")
-    if cfg.INPUT.CROP_SIZE and not _grids(tiles, cfg):
-        raise ValueError(f"{tiles.stats_file}: no slide shapes recorded (tiles of an older tiles_creator.py); "
-                         "INPUT.CROP_SIZE needs them: rerun tiles_creator.py with OVERWRITE True")
-    runs = [_Fold(cfg, f, tiles, fold_of, sources) for f in folds]
-    if cfg.SOLVER.FINAL_MODEL:
-        runs.append(_Fold(cfg, ALL, tiles, fold_of, sources))
-    done = {run.fold: _finished(run) for run in runs}  # refuses other settings before any work
-    if cfg.SOLVER.RESUME:
-        logger.info("SOLVER.RESUME is no longer needed: a rerun with the same settings resumes")
+def _log_plan(cfg: CN, tiles: TileSet, folds: List[int], device, mean, std) -> None:
     views = (f"random {cfg.INPUT.CROP_SIZE} px crops ({cfg.INPUT.FOREGROUND_FRACTION:.0%} on foreground), "
              f"{cfg.SOLVER.SAMPLES_PER_EPOCH or 'one per tile'} per epoch" if cfg.INPUT.CROP_SIZE
              else f"fixed {cfg.INPUT.SIZE_TRAIN} px tiles")
@@ -855,19 +524,11 @@ def train(cfg: CN) -> Dict[str, object]:
     logger.info("Tiles of %s: recorded in the checkpoints, so test_net reads every slide at this physical scale",
                 f"{tiles.mpp:.4g} um/px" if tiles.mpp else "unknown pixel size (the tiler knew none); test_net will "
                 "read slides at the reduction alone")
-    results = []
-    for run in runs:
-        if run.fold == ALL:
-            continue
-        if done[run.fold] is not None:
-            results.append(done[run.fold])
-            logger.info("%s: finished earlier (%s), skipped", run.label, run.checkpoint)
-            continue
-        results.append(_train_fold(cfg, run, mean, std, device))
-    if not is_main():  # under torchrun the other ranks help with the final model too
-        if cfg.SOLVER.FINAL_MODEL and done[ALL] is None:
-            _train_fold(cfg, runs[-1], mean, std, device)
-        return {}
+
+
+def _out_of_fold(cfg: CN, results: List[Dict[str, object]], sources: Dict[str, str]) -> Dict[str, object]:
+    """The folds' pooled (out-of-fold) Dice per threshold, the best threshold, and each source's
+    Dice at it and at 0.5; writes ``oof_thresholds.csv``."""
     inter = np.sum([r["counts"]["inter"] for r in results], axis=0)
     total = np.sum([r["counts"]["total"] for r in results], axis=0)
     oof = {float(t): dice_from_counts(i, s) for t, i, s in zip(THRESHOLDS, inter, total)}
@@ -893,15 +554,45 @@ def train(cfg: CN) -> Dict[str, object]:
                      ([f"{t:.2f}", f"{d:.6f}"] for t, d in oof.items()))
     logger.info("Out-of-fold Dice %.4f at threshold %.2f (%.4f at 0.50); mean fold Dice %.4f", summary["oof_dice"],
                 best_th, oof.get(0.5, float("nan")), summary["mean_fold_dice"])
-    if cfg.SOLVER.FINAL_MODEL:
-        run = runs[-1]
-        final = done[ALL] or _train_fold(cfg, run, mean, std, device, oof_threshold=best_th)
-        if done[ALL] is not None:
+    return summary
+
+
+def train(cfg: CN) -> Dict[str, object]:
+    """Train the configured folds (and the all-images model); return (and write) the summary."""
+    start = time.time()
+    device = resolve_device(cfg.MODEL.DEVICE)
+    tiles = TileSet(cfg.DATASETS.TRAIN_FOLDER, cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN)
+    mean, std = read_stats(tiles, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
+    sources = tile_sources(tiles)
+    fold_of = kfold_groups(tiles.groups, cfg.SOLVER.N_FOLDS, sources)
+    folds = list(cfg.SOLVER.FOLDS) or list(range(cfg.SOLVER.N_FOLDS))  # checked by config.validate_cfg
+    if cfg.INPUT.CROP_SIZE and not _grids(tiles, cfg):
+        raise ValueError(f"{tiles.stats_file}: no slide shapes recorded (tiles of an older tiles_creator.py); "
+                         "INPUT.CROP_SIZE needs them: rerun tiles_creator.py with OVERWRITE True")
+    runs = [_Fold(cfg, f, tiles, fold_of, sources, device) for f in folds]
+    final = _Fold(cfg, ALL, tiles, fold_of, sources, device) if cfg.SOLVER.FINAL_MODEL else None
+    done = {run.fold: _finished(run) for run in runs + ([final] if final else [])}  # refuses other settings first
+    if cfg.SOLVER.RESUME:
+        logger.info("SOLVER.RESUME is no longer needed: a rerun with the same settings resumes")
+    _log_plan(cfg, tiles, folds, device, mean, std)
+    results = []
+    for run in runs:
+        if done[run.fold] is not None:
             logger.info("%s: finished earlier (%s), skipped", run.label, run.checkpoint)
-        summary["final_model"] = {k: v for k, v in final.items() if k != "settings"}
+        results.append(done[run.fold] or _train_fold(cfg, run, mean, std, device))
+    if not is_main():  # under torchrun the other ranks help with the final model too
+        if final is not None and done[ALL] is None:
+            _train_fold(cfg, final, mean, std, device)
+        return {}
+    summary = _out_of_fold(cfg, results, sources)
+    if final is not None:
+        if done[ALL] is not None:
+            logger.info("%s: finished earlier (%s), skipped", final.label, final.checkpoint)
+        result = done[ALL] or _train_fold(cfg, final, mean, std, device, oof_threshold=summary["oof_threshold"])
+        summary["final_model"] = {k: v for k, v in result.items() if k != "settings"}
     summary["seconds"] = round(time.time() - start, 1)
     atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "summary.json"), summary)
     logger.info("Done in %.0f s: mean fold Dice %.4f; out-of-fold Dice %.4f at threshold %.2f",
-                summary["seconds"], summary["mean_fold_dice"], summary["oof_dice"], best_th)
+                summary["seconds"], summary["mean_fold_dice"], summary["oof_dice"], summary["oof_threshold"])
     logger.info("Checkpoints and pictures: %s", os.path.abspath(cfg.OUTPUT_DIR))
     return summary

@@ -1,4 +1,5 @@
 """Shared fixtures: the real data in ../shared/data (tests skip with a reason without it)."""
+import csv
 import os
 import signal
 import subprocess
@@ -10,6 +11,8 @@ import pytest
 from tests.slides import SHARED_REASON, has_shared, shared
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the tests' set-up: they read test_net's CSVs, whose RLE fields are megabytes long
+csv.field_size_limit(1 << 31)
 
 requires_shared = pytest.mark.skipif(not has_shared(), reason=SHARED_REASON)
 

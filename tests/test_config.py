@@ -131,6 +131,25 @@ def test_impossible_value_names_its_source(tmp_path):
         load_cfg(None, ["TEST.MPP", "0"] + ["TEST.MPP", "101"])
 
 
+@pytest.mark.parametrize("opts, needle", [
+    (["INPUT.CROP_SIZE", "100"], "INPUT.CROP_SIZE must be a multiple of 32 px"),
+    (["SOLVER.FOLDS", "[0, 5]"], "SOLVER.FOLDS [5]: folds are numbered 0..3"),
+    (["SOLVER.LOSS_FUNCTION_NAME", "dice_losss"], "SOLVER.LOSS_FUNCTION_NAME: unknown loss 'dice_losss'"),
+    (["MODEL.ARCHITECTURE", "Unett"], "MODEL.ARCHITECTURE: unknown architecture 'Unett'"),
+    (["MODEL.NUM_CLASSES", "3"], "MODEL.NUM_CLASSES must be 1"),
+])
+def test_checks_that_need_no_file_run_at_load_time(opts, needle):
+    """What train() used to check after reading the tiles is refused when the config loads."""
+    with pytest.raises(ConfigError) as info:
+        load_cfg(None, opts)
+    assert str(info.value).startswith(f"command line: {needle}")
+
+
+def test_architecture_names_are_matched_as_smp_matches_them():
+    assert load_cfg(None, ["MODEL.ARCHITECTURE", "unetplusplus"]).MODEL.ARCHITECTURE == "unetplusplus"
+    assert load_cfg(None, ["MODEL.ARCHITECTURE", "UneXt50"]).MODEL.ARCHITECTURE == "UneXt50"
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_cfg(str(tmp_path / "absent.yaml"))
@@ -145,6 +164,11 @@ def test_script_help_and_config_errors(tmp_path):
     assert len(errors) == 1 and "unknown config key INPUT.SIZE_TRAINN" in errors[0]
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+    result = run_script("train_net.py", "INPUT.CROP_SIZE", "100", "OUTPUT_DIR", tmp_path / "out",
+                        "DATASETS.TRAIN_FOLDER", tmp_path / "no_tiles")
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert result.returncode == 2 and len(errors) == 1 and "INPUT.CROP_SIZE must be a multiple of 32" in errors[0]
+    assert not any(tmp_path.iterdir())
 
 
 RECIPES = sorted(name for name in __import__("os").listdir(__import__("os").path.join(REPO, "config"))

@@ -16,10 +16,10 @@ import pytest
 import tifffile
 
 from config import load_cfg
-from data.dicom import DicomSlide, is_dicom_folder
+from data.readers.dicom import DicomSlide, is_dicom_folder
 from data.sources import slide_entries
 from data.tiler import create_tiles
-from data.wsi import SlideError, open_slide
+from data.readers import SlideError, open_slide
 from model.prediction import predict_slides
 from tests.blob_model import save_blob_checkpoint
 from tests.conftest import requires_shared

@@ -6,7 +6,7 @@ import pytest
 import tifffile
 
 from config import load_cfg
-from data.wsi import OpenSlideSlide, SlideError, open_slide
+from data.readers import OpenSlideSlide, SlideError, open_slide
 from tests.conftest import requires_shared, run_script
 from tests.slides import shared
 

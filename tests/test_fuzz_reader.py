@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from data.wsi import SlideError, open_slide
+from data.readers import SlideError, open_slide
 from tests.slides import has_shared, shared
 
 SOURCES = ["openslide-python-small.svs", "kidney-48-5.tif", "CMU-1-Small-Region.svs"]

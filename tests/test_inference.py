@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.tiling import TileGrid, is_tissue, pixel_limit
-from data.wsi import open_slide
+from data.readers import open_slide
 from model.build import build_model
 from model.checkpoint import save_checkpoint
 from model.prediction import ensemble_threshold

@@ -104,35 +104,32 @@ def test_pretrained_weights_offline_give_a_clear_error(monkeypatch):
 
 
 def test_pretrained_weights_fail_fast_with_one_line_when_unreachable(tmp_path):
-    """No cache and no connection: the one clear line within seconds (not the hub client's
-    five retries), and no third-party line printed twice."""
+    """No cache and no connection: the one clear line from our reachability check (not the hub
+    client's five retries), and no third-party line printed twice. (How fast: tests/bench.)"""
     import socket
     import subprocess
     import sys
-    import time
 
     from model.build import _reachable
 
     with socket.socket() as sock:  # a local port that refuses connections
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    start = time.perf_counter()
     assert not _reachable(f"https://127.0.0.1:{port}", timeout=2.0)
-    assert time.perf_counter() - start < 2.5
     # the whole script, as a user runs it: an empty cache and an endpoint that cannot be reached
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"),
                HF_ENDPOINT=f"https://127.0.0.1:{port}", HF_HUB_OFFLINE="0")
     for arch in ("UneXt", "Unet"):
-        code = ("import time, sys; from utils.setup import setup_logging; setup_logging(); "
-                "from model.build import build_model, WeightsError; t = time.perf_counter()\n"
+        code = ("from utils.setup import configure_process, setup_logging; configure_process(); setup_logging(); "
+                "from model.build import build_model, WeightsError\n"
                 f"try:\n    build_model({{'ARCHITECTURE': '{arch}', 'ENCODER_NAME': 'resnet18', "
                 "'ENCODER_WEIGHTS': 'imagenet', 'NUM_CLASSES': 1})\n"
-                "except WeightsError as e:\n    print(f'{time.perf_counter() - t:.2f}|{e}')")
+                "except WeightsError as e:\n    print(f'|{e}')")
         result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
                                 env=env, capture_output=True, text=True, timeout=120)
-        seconds, message = result.stdout.strip().split("|", 1)
+        message = result.stdout.strip().split("|", 1)[1]
         assert "could not obtain the pretrained weights" in message and "cannot be reached" in message
-        assert float(seconds) < 5.0, seconds  # the import of timm is outside the timing
+        assert "retry" not in result.stderr.lower()  # failed before the hub client tried to download
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == len(set(lines)), result.stderr
 

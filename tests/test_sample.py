@@ -4,7 +4,7 @@ import numpy as np
 
 from data.sample import SAMPLE, SampleSpec, draw_slide, generate_sample, write_pyramid
 from data.tiling import pixel_limit, tissue_columns
-from data.wsi import open_slide
+from data.readers import open_slide
 from data.sources import read_labels_csv
 from utils.rle import rle_decode
 

@@ -194,9 +194,18 @@ def test_histology_colour_is_mild_and_leaves_the_mask(shared_path):
     image = cv2.cvtColor(cv2.imread(shared_path("aidpath/images/10003.png")), cv2.COLOR_BGR2RGB)[:256, :256]
     mask = np.zeros(image.shape[:2], np.uint8)
     mask[50:100, 60:120] = 1
-    transform = build_histology_transform(1.0, 256, 0, seed=2)
-    for _ in range(10):
-        out = transform(image=image, mask=mask)
-        if np.array_equal(out["mask"], mask):  # no geometry drawn: only colour changed
-            diff = np.abs(out["image"].astype(int) - image.astype(int)).mean()
-            assert diff < 40  # mild: the same tissue, recoloured a little
+    import albumentations as A
+
+    full = build_histology_transform(1.0, 256, 0, seed=2)
+    colour = A.Compose([t for t in full.transforms if not isinstance(t, (A.DualTransform, A.NoOp))], seed=2)
+    assert len(colour.transforms) == 5  # stain, HSV, brightness/contrast, gamma, blur or noise
+    diffs = []
+    for _ in range(40):  # every draw is checked
+        out = colour(image=image, mask=mask)
+        assert np.array_equal(out["mask"], mask)  # colour never touches the mask
+        diffs.append(np.abs(out["image"].astype(int) - image.astype(int)).mean())
+        # mild: even the rare draw that stacks stain, brightness and gamma changes this bright
+        # tile (mean 237) by less than a quarter of the range (worst of 300 draws: 55)
+        assert diffs[-1] < 64
+    assert float(np.median(diffs)) < 15  # a typical draw: a few grey levels (median of 300: 7.2)
+    assert sum(d > 1 for d in diffs) >= 20  # and it does recolour

@@ -53,7 +53,7 @@ def test_wsi_mode_tiles_match_reference_and_stats(wsi_data):
     out = wsi_data / "tiles"
     images, masks = out / "images_128_red4", out / "masks_128_red4"
     frame = pd.read_csv(wsi_data / "train.csv")
-    from data.wsi import open_slide
+    from data.readers import open_slide
 
     all_pixels, errors = [], []
     for slide_id, text in zip(frame["id"], frame["encoding"]):

@@ -8,7 +8,7 @@ import pytest
 from data.masks import ArrayMask, RLEMask
 from data.tiling import (TileGrid, centered_padding, is_tissue, iter_tile_rows,
                          mask_band, pixel_limit, tissue_columns, tissue_windows)
-from data.wsi import ArraySlide, open_slide
+from data.readers import ArraySlide, open_slide
 from tests.conftest import requires_shared
 from tests.reference import reference_tiles
 from tests.slides import mosaic_region, read_sizes, read_train_csv, shared, write_slide

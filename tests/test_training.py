@@ -12,7 +12,7 @@ import torch
 from data.datasets import TileDataset, TileSet, kfold_groups, tile_group
 from data.transforms import build_train_transform
 from model.checkpoint import model_from_checkpoint
-from model.training import WeightAverager
+from model.callbacks import WeightAverager
 from tests.conftest import REPO, free_port, kill_9_at_pause, run_script, start_script
 from tests.slides import shared
 
@@ -108,24 +108,57 @@ def test_one_epoch_writes_every_output(aidpath_tiles, tmp_path):
 
 
 @pytest.mark.parametrize("views", ["tiles", "crops"])
-def test_a_plain_rerun_resumes_from_the_saved_epoch(aidpath_tiles, tmp_path, views):
-    out = tmp_path / "out"
-    extra = ["INPUT.CROP_SIZE", 32, "SOLVER.SAMPLES_PER_EPOCH", 24, "SOLVER.AVERAGE", "ema"] if views == "crops" else []
-    args = _train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 3, "SOLVER.FOLDS", "[1]", *extra)
-    pause = tmp_path / "paused"  # killed right after the first epoch's resume state, on any machine
+def test_a_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(aidpath_tiles, tmp_path, views):
+    """kill -9 right after a resume state is saved, rerun: the same epochs, and bit for bit the
+    weights of a run never interrupted (CPU, fp32, same workers). The crops variant also keeps its
+    resume state every 2 epochs (SOLVER.CHECKPOINT_PERIOD), an EMA and a loader worker."""
+    out, epochs = tmp_path / "out", 3 if views == "tiles" else 4
+    extra = (["INPUT.CROP_SIZE", 32, "SOLVER.SAMPLES_PER_EPOCH", 24, "SOLVER.AVERAGE", "ema", "INPUT.PROB", 1.0,
+              "SOLVER.CHECKPOINT_PERIOD", 2, "DATALOADER.NUM_WORKERS", 1] if views == "crops" else [])
+    args = _train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", epochs, "SOLVER.FOLDS", "[1]", "SOLVER.AMP", "off",
+                       *extra)
+    pause = tmp_path / "paused"  # killed right after the first resume state, on any machine
     proc = start_script("train_net.py", *args, pause_at="training.state_saved@1", pause_file=pause)
     kill_9_at_pause(proc, pause)
     state = out / "fold_1" / "state.json"
     done = json.load(open(state))["epoch"]
-    assert done == 0 and (out / "fold_1" / "last.state").exists()
+    assert done == (0 if views == "tiles" else 1) and (out / "fold_1" / "last.state").exists()
     changed = run_script("train_net.py", *args, "SOLVER.BASE_LR_MAX", 0.01)  # other settings: refused
     assert changed.returncode == 1 and "an unfinished run with other settings" in changed.stderr
-    result = run_script("train_net.py", *args)  # the same command: resumes
+    assert "SOLVER.BASE_LR_MAX" in changed.stderr
+    result = run_script("train_net.py", *args, "TILER.NUM_WORKERS", 1)  # a key training does not read: resumes
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming after epoch {done + 1} of 3" in result.stderr
+    assert f"resuming after epoch {done + 1} of {epochs}" in result.stderr
     rows = list(csv.DictReader(open(out / "fold_1" / "history.csv")))
-    assert [int(r["epoch"]) for r in rows] == list(range(3))  # no epoch lost or repeated
+    assert [int(r["epoch"]) for r in rows] == list(range(epochs))  # no epoch lost or repeated
     assert (out / "model_UneXt_resnet18_fold_1.pth").exists() and not list(out.rglob("*.state"))
+    whole = tmp_path / "whole"
+    assert run_script("train_net.py", *_train_args(aidpath_tiles, whole, *args[args.index("SOLVER.MAX_EPOCHS"):]
+                                                   )).returncode == 0
+    resumed = torch.load(out / "model_UneXt_resnet18_fold_1.pth", weights_only=True)["state_dict"]
+    uninterrupted = torch.load(whole / "model_UneXt_resnet18_fold_1.pth", weights_only=True)["state_dict"]
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    history = list(csv.DictReader(open(whole / "fold_1" / "history.csv")))
+    assert [(r["train_loss"], r["valid_loss"]) for r in history] == [(r["train_loss"], r["valid_loss"]) for r in rows]
+
+
+def test_swa_end_to_end_saves_the_equal_average_of_its_epochs(aidpath_tiles, tmp_path):
+    """SOLVER.AVERAGE swa from SWA_START: the checkpoint holds the equal average of the epochs
+    from ceil(SWA_START x epochs) on (here epochs 2 and 3 of 3), as the resume state records it."""
+    out = tmp_path / "out"
+    result = run_script("train_net.py", *_train_args(
+        aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 3, "SOLVER.FOLDS", "[0]", "SOLVER.AVERAGE", "swa", "SOLVER.SWA_START",
+        0.3, "SOLVER.SAVE", "final", "SOLVER.BN_UPDATE_BATCHES", 0, "SOLVER.KEEP_RESUME_STATES", True, "SOLVER.AMP", "off"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, info = model_from_checkpoint(str(out / "model_UneXt_resnet18_fold_0.pth"))
+    assert info["weights"] == "the SWA average"
+    saved = torch.load(out / "model_UneXt_resnet18_fold_0.pth", weights_only=True)["state_dict"]
+    last = torch.load(out / "fold_0" / "last.state", weights_only=True)
+    assert last["average"]["kind"] == "swa" and last["average"]["n_averaged"] == 2  # epochs 2 and 3
+    average = last["average"]["state"]
+    assert all(torch.equal(saved[k], average[k]) for k in saved)
+    assert not all(torch.equal(saved[k], last["model"][k]) for k in saved)  # not the last epoch's weights
 
 
 def test_two_process_ddp_on_cpu(aidpath_tiles, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from data.wsi import ArraySlide, SlideError, open_slide, read_image
+from data.readers import ArraySlide, SlideError, open_slide, read_image
 from tests.conftest import requires_shared
 from tests.slides import mosaic_region, shared, write_slide
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt  # the backend is the scripts' choice (utils.setup.configure_process: Agg)
+import numpy as np
 
 __all__ = ["plot_curves", "plot_thresholds", "plot_triplets"]
 

@@ -24,6 +24,7 @@ from config import ConfigError, load_cfg
 from utils.io import atomic_write_text
 
 __all__ = [
+    "configure_process",
     "default_argument_parser",
     "setup_logging",
     "add_log_file",
@@ -33,15 +34,36 @@ __all__ = [
     "pause_point",
 ]
 
-# Deprecation notices of third-party internals (torch.jit, weight_norm used by fastai) say
-# nothing actionable to a user of the scripts; scripts import this module first.
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", message=".*weight_norm.*")
-
 LOG_FORMAT = "[%(asctime)s %(name)s] %(levelname)s: %(message)s"
 CONSOLE_FORMAT = "[%(asctime)s] %(message)s"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+
+def configure_process() -> None:
+    """The process-wide settings of the entry scripts, set once by them at start (no module of
+    the toolkit changes anything global on import):
+
+    * deprecation notices of third-party internals (torch.jit, weight_norm used by fastai) are
+      hidden: they say nothing actionable to a user of the scripts;
+    * matplotlib draws without a display (``Agg``);
+    * huggingface_hub's own console handler is dropped: its loggers also propagate to the root
+      logger, so every line of it (download retries...) printed twice; ours print them once.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*weight_norm.*")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    try:
+        import huggingface_hub.utils.logging as hub_logging
+    except ImportError:  # pragma: no cover - a dependency of timm
+        return
+    root = hub_logging._get_library_root_logger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    root.propagate = True
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -154,6 +176,7 @@ def launch(
     if default_config:
         parser.set_defaults(config_file=default_config)
     args = parser.parse_args(argv)
+    configure_process()
     setup_logging(args.debug)
     log = logging.getLogger("glomeruli")
     try:

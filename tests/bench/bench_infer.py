@@ -69,7 +69,7 @@ def main(argv=None):
     from monai.inferers import sliding_window_inference
 
     from data.tiling import TileGrid
-    from data.wsi import open_slide
+    from data.readers import open_slide
     from model.build import build_model
     from model.checkpoint import save_checkpoint
     from model.inference import lowres_image

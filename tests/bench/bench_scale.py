@@ -1,14 +1,17 @@
 """Scale: tiling and inference on a 60000 x 60000 slide against the 31278 x 25794 one.
 
     python -m tests.bench.bench_scale [--runs 1] [--workdir DIR] [--sizes 31278x25794 60000x60000]
+                                      [--reader tifffile|openslide] [--skip-infer]
 
 For each size, a single-level tiled-JPEG TIFF of real AIDPATH tissue (the mosaic of
 tests/slides.py, tissue in a central ellipse on background, as on a real slide) and a large
 synthetic RLE (glomerulus-like discs all over the tissue, encoded strip by strip: the full mask
 is never built here either). Then, each in a fresh process (wall time and peak RSS):
 
-* ``tiles_creator.py`` at reduction 4, 256 px tiles (a slide wide enough to be tiled in column
-  panels is tiled again in one full-width pass, and the tiles compared byte for byte);
+* ``tiles_creator.py`` at reduction 4, 256 px tiles, through ``INPUT.SLIDE_READER`` ``--reader`` (a
+  slide wide enough to be tiled in column panels is tiled again in one full-width pass, and the
+  tiles compared byte for byte; with ``--reader openslide`` they are also compared with the
+  tifffile reader's);
 * ``test_net.py`` at reduction 16, 256 px windows, overlap 0.5, scored against the RLE, with
   ``--model blobs`` (default) tests/blob_model.py's DarkBlobs (objects that follow the tissue,
   as a trained model's) or ``random`` an smp Unet-resnet18 with random weights.
@@ -125,15 +128,15 @@ def _print_objects(pred: str, head: int = 5) -> None:
     print(f"  ... {len(rows) - 1} rows in {os.path.join(pred, 'objects.csv')}")
 
 
-def _same_as_full_width(folder: str, wsi: str, csv: str) -> str:
-    """Tile the slide again in one full-width panel (the reference: no column panels) in a child
-    process and compare the tiles with ``folder/tiles`` byte for byte."""
-    ref = os.path.join(folder, "tiles_full_width")
+def _same_tiles(folder: str, wsi: str, csv: str, code: str = "", opts=()) -> str:
+    """Tile the slide again in a child process (``code`` run first there, config overrides
+    ``opts``) and compare the tiles with ``folder/tiles`` byte for byte."""
+    ref = os.path.join(folder, "tiles_reference")
     shutil.rmtree(ref, ignore_errors=True)
-    code = ("import data.tiling as T; T.PANEL_PIXELS = 10**12; from config import load_cfg; "
-            "from data.tiler import create_tiles; "
+    code = (code + "from config import load_cfg; from data.tiler import create_tiles; "
             f"create_tiles(load_cfg(None, ['DATASETS.WSI_FOLDER', {wsi!r}, 'DATASETS.LABELS_CSV', {csv!r}, "
-            f"'DATASETS.TRAIN_FOLDER', {ref!r}, 'INPUT.SIZE_TRAIN', '256', 'INPUT.SIZE_REDUCTION_TRAIN', '4']))")
+            f"'DATASETS.TRAIN_FOLDER', {ref!r}, 'INPUT.SIZE_TRAIN', '256', 'INPUT.SIZE_REDUCTION_TRAIN', '4', "
+            f"*{list(opts)!r}]))")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, stderr=subprocess.DEVNULL)
     verdicts = []
     for sub in ("images_256_red4", "masks_256_red4"):
@@ -152,6 +155,10 @@ def main(argv=None):
     parser.add_argument("--workdir", default="")
     parser.add_argument("--sizes", nargs="+", default=["31278x25794", "60000x60000"], help="HEIGHTxWIDTH")
     parser.add_argument("--model", choices=["blobs", "random"], default="blobs")
+    parser.add_argument("--reader", choices=["tifffile", "openslide"], default="tifffile",
+                        help="INPUT.SLIDE_READER of the tiling (openslide: its tiles are also compared with the "
+                             "tifffile reader's)")
+    parser.add_argument("--skip-infer", action="store_true", help="tiling only")
     args = parser.parse_args(argv)
     if not has_shared():
         sys.exit(SHARED_REASON)
@@ -171,7 +178,7 @@ def main(argv=None):
         slide = os.path.join(wsi, "big.tiff")
         csv = os.path.join(folder, "labels.csv")
         if os.path.exists(slide):
-            from data.wsi import open_slide
+            from data.readers import open_slide
 
             with open_slide(slide) as existing:  # slides of earlier versions carry no pixel size
                 if existing.pixel_size is None:
@@ -189,30 +196,44 @@ def main(argv=None):
             shutil.rmtree(out, ignore_errors=True)
             tiles.append(_measure([sys.executable, os.path.join(REPO, "tiles_creator.py"), "DATASETS.WSI_FOLDER", wsi,
                                    "DATASETS.LABELS_CSV", csv, "DATASETS.TRAIN_FOLDER", out, "INPUT.SIZE_TRAIN", "256",
-                                   "INPUT.SIZE_REDUCTION_TRAIN", "4"]))
+                                   "INPUT.SIZE_REDUCTION_TRAIN", "4", "INPUT.SLIDE_READER", args.reader]))
+            if args.skip_infer:
+                continue
             pred = os.path.join(folder, "pred")
             shutil.rmtree(pred, ignore_errors=True)
             infer.append(_measure([*test_net, os.path.join(REPO, "test_net.py"), "TEST.WSI_FOLDER", wsi,
                                    "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.LABELS_CSV", csv, "OUTPUT_DIR", pred]))
         stats = json.load(open(os.path.join(folder, "tiles", "stats_256_red4.json")))
-        record = json.load(open(os.path.join(folder, "pred", ".predictions", "big.json")))
         row = {"size": f"{width} x {height}", "tissue_mpx": tissue / 1e6,
                "tile_s": float(np.median([w for w, _ in tiles])), "tile_mb": max(r for _, r in tiles),
-               "tiles": stats["n_tiles"], "infer_s": float(np.median([w for w, _ in infer])),
-               "infer_mb": max(r for _, r in infer), "windows": record["windows"]}
+               "tiles": stats["n_tiles"]}
+        line = (f"{row['size']}: tissue {row['tissue_mpx']:.0f} Mpx | tiles_creator red 4 ({args.reader}): "
+                f"{row['tile_s']:.1f} s, {row['tile_mb']:.0f} MB peak, {row['tiles']} tiles kept")
+        if not args.skip_infer:
+            record = json.load(open(os.path.join(folder, "pred", ".predictions", "big.json")))
+            row.update(infer_s=float(np.median([w for w, _ in infer])), infer_mb=max(r for _, r in infer),
+                       windows=record["windows"])
+            line += (f" | test_net red 16: {row['infer_s']:.1f} s, {row['infer_mb']:.0f} MB peak, "
+                     f"{row['windows']} windows")
         rows.append(row)
-        print(f"{row['size']}: tissue {row['tissue_mpx']:.0f} Mpx | tiles_creator red 4: {row['tile_s']:.1f} s, "
-              f"{row['tile_mb']:.0f} MB peak, {row['tiles']} tiles kept | test_net red 16: {row['infer_s']:.1f} s, "
-              f"{row['infer_mb']:.0f} MB peak, {row['windows']} windows", flush=True)
-        _print_objects(pred)
+        print(line, flush=True)
+        if not args.skip_infer:
+            _print_objects(pred)
         if width >= 2 * PANEL_PIXELS:  # tiled in column panels: the tiles of one full-width pass?
-            print(f"  column-panel tiles against one full-width pass: {_same_as_full_width(folder, wsi, csv)}")
+            print("  column-panel tiles against one full-width pass: "
+                  + _same_tiles(folder, wsi, csv, "import data.tiling as T; T.PANEL_PIXELS = 10**12; ",
+                                ["INPUT.SLIDE_READER", args.reader]))
+        if args.reader != "tifffile":
+            print(f"  {args.reader} tiles against the tifffile reader's: "
+                  + _same_tiles(folder, wsi, csv, opts=["INPUT.SLIDE_READER", "tifffile"]))
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
-        print(f"growth {a['size']} -> {b['size']}: tissue area x{b['tissue_mpx'] / a['tissue_mpx']:.2f}; "
-              f"tiling time x{b['tile_s'] / a['tile_s']:.2f}, memory x{b['tile_mb'] / a['tile_mb']:.2f}; "
-              f"inference time x{b['infer_s'] / a['infer_s']:.2f} (windows x{b['windows'] / a['windows']:.2f}), "
-              f"memory x{b['infer_mb'] / a['infer_mb']:.2f}")
+        growth = (f"growth {a['size']} -> {b['size']}: tissue area x{b['tissue_mpx'] / a['tissue_mpx']:.2f}; "
+                  f"tiling time x{b['tile_s'] / a['tile_s']:.2f}, memory x{b['tile_mb'] / a['tile_mb']:.2f}")
+        if not args.skip_infer:
+            growth += (f"; inference time x{b['infer_s'] / a['infer_s']:.2f} (windows "
+                       f"x{b['windows'] / a['windows']:.2f}), memory x{b['infer_mb'] / a['infer_mb']:.2f}")
+        print(growth)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -182,7 +182,7 @@ def main(argv=None):
         for _ in range(args.runs):
             shutil.rmtree(pyr_out, ignore_errors=True)
             pyr.append(_measure(pyr_cmd))
-        from data.wsi import open_slide
+        from data.readers import open_slide
 
         with open_slide(pyramid) as s:
             level = s.best_level(reduce)

@@ -5,6 +5,10 @@ label / overview images, which are ignored) or a single ``.dcm`` file.
 :class:`DicomSlide` gives the same levels, region reads and pixel size (``PixelSpacing``) as
 the TIFF and OpenSlide readers. Other DICOM objects (CT, a Segmentation, a secondary capture...)
 and fluorescence slides (greyscale optical paths) are refused with one line naming the file.
+
+The tiles a sparse DICOM (``TILED_SPARSE``) leaves out read as wsidicom's blank tile (white),
+the one exception to :data:`data.readers.base.NO_DATA`; full tiling (``TILED_FULL``, what
+converters write) has no missing tiles.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from data.wsi import LevelInfo, PixelSize, Slide, SlideError
+from data.readers.base import LevelInfo, PixelSize, Slide, SlideError
 
 __all__ = ["DicomSlide", "DICOM_INSTALL", "WSI_SOP_CLASS", "is_dicom_file", "is_dicom_slide", "is_dicom_folder",
            "dicom_files", "source_of"]
@@ -86,7 +90,7 @@ class DicomSlide(Slide):
         for file in files:
             try:
                 ds = pydicom.dcmread(file, stop_before_pixels=True)
-            except Exception as exc:
+            except Exception as exc:  # whatever pydicom raises on a broken file: one error naming it
                 raise SlideError(f"{file}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
             image_type = [str(v).upper() for v in ds.get("ImageType", [])]
             if str(ds.get("SOPClassUID", "")) != WSI_SOP_CLASS:
