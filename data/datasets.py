@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from data.tiler import TilerOutput
 
-__all__ = ["TILE_NAME", "TileSet", "list_tiles", "tile_group", "tile_index", "kfold_groups", "tile_sources", "read_stats",
+__all__ = ["TILE_NAME", "EpochSeeded", "TileSet", "list_tiles", "tile_group", "tile_index", "kfold_groups", "tile_sources", "read_stats",
            "read_tile_pair", "normalize_tile", "TileDataset"]
 
 TILE_NAME = re.compile(r"^(?P<id>.+)_(?P<index>\d+)red(?P<reduce>\d+)\.png$")
@@ -169,3 +169,33 @@ class TileDataset(Dataset):
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return self.normalize(image), torch.from_numpy(mask[None].astype(np.float32))
+
+
+class EpochSeeded(Dataset):
+    """A training dataset whose item ``i`` is drawn from generators seeded by ``(epoch seed,
+    i)``: the random crop, the augmentation and anything else an item draws depend on the
+    epoch and the index alone, not on which worker makes it or what it made before. The epoch
+    seed lives in shared memory (:meth:`set_epoch_seed`, called at each epoch start before the
+    loader asks for items), so persistent worker processes see it. A run resumed at epoch k
+    then draws what an uninterrupted run draws there, whatever the worker count."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.epoch_seed = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch_seed(self, value: int) -> None:
+        self.epoch_seed.fill_(int(value))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        value = (int(self.epoch_seed) * 1_000_003 + int(i)) % 2**31
+        torch.manual_seed(value)
+        np.random.seed(value)
+        return self.dataset[i]
+
+    def __getattr__(self, name):  # names, load, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

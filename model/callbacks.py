@@ -139,13 +139,13 @@ class DiceMetric(Metric):
 
 
 class EpochSeed(Callback):
-    """At the start of every epoch: torch's, numpy's and Python's generators and the data
-    loaders' shuffling seeded from ``seed`` and the epoch number. The loaders' worker processes
-    take their seeds from torch's generator when an epoch starts them (they are not kept across
-    epochs), so an epoch's crops, augmentation, shuffle and dropout depend on the seed and the
-    epoch alone: a run resumed at epoch k draws exactly what an uninterrupted run draws there
-    (same worker count and device). Under torchrun each rank (``rank``) draws its own crops
-    (fastai's distributed loader shares rank 0's shuffle)."""
+    """At the start of every epoch: torch's, numpy's and Python's generators, the data
+    loaders' shuffling and the training items' seed (a dataset with ``set_epoch_seed``,
+    ``data.datasets.EpochSeeded``: each item drawn from the epoch's seed and its index) seeded
+    from ``seed`` and the epoch number. An epoch's crops, augmentation, shuffle and dropout then
+    depend on the seed and the epoch alone: a run resumed at epoch k draws exactly what an
+    uninterrupted run draws there (same device and precision). Under torchrun each rank
+    (``rank``) draws its own crops (fastai's distributed loader shares rank 0's shuffle)."""
 
     order = -20  # before anything of the epoch draws
 
@@ -159,6 +159,8 @@ class EpochSeed(Callback):
         random.seed(value)
         for k, dl in enumerate((self.dls.train, self.dls.valid)):
             dl.rng = random.Random(value + k)
+            if hasattr(dl.dataset, "set_epoch_seed"):
+                dl.dataset.set_epoch_seed(value)
 
 
 class History(Callback):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from yacs.config import CfgNode as CN
 
-from data.datasets import TileDataset, TileSet, kfold_groups, read_stats, tile_group, tile_index, tile_sources
+from data.datasets import EpochSeeded, TileDataset, TileSet, kfold_groups, read_stats, tile_group, tile_index, tile_sources
 from data.sources import source_views
 from data.sampling import OUTSIDE, RandomCropDataset, ValidationTiles, crop_margin, slide_canvases
 from data.tiling import TileGrid
@@ -227,11 +227,12 @@ def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
                                      tile_sources(tiles), weights, cfg.INPUT.COPY_PASTE)
     else:
         train_ds = TileDataset(tiles, train_names, mean, std, _seed_transform(_train_transform(cfg)))
+    train_ds = EpochSeeded(train_ds)  # each item drawn from (epoch, index): model.callbacks.EpochSeed
     valid_ds = ValidationTiles(tiles, valid_names, mean, std, _grids(tiles, cfg))
     bs, workers = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS
-    # workers are started again every epoch (forked: ~0.1 s), seeded from the epoch's seed
-    # (model.callbacks.EpochSeed): an epoch's draws do not depend on the epochs before it
-    extra = dict(num_workers=workers, persistent_workers=False, device=device)
+    # persistent workers: no new worker processes every epoch (the items are seeded by epoch and
+    # index, EpochSeeded, so the workers' own generators do not matter)
+    extra = dict(num_workers=workers, persistent_workers=workers > 0, device=device)
     train_dl = DataLoader(train_ds, bs=bs, shuffle=not crop, drop_last=len(train_ds) > bs, **extra)
     valid_dl = DataLoader(valid_ds, bs=bs, shuffle=False, **extra)
     return DataLoaders(train_dl, valid_dl, device=device), valid_ds
