@@ -12,7 +12,7 @@ import sys
 
 from utils.setup import add_log_file, configure_process, launch
 
-configure_process()
+configure_process(models=False)
 from data.tiler import create_tiles  # noqa: E402
 
 

@@ -40,21 +40,25 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def configure_process() -> None:
+def configure_process(models: bool = True) -> None:
     """The process-wide settings of the entry scripts, set once by them at start (no module of
     the toolkit changes anything global on import):
 
     * deprecation notices of third-party internals (torch.jit, weight_norm used by fastai) are
       hidden: they say nothing actionable to a user of the scripts;
-    * matplotlib draws without a display (``Agg``);
-    * huggingface_hub's own console handler is dropped: its loggers also propagate to the root
-      logger, so every line of it (download retries...) printed twice; ours print them once.
+    * matplotlib draws without a display (``Agg``; through ``MPLBACKEND`` when it is not
+      imported yet, so a script that draws nothing does not load it);
+    * with ``models`` (scripts that build models): huggingface_hub's own console handler is
+      dropped: its loggers also propagate to the root logger, so every line of it (download
+      retries...) printed twice; ours print them once.
     """
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*weight_norm.*")
-    import matplotlib
-
-    matplotlib.use("Agg")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    if "matplotlib" in sys.modules:
+        sys.modules["matplotlib"].use("Agg")
+    if not models:
+        return
     try:
         import huggingface_hub.utils.logging as hub_logging
     except ImportError:  # pragma: no cover - a dependency of timm
@@ -176,7 +180,6 @@ def launch(
     if default_config:
         parser.set_defaults(config_file=default_config)
     args = parser.parse_args(argv)
-    configure_process()
     setup_logging(args.debug)
     log = logging.getLogger("glomeruli")
     try:
