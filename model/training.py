@@ -216,9 +216,10 @@ def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
     from fastai.data.load import DataLoader
 
     crop = cfg.INPUT.CROP_SIZE
+    grids = _grids(tiles, cfg)  # the stats file, read once for the crops and the validation tiles
     if crop:
         margin = crop_margin(crop, cfg.INPUT.PROB > 0)
-        canvases = slide_canvases(tiles.images, tiles.masks, train_names, _grids(tiles, cfg), tile_group,
+        canvases = slide_canvases(tiles.images, tiles.masks, train_names, grids, tile_group,
                                   tile_index, _rois(tiles))
         samples = cfg.SOLVER.SAMPLES_PER_EPOCH or len(train_names)
         weights = {name: weight for name, weight, _ in source_views(cfg) if name}
@@ -228,7 +229,7 @@ def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
     else:
         train_ds = TileDataset(tiles, train_names, mean, std, _seed_transform(_train_transform(cfg)))
     train_ds = EpochSeeded(train_ds)  # each item drawn from (epoch, index): model.callbacks.EpochSeed
-    valid_ds = ValidationTiles(tiles, valid_names, mean, std, _grids(tiles, cfg))
+    valid_ds = ValidationTiles(tiles, valid_names, mean, std, grids)
     bs, workers = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_WORKERS
     # persistent workers: no new worker processes every epoch (the items are seeded by epoch and
     # index, EpochSeeded, so the workers' own generators do not matter)
