@@ -11,11 +11,11 @@ picture per slide, and with TEST.LABELS_CSV the Dice. A rerun skips finished sli
 from utils.setup import add_log_file, configure_process, exit_now, launch
 
 configure_process()  # before the model imports: their deprecation notices are hidden
-from model.prediction import predict_slides  # noqa: E402
+from model.prediction import log_file_name, predict_slides  # noqa: E402
 
 
 def main(cfg, args):
-    add_log_file(cfg.OUTPUT_DIR)
+    add_log_file(cfg.OUTPUT_DIR, log_file_name(cfg))
     return predict_slides(cfg)  # writes config_test.yaml beside the CSV once it is written
 
 

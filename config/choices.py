@@ -3,7 +3,7 @@ else from the project, so the readers, the losses and the model registry take th
 (and a test checks that each list matches its implementation)."""
 from __future__ import annotations
 
-__all__ = ["SLIDE_READERS", "MAX_MPP", "LOSS_NAMES", "ARCHITECTURES", "SMP_ARCHITECTURES", "SAME_SCALE_TOLERANCE"]
+__all__ = ["SLIDE_READERS", "MAX_MPP", "LOSS_NAMES", "ARCHITECTURES", "SMP_ARCHITECTURES", "SAME_SCALE_TOLERANCE", "BACKENDS"]
 
 # INPUT.SLIDE_READER: which library reads slides (data.readers.open_slide).
 SLIDE_READERS = ("auto", "tifffile", "openslide", "wsidicom")
@@ -27,3 +27,6 @@ SMP_ARCHITECTURES = ("DPT", "DeepLabV3", "DeepLabV3Plus", "FPN", "Linknet", "MAn
 # as an integer (read without a resize), slides' or checkpoints' pixel sizes as one. 1 % of
 # scale is far below what the training augmentation varies (data.readers.base.same_scale).
 SAME_SCALE_TOLERANCE = 0.01
+
+# TEST.BACKEND: what runs the model at inference (model.prediction).
+BACKENDS = ("torch", "onnx")

@@ -297,6 +297,23 @@ _C.TEST.ROI = []
 # Predict the images of an image/mask pairs folder (laid out as DATASETS.PAIRS_FOLDER, with
 # the DATASETS mask encoding; masks optional, scored when present) instead of slides.
 _C.TEST.PAIRS_FOLDER = ""
+# Inference backend: "torch" (the *.pth checkpoints) or "onnx" (ONNX Runtime: the *.onnx files of
+# TEST.MODEL_WEIGHTS_FOLDER with their model cards, written by python -m model.export; CPU, or
+# CUDA with the onnxruntime-gpu package).
+_C.TEST.BACKEND = "torch"
+# ONNX Runtime: threads per model run; 0 = ONNX Runtime's default (the physical cores).
+_C.TEST.ONNX_THREADS = 0
+# Split the slides into TEST.SHARDS shares (deterministic, balanced by file size) and predict
+# share TEST.SHARD_INDEX (0-based) in this process: one task of a cluster array job, no torchrun.
+# 0 / -1 = from the environment: SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID (minus
+# SLURM_ARRAY_TASK_MIN), or JOB_COMPLETION_INDEX (Kubernetes; TEST.SHARDS must then be set); 1 / 0
+# when none is set. A shard writes its slides' outputs and records; TEST.MERGE assembles them.
+_C.TEST.SHARDS = 0
+# This process's shard, 0 .. TEST.SHARDS - 1 (-1: from the environment, as above).
+_C.TEST.SHARD_INDEX = -1
+# Assemble submission.csv, objects.csv, dice.csv and metrics.json from every slide's record
+# (after the shards finish), predicting nothing; slides without a record are named and it fails.
+_C.TEST.MERGE = False
 
 # -----------------------------------------------------------------------------
 # Misc

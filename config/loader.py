@@ -19,7 +19,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from config.defaults import get_cfg_defaults
-from config.choices import ARCHITECTURES, LOSS_NAMES, MAX_MPP, SLIDE_READERS, SMP_ARCHITECTURES
+from config.choices import ARCHITECTURES, BACKENDS, LOSS_NAMES, MAX_MPP, SLIDE_READERS, SMP_ARCHITECTURES
 
 __all__ = ["ConfigError", "load_cfg", "merge_dict", "merge_opts", "validate_cfg", "source_entries", "SOURCE_ONLY_KEYS"]
 
@@ -206,6 +206,12 @@ def _check_scales_and_test(cfg: CN) -> None:
     _check(t.UPSAMPLE in ("bilinear", "nearest"), f"TEST.UPSAMPLE must be 'bilinear' or 'nearest', got {t.UPSAMPLE!r}")
     _check(t.MIN_AREA >= 0, f"TEST.MIN_AREA must be >= 0, got {t.MIN_AREA}")
     _check(t.MIN_AREA_UM2 >= 0, f"TEST.MIN_AREA_UM2 must be >= 0, got {t.MIN_AREA_UM2}")
+    _check(t.BACKEND in BACKENDS, f"TEST.BACKEND must be one of {BACKENDS}, got {t.BACKEND!r}")
+    _check(t.ONNX_THREADS >= 0, f"TEST.ONNX_THREADS must be >= 0 (0: ONNX Runtime's default), got {t.ONNX_THREADS}")
+    _check(t.SHARDS >= 0, f"TEST.SHARDS must be >= 1 (0: from the environment), got {t.SHARDS}")
+    _check(t.SHARD_INDEX >= -1, f"TEST.SHARD_INDEX must be >= 0 (-1: from the environment), got {t.SHARD_INDEX}")
+    _check(t.SHARDS == 0 or t.SHARD_INDEX < t.SHARDS,
+           f"TEST.SHARD_INDEX {t.SHARD_INDEX} must be < TEST.SHARDS {t.SHARDS} (shards are numbered from 0)")
     for key, value in (("INPUT.PIXEL_MEAN", i.PIXEL_MEAN), ("INPUT.PIXEL_STD", i.PIXEL_STD)):
         _check(len(value) in (0, 3), f"{key} must be empty or have 3 values (RGB), got {list(value)}")
         _check(

@@ -21,14 +21,16 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import Dict, Tuple
+from typing import TYPE_CHECKING, Dict, Tuple
 
-import torch
-import torch.nn as nn
-
-from model.build import build_model
-from model.unext import convert_original_state_dict, is_original_state_dict
 from utils.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+# torch and the model code are imported where they are used: CheckpointError and the checkpoint
+# format are also what the onnx backend (which runs without torch) reads.
 
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "model_from_loaded",
            "load_model_weights"]
@@ -44,6 +46,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str, model: nn.Module, info: Dict[str, object]) -> None:
     """Save ``model``'s weights with ``info`` (plain types only), atomically."""
+    import torch
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, **info, "state_dict": state}
     buffer = io.BytesIO()
@@ -55,6 +59,12 @@ def save_checkpoint(path: str, model: nn.Module, info: Dict[str, object]) -> Non
 def _torch_load(path: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a file torch.save wrote)")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -93,6 +103,10 @@ def model_from_loaded(ckpt: Dict[str, object], path: str) -> nn.Module:
     per UneXt101) and takes the checkpoint's tensors as they are. A model that keeps state
     outside its ``state_dict`` (non-persistent buffers) is built the ordinary way instead.
     """
+    import torch
+
+    from model.build import build_model
+
     try:
         with torch.device("meta"):
             model = build_model(ckpt["model"], weights=False)
@@ -117,6 +131,8 @@ def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], pa
 
     ``assign=True`` makes the model's tensors the state_dict's own (cast to the model's dtypes),
     for a model built on the ``meta`` device."""
+    from model.unext import convert_original_state_dict, is_original_state_dict
+
     if is_original_state_dict(state_dict):
         state_dict = convert_original_state_dict(state_dict)
     own = model.state_dict()

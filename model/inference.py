@@ -16,15 +16,17 @@ from __future__ import annotations
 
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-import torch
 
 from data.tiling import TileGrid, iter_tile_rows, pixel_limit, slide_box, tissue_windows
 from data.readers import Slide
 from utils.rle import RLEStripEncoder, rle_area, runs_to_rle
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["blend_weights", "window_starts", "lowres_image", "slide_box", "fill_outside", "predict_canvas", "threshold_mask",
            "remove_small_objects", "prob_to_rle", "prob_to_runs", "mask_to_rle", "torch_predictor"]
@@ -247,6 +249,8 @@ def mask_to_rle(mask_lr: np.ndarray, grid: TileGrid, strip_cols: int = 2048) -> 
 def torch_predictor(models: Sequence[torch.nn.Module], means, stds, device: torch.device, tta: bool = False):
     """A ``predict`` for :func:`predict_canvas`: the mean sigmoid of an ensemble (each model
     with its own normalisation), optionally averaged over horizontal/vertical flips."""
+    import torch  # here only: the onnx backend runs without torch
+
     params = [(torch.tensor(m, device=device).view(1, 3, 1, 1) * 255, torch.tensor(s, device=device).view(1, 3, 1, 1) * 255)
               for m, s in zip(means, stds)]
     flips = [[], [3], [2]] if tta else [[]]

@@ -59,7 +59,6 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
@@ -69,8 +68,9 @@ from data.sources import IMAGE_EXTENSIONS, annotation_files, files_by_stem, load
 from data.tiling import TileGrid, mask_band
 from data.readers import (SLIDE_EXTENSIONS, PixelSize, choose_mpp, same_scale, image_pixel_size, open_image_slide,
                       resolve_mpp)
-from model.build import resolve_device
+from model.card import model_identity
 from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
+from model.onnx_backend import load_onnx_models, onnx_has_cuda, onnx_predictor
 from model.ship import SHIPPED_FOLDER
 from model.inference import (lowres_image, predict_canvas, prob_to_runs, remove_small_objects, slide_box,
                              threshold_mask, torch_predictor)
@@ -78,13 +78,14 @@ from utils.dicom_seg import SEG_INSTALL, write_segmentation
 from utils.distributed import local_rank, world_size
 from utils.export import polygons_geojson
 from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
-from utils.metrics import dice_from_counts
 from utils.objects import (OBJECT_COLUMNS, Objects, count_objects, find_objects, match_objects, object_rows,
                            object_scores)
-from utils.rle import intersect_runs, parse_rle, rle_area, rle_encode, runs_intersection, runs_to_rle
+from utils.rle import (dice_from_counts, intersect_runs, parse_rle, rle_area, rle_encode, runs_intersection,
+                       runs_to_rle)
 from utils.setup import pause_point
+from utils.shards import resolve_shard, shard_ids
 
-__all__ = ["load_checkpoints", "predict_slides", "list_slides", "ensemble_threshold", "integer_reduction",
+__all__ = ["load_checkpoints", "load_models", "log_file_name", "predict_slides", "list_slides", "ensemble_threshold", "integer_reduction",
            "slide_summary"]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,22 @@ def load_checkpoints(folder: str) -> Tuple[List[Dict[str, object]], List[str]]:
     if not paths:
         raise FileNotFoundError(f"{folder}: no .pth checkpoints (TEST.MODEL_WEIGHTS_FOLDER)")
     ckpts = [load_checkpoint(path) for path in paths]
+    _check_ensemble(ckpts, paths)
+    return ckpts, paths
+
+
+def load_models(cfg: CN) -> Tuple[List[Dict[str, object]], List[str]]:
+    """The models of ``TEST.MODEL_WEIGHTS_FOLDER`` for ``TEST.BACKEND``: checkpoints (torch), or
+    ONNX files with their model cards (onnx); what each holds (scale, normalisation, threshold) and
+    its path."""
+    if cfg.TEST.BACKEND != "onnx":
+        return load_checkpoints(cfg.TEST.MODEL_WEIGHTS_FOLDER)
+    ckpts, paths = load_onnx_models(cfg.TEST.MODEL_WEIGHTS_FOLDER)
+    _check_ensemble(ckpts, paths)
+    return ckpts, paths
+
+
+def _check_ensemble(ckpts: List[Dict[str, object]], paths: List[str]) -> None:
     first = ckpts[0]["input"]
     for path, ckpt in zip(paths, ckpts):
         if (ckpt["input"]["reduce"], ckpt["input"]["size"]) != (first["reduce"], first["size"]):
@@ -116,10 +133,11 @@ def load_checkpoints(folder: str) -> Tuple[List[Dict[str, object]], List[str]]:
                 f"{paths[0]} has {first['reduce']} / {first['size']}: checkpoints of one ensemble "
                 "must share scale and tile size"
             )
-    return ckpts, paths
 
 
-def _build(ckpt: Dict[str, object], path: str, device: torch.device) -> torch.nn.Module:
+def _build(ckpt: Dict[str, object], path: str, device):
+    import torch
+
     model = model_from_loaded(ckpt, path).to(device).eval()
     return model.to(memory_format=torch.channels_last)  # the tiles arrive channels-last: faster convs
 
@@ -430,7 +448,7 @@ GEOJSON_MEASUREMENTS = (("Object", "object"), ("Centroid X px", "x"), ("Centroid
 
 
 def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progress, helper,
-                 threshold: float) -> Dict[str, object]:
+                 threshold: float, identity: Tuple[str, str] = ("", "")) -> Dict[str, object]:
     """Stages 2-4 for one item; returns its record."""
     grid = item.grid
     start = time.perf_counter()
@@ -447,7 +465,8 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
     record = _write_item(slide_id, item, runs, objects, pictures.result(), n_windows, out_dir)
     if cfg.TEST.DICOM_SEG and item.dicom_source:
         seg_path = os.path.join(out_dir, "predictions", f"{slide_id}.seg.dcm")
-        frames = write_segmentation(item.dicom_source, runs, (grid.height, grid.width), seg_path)
+        frames = write_segmentation(item.dicom_source, runs, (grid.height, grid.width), seg_path,
+                                    model_name=identity[0], model_version=identity[1])
         record["dicom_seg"] = os.path.relpath(seg_path, out_dir)
         logger.info("%s: DICOM Segmentation %s (%d frames) of %s", slide_id, seg_path, frames, item.dicom_source)
     record["seconds"] = {"windows": round(windows_s, 3), "outputs": round(time.perf_counter() - start - windows_s, 3)}
@@ -573,7 +592,8 @@ def _settings(cfg: CN, paths: List[str], reduce: int, size: int, threshold: floa
     return {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
             "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": threshold, "min_area": t.MIN_AREA, "min_area_um2": t.MIN_AREA_UM2,
             "upsample": t.UPSAMPLE, "s_th": t.S_TH, "p_th": t.P_TH, "mpp": t.MPP, "measure": t.MEASURE,
-            **({"dicom_seg": True} if t.DICOM_SEG else {}),  # (absent when off: earlier records stay valid)
+            **({"dicom_seg": True} if t.DICOM_SEG else {}),
+            **({"backend": t.BACKEND} if t.BACKEND != "torch" else {}),  # (torch: absent, as before)  # (absent when off: earlier records stay valid)
             **({"roi": [os.path.abspath(t.ANNOTATIONS_FOLDER), list(t.ROI)]} if t.ROI else {})}
 
 
@@ -650,16 +670,48 @@ def _log_item(record: Dict[str, object], score: Optional[Dict[str, object]]) -> 
     logger.info("%s: %s", record["id"], ", ".join(parts))
 
 
-def predict_slides(cfg: CN) -> Dict[str, object]:
-    """Predict every slide (or pair image); returns the summary (rank 0 under torchrun)."""
-    start = time.time()
-    t = cfg.TEST
-    rank, world = _distributed()
-    device = resolve_device(cfg.MODEL.DEVICE)
+def log_file_name(cfg: CN) -> str:
+    """The run's log file in OUTPUT_DIR: ``log.txt``, or ``log_shard<k>.txt`` for shard k (the
+    shards of an array job share OUTPUT_DIR)."""
+    if cfg.TEST.MERGE:
+        return "log.txt"
+    shard, shards = resolve_shard(cfg.TEST.SHARDS, cfg.TEST.SHARD_INDEX)
+    return "log.txt" if shards == 1 else f"log_shard{shard}.txt"
+
+
+def _device(cfg: CN, world: int):
+    """The device of the run: torch's (``MODEL.DEVICE``; under torchrun this rank's GPU), or, for
+    the onnx backend, its name ("cpu" / "cuda"): torch is then never imported (~2 s and ~0.6 GB less)."""
+    name = cfg.MODEL.DEVICE
+    if cfg.TEST.BACKEND == "onnx":
+        return "cpu" if name == "cpu" or not onnx_has_cuda() else "cuda"
+    import torch
+
+    from model.build import resolve_device
+
+    device = resolve_device(name)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank())
+    return device
+
+
+def _predictor(cfg: CN, ckpts, paths, device):
+    """The ensemble's ``predict`` for ``TEST.BACKEND``."""
+    t = cfg.TEST
+    means, stds = [c["input"]["mean"] for c in ckpts], [c["input"]["std"] for c in ckpts]
+    if t.BACKEND == "onnx":
+        return onnx_predictor(paths, means, stds, tta=t.TTA, threads=t.ONNX_THREADS, device_type=device)
+    models = [_build(ckpt, path, device) for ckpt, path in zip(ckpts, paths)]
+    return torch_predictor(models, means, stds, device, tta=t.TTA)
+
+
+def predict_slides(cfg: CN) -> Dict[str, object]:
+    """Predict every slide (or pair image) of this process's share; returns the summary (rank 0
+    under torchrun). With ``TEST.MERGE`` only assembles the outputs from the saved records."""
+    start = time.time()
+    t = cfg.TEST
     items = _items(cfg)
-    ckpts, paths = load_checkpoints(t.MODEL_WEIGHTS_FOLDER)
+    ckpts, paths = load_models(cfg)
     reduce, size = int(ckpts[0]["input"]["reduce"]), int(t.SIZE)
     ckpt_mpp = _checkpoint_mpp(ckpts, paths)
     threshold, threshold_source = ensemble_threshold(t.TH, ckpts)
@@ -668,33 +720,45 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     out_dir = cfg.OUTPUT_DIR
     state = os.path.join(out_dir, ".predictions")
     csv_path = t.OUTPUT_CSV or os.path.join(out_dir, "submission.csv")
+    if t.MERGE:
+        records, scores = _collect(items, settings, state, {})
+        logger.info("Merging the records of %d item(s) from %s", len(records), state)
+        return _write_outputs(records, scores, csv_path, out_dir, start, cfg, (threshold, threshold_source))
+    shard, shards = resolve_shard(t.SHARDS, t.SHARD_INDEX)
+    rank, world = _distributed()
+    device = _device(cfg, world)
     kind = "image(s)" if t.PAIRS_FOLDER else "slide(s)"
+    share = items
+    if shards > 1:
+        ids = set(shard_ids([(item.id, item.path) for item in items], shard, shards))
+        share = [item for item in items if item.id in ids]
+        logger.info("Shard %d of %d (0-based): %d of the %d %s", shard, shards, len(share), len(items), kind)
     shapes = {}  # one read of the earlier records: the items finished with these settings
-    for item in items:
+    for item in share:
         record = _finished(os.path.join(state, f"{item.id}.json"), settings, item.path)
         if record is not None:
             shapes[item.id] = tuple(record["shape"])
-    mine = [item for i, item in enumerate(items) if i % world == rank]  # torchrun: a share per rank
+    mine = [item for i, item in enumerate(share) if i % world == rank]  # torchrun: a share per rank
     todo = [item for item in mine if item.id not in shapes]
     for item in mine:
         if item.id in shapes:
             logger.info("%s: predicted earlier, skipped", item.id)
-    _check_items(cfg, items, shapes)
+    _check_items(cfg, share, shapes)
     os.makedirs(state, exist_ok=True)
     scale = f"{ckpt_mpp:.4g} um/px (reduction {reduce} in training)" if ckpt_mpp else f"reduction {reduce}"
-    logger.info("Predicting %d %s (%d done earlier%s) with %d checkpoint(s) at %s, %d px windows, "
+    logger.info("Predicting %d %s (%d done earlier%s) with %d %s model(s) at %s, %d px windows, "
                 "overlap %.2f, threshold %.2f on %s", len(todo), kind, len(mine) - len(todo),
-                f", rank {rank}/{world}" if world > 1 else "", len(ckpts), scale, size, t.OVERLAP, threshold, device)
+                f", rank {rank}/{world}" if world > 1 else "", len(ckpts), t.BACKEND, scale, size, t.OVERLAP,
+                threshold, device)
     fresh = {}  # the scores of the items predicted in this run, with this run's labels
+    identity = model_identity(ckpts, paths)
     # one reader thread and one blending helper for the whole run (threads made per slide
     # would each leave a malloc arena behind: +85 MB peak over 3 slides, measured)
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as helper:
         # Slide reading (C code, outside the GIL) overlaps building the models, then each next
         # slide is read while the current one is predicted.
         queue = [reader.submit(_read, item, size, ckpt_mpp, reduce, cfg) for item in todo[:1]]
-        models = [_build(ckpt, path, device) for ckpt, path in zip(ckpts, paths)] if todo else []
-        predict = torch_predictor(models, [c["input"]["mean"] for c in ckpts], [c["input"]["std"] for c in ckpts],
-                                  device, tta=t.TTA)
+        predict = _predictor(cfg, ckpts, paths, device) if todo else None
         del ckpts
         bar = tqdm(total=0, unit="window", dynamic_ncols=True, leave=False, position=rank)
         try:
@@ -706,7 +770,8 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                 logger.info("%s: %s%s", slide_id, item.scale_note, "; inside its region of interest only"
                             if item.roi is not None else "")
                 truth_rle = truth((item.grid.height, item.grid.width))
-                record = _predict_one(cfg, slide_id, item, truth_rle, predict, out_dir, bar, helper, threshold)
+                record = _predict_one(cfg, slide_id, item, truth_rle, predict, out_dir, bar, helper, threshold,
+                                      identity)
                 del item
                 _release_freed_memory()
                 record["settings"] = settings
@@ -725,18 +790,41 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         dist.barrier()  # every rank's records are saved
         if rank != 0:
             return {"slides": len(todo), "rank": rank}
+    if shards > 1:
+        return _shard_done(cfg, share, settings, state, shard, shards, start)
     records, scores = _collect(items, settings, state, fresh)
     return _write_outputs(records, scores, csv_path, out_dir, start, cfg, (threshold, threshold_source))
+
+
+def _shard_done(cfg: CN, share, settings, state: str, shard: int, shards: int, start: float) -> Dict[str, object]:
+    """A shard's summary, ``shards/shard_<k>_of_<n>.json`` (its items and objects; the outputs of the
+    whole run come from ``TEST.MERGE True``)."""
+    records = [_finished(os.path.join(state, f"{item.id}.json"), settings, item.path) for item in share]
+    missing = [item.id for item, record in zip(share, records) if record is None]
+    if missing:
+        raise RuntimeError(f"shard {shard}: no prediction record for {', '.join(missing[:10])} (did a rank fail?)")
+    summary = {"shard": shard, "shards": shards, "items": [item.id for item in share],
+               "objects": int(sum(r["objects"] for r in records)), "seconds": round(time.time() - start, 1)}
+    path = os.path.join(cfg.OUTPUT_DIR, "shards", f"shard_{shard}_of_{shards}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_json(path, summary)
+    logger.info("Shard %d of %d done: %d item(s), %d objects -> %s. When every shard is done, assemble the outputs "
+                "with the same command and TEST.MERGE True", shard, shards, len(share), summary["objects"], path)
+    return summary
 
 
 def _collect(items, settings: Dict[str, object], state: str, fresh: Dict[str, Optional[Dict[str, object]]]):
     """Every item's saved record, and the scores of those with labels: ``fresh`` ones from this
     run, the others scored now with this run's labels (they may have changed)."""
+    found = [_finished(os.path.join(state, f"{item.id}.json"), settings, item.path) for item in items]
+    missing = [item.id for item, record in zip(items, found) if record is None]
+    if missing:
+        raise RuntimeError(
+            f"{state}: no prediction record with these settings for {len(missing)} of {len(items)} item(s): "
+            f"{', '.join(missing[:20])}{', ...' if len(missing) > 20 else ''} (a shard or rank not run, failed "
+            "or unfinished, or run with other settings: rerun it, then merge again)")
     records, scores = [], []
-    for slide_id, path, _, truth, _ in items:
-        record = _finished(os.path.join(state, f"{slide_id}.json"), settings, path)
-        if record is None:
-            raise RuntimeError(f"{slide_id}: no prediction record in {state} (did a rank fail?)")
+    for (slide_id, path, _, truth, _), record in zip(items, found):
         records.append(record)
         if slide_id in fresh:
             score = fresh[slide_id]

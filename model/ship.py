@@ -1,5 +1,5 @@
 """Ship a trained checkpoint: its weights as float16 (half the size, the same predictions within
-float16's rounding) with a model card inside, into ``model/checkpoints/``, the folder test_net
+float16's rounding) with a model card inside (and as ``<stem>.json`` beside it), into ``model/checkpoints/``, the folder test_net
 reads by default (``TEST.MODEL_WEIGHTS_FOLDER``).
 
     python -m model.ship output/kidney/model_UneXt_resnet10t_all.pth --card card.json
@@ -18,8 +18,7 @@ import os
 import sys
 from typing import Dict, Optional
 
-import torch
-
+from model.card import model_card, write_card
 from model.checkpoint import FORMAT, load_checkpoint
 from utils.io import atomic_write_bytes
 
@@ -36,6 +35,8 @@ def ship_checkpoint(src: str, dst: str, card: Optional[Dict[str, object]] = None
     the bytes written."""
     import io
 
+    import torch
+
     ckpt = load_checkpoint(src)
     ckpt["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     if card:
@@ -45,6 +46,7 @@ def ship_checkpoint(src: str, dst: str, card: Optional[Dict[str, object]] = None
     torch.save(ckpt, buffer)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     atomic_write_bytes(dst, buffer.getvalue())
+    write_card(dst, model_card(ckpt, dst))  # <stem>.json beside it, as for every checkpoint
     return len(buffer.getvalue())
 
 

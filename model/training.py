@@ -46,6 +46,7 @@ from model.build import build_model, model_spec, param_groups, resolve_device
 from model.callbacks import (COLLAPSE, BestState, BF16Autocast, CollapseGuard, DiceMetric, EpochLog, EpochSeed, History,
                              IgnoreOutside, ResumeState, SkipValidation, WeightAverage, ignore_outside,
                              load_opt_state, load_state, unwrap)
+from model.card import model_card, write_card
 from model.checkpoint import load_weights_file, save_checkpoint
 from utils.distributed import is_main, rank, world_size
 from utils.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
@@ -388,6 +389,12 @@ def _final_weights(fold: _Fold, learn, cbs, device) -> str:
                                                            if n and has_bn else "")
 
 
+def _save_with_card(path: str, model, info: Dict[str, object]) -> None:
+    """The checkpoint, then its model card beside it (``<stem>.json``, model.card)."""
+    save_checkpoint(path, model, info)
+    write_card(path, model_card(info, path))
+
+
 def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
             oof_threshold: Optional[float] = None) -> Dict[str, object]:
     """Validate the saved weights, write the checkpoint and the pictures; return the result."""
@@ -401,12 +408,13 @@ def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
         "loss": cfg.SOLVER.LOSS_FUNCTION_NAME,
         "epochs": int(cfg.SOLVER.MAX_EPOCHS),
         "weights": what,
+        "config": cfg.dump(),  # the training config, for the model card
     }
     if fold.fold == ALL:
         threshold = 0.5 if oof_threshold is None else float(oof_threshold)
         metrics = {"train_tiles": len(fold.train_names), "valid_ids": [],
                    "threshold_source": "out-of-fold study" if oof_threshold is not None else "default 0.5"}
-        save_checkpoint(fold.checkpoint, model, {**info, "threshold": threshold, "metrics": metrics})
+        _save_with_card(fold.checkpoint, model, {**info, "threshold": threshold, "metrics": metrics})
         logger.info("%s: %s, threshold %.2f (%s) -> %s", fold.label, what, threshold, metrics["threshold_source"],
                     fold.checkpoint)
         return {"fold": ALL, "checkpoint": fold.checkpoint, "threshold": threshold, **metrics}
@@ -419,7 +427,7 @@ def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
     if by_source:  # each source's Dice at the fold's threshold (the sweep's nearest entry)
         metrics["dice_by_source"] = {name: min(a.per_threshold().items(), key=lambda kv: abs(kv[0] - threshold))[1]
                                      for name, a in sorted(by_source.items())}
-    save_checkpoint(fold.checkpoint, model, {**info, "threshold": float(threshold), "metrics": metrics})
+    _save_with_card(fold.checkpoint, model, {**info, "threshold": float(threshold), "metrics": metrics})
     atomic_write_csv(os.path.join(fold.dir, "thresholds.csv"), ["threshold", "dice"],
                      ([f"{t:.2f}", f"{d:.6f}"] for t, d in table.items()))
     plot_thresholds(table, os.path.join(fold.dir, "thresholds.png"), f"{fold.label.lower()}:")

@@ -129,6 +129,8 @@ def test_shipped_checkpoint_is_half_the_size_and_predicts_the_same(tmp_path):
     full, _ = model_from_checkpoint(str(tmp_path / "full.pth"))
     half, ckpt = model_from_checkpoint(str(tmp_path / "half.pth"))
     assert ckpt["card"] == {"name": "test", "version": "1"} and ckpt["threshold"] == 0.45
+    card = json.load(open(tmp_path / "half.json"))  # and the same card beside it, as JSON
+    assert card["name"] == "test" and card["version"] == "1" and card["checkpoint"]["file"] == "half.pth"
     assert ckpt["input"]["mpp"] == 2.0 and next(half.parameters()).dtype == torch.float32
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():

@@ -19,6 +19,7 @@ from typing import List, Tuple
 import numpy as np
 
 from utils.rle import decode_window
+from utils.version import TOOLKIT, VERSION
 
 __all__ = ["write_segmentation", "SEG_INSTALL"]
 
@@ -43,9 +44,12 @@ def _frames(runs: np.ndarray, shape: Tuple[int, int], rows: int, cols: int):
 
 
 def write_segmentation(source_file: str, runs: np.ndarray, shape: Tuple[int, int], out_path: str,
-                       label: str = "Glomerulus", model_name: str = "", software_version: str = "") -> int:
+                       label: str = "Glomerulus", model_name: str = "", model_version: str = "") -> int:
     """Write ``runs`` (a level-0 mask of ``shape``) as a DICOM Segmentation of the WSI instance
-    ``source_file`` to ``out_path`` (atomically); returns the number of frames written."""
+    ``source_file`` to ``out_path`` (atomically); returns the number of frames written.
+
+    Provenance: the segment's Algorithm Identification holds the model's name and version
+    (``model_name``, ``model_version``: its card's); Software Versions the toolkit's."""
     import highdicom as hd
     import pydicom
     from highdicom.spatial import map_pixel_into_coordinate_system
@@ -82,14 +86,14 @@ def write_segmentation(source_file: str, runs: np.ndarray, shape: Tuple[int, int
         segmented_property_type=hd.sr.CodedConcept("glomerulus", "99GLOMSEG", label),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="Glomeruli_segmentation" + (f" {model_name}" if model_name else ""),
-            version=software_version or "unknown", family=codes.cid7162.ArtificialIntelligence),
+            name=model_name or TOOLKIT, version=model_version or f"{TOOLKIT} {VERSION}",
+            family=codes.cid7162.ArtificialIntelligence),
     )
     seg = hd.seg.Segmentation(
         source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment], series_instance_uid=generate_uid(), series_number=900,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Glomeruli_segmentation",
-        manufacturer_model_name=model_name or "Glomeruli_segmentation", software_versions=software_version or "unknown",
+        manufacturer_model_name=TOOLKIT, software_versions=f"{TOOLKIT} {VERSION}",
         device_serial_number="none", plane_positions=positions, omit_empty_frames=not empty,
         content_label="GLOMERULI", content_description=f"{label} predicted by Glomeruli_segmentation",
     )

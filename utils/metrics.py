@@ -6,15 +6,12 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
+from utils.rle import dice_from_counts  # (pure: inference imports it from utils.rle, without torch)
+
 __all__ = ["THRESHOLDS", "DiceAccumulator", "dice_from_counts"]
 
 # Thresholds of the Dice-vs-threshold study (probabilities).
 THRESHOLDS = np.round(np.arange(0.10, 0.91, 0.05), 2)
-
-
-def dice_from_counts(intersection: float, total: float) -> float:
-    """``2 |P n G| / (|P| + |G|)``; two empty masks score 1."""
-    return 1.0 if total == 0 else 2.0 * intersection / total
 
 
 class DiceAccumulator:

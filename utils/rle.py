@@ -28,6 +28,7 @@ __all__ = [
     "runs_intersection",
     "intersect_runs",
     "rle_dice",
+    "dice_from_counts",
 ]
 
 # Largest mask accepted (pixels). Guards against absurd claimed sizes before any allocation.
@@ -398,7 +399,11 @@ def intersect_runs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack((start[keep], end[keep]), axis=1)
 
 
+def dice_from_counts(intersection: float, total: float) -> float:
+    """``2 |P n G| / (|P| + |G|)``; two empty masks score 1."""
+    return 1.0 if total == 0 else 2.0 * intersection / total
+
+
 def rle_dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two parsed RLE masks; two empty masks score 1."""
-    total = rle_area(a) + rle_area(b)
-    return 1.0 if total == 0 else 2.0 * runs_intersection(a, b) / total
+    return dice_from_counts(runs_intersection(a, b), rle_area(a) + rle_area(b))

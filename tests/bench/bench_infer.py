@@ -19,6 +19,10 @@ overlap 0.5, CPU with 2 threads. Measured in the same run:
 
 ``--height 44066 --width 31299 --skip-baselines`` measures test_net alone on a larger slide.
 
+``--onnx`` also exports the model (``python -m model.export``, not timed) and runs test_net with
+``TEST.BACKEND onnx``, alternating with the torch runs: whole-process time and peak RSS of each,
+the ratio of the medians (goal: onnx <= 0.8 x torch's time) and the RLE Dice between their masks.
+
 ``--measure`` also runs test_net with ``TEST.MEASURE False`` (no objects.csv, no per-object
 measurements), alternating with the default runs, and prints the cost of the measurements: the
 ratio of the median times and of the peak RSS (target: within 5 %), with the objects measured.
@@ -31,6 +35,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +65,8 @@ def main(argv=None):
                              "DarkBlobs, whose objects follow the tissue (a few hundred, as a trained model's)")
     parser.add_argument("--measure", action="store_true",
                         help="also time test_net without measurements (TEST.MEASURE False) and print the ratio")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also run test_net with TEST.BACKEND onnx (the model exported first) and print the ratio")
     parser.add_argument("--layout", choices=["ellipse", "mosaic"], default="ellipse",
                         help="ellipse: tissue in a central ellipse (~57%% of the slide) on background, as on a "
                              "real slide; mosaic: tissue everywhere (nothing to skip)")
@@ -119,14 +126,28 @@ def main(argv=None):
             "model": spec, "input": {"size": args.size, "reduce": args.reduce, "mean": norm[0], "std": norm[1]},
             "threshold": 0.5, "fold": 0, "metrics": {}})
 
-    ours, bare, windows, objects = [], [], None, None
+    exported = os.path.join(work, "exported")
+    if args.onnx:
+        if args.model != "random":
+            sys.exit("--onnx: with the random Unet only (--model random)")
+        shutil.rmtree(exported, ignore_errors=True)
+        done = subprocess.run([sys.executable, "-m", "model.export", "TEST.MODEL_WEIGHTS_FOLDER", models, "OUTPUT_DIR",
+                               exported], cwd=REPO, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(done.stderr[-2000:])
+    ours, bare, onnx_runs, windows, objects = [], [], [], None, None
     for _ in range(args.runs):
-        for measure in ([True, False] if args.measure else [True]):
-            out = os.path.join(work, "out")
+        for measure, backend in ([(True, "torch"), (False, "torch")] if args.measure else [(True, "torch")]) + \
+                ([(True, "onnx")] if args.onnx else []):
+            out = os.path.join(work, "out" if backend == "torch" else "out_onnx")
             shutil.rmtree(out, ignore_errors=True)
-            timing = _measure([*script, "TEST.WSI_FOLDER", wsi,
-                               "TEST.MODEL_WEIGHTS_FOLDER", models, "TEST.SIZE", str(args.size), "TEST.OVERLAP", "0.5",
+            timing = _measure([*script, "TEST.WSI_FOLDER", wsi, "TEST.BACKEND", backend,
+                               "TEST.MODEL_WEIGHTS_FOLDER", models if backend == "torch" else exported,
+                               "TEST.SIZE", str(args.size), "TEST.OVERLAP", "0.5",
                                "TEST.MEASURE", str(measure), "OUTPUT_DIR", out], cwd=REPO)
+            if backend == "onnx":
+                onnx_runs.append(timing)
+                continue
             (ours if measure else bare).append(timing)
             record = json.load(open(glob.glob(os.path.join(out, ".predictions", "*.json"))[0]))
             windows = record["windows"]
@@ -143,6 +164,17 @@ def main(argv=None):
         print(f"without measurements (TEST.MEASURE False): {bare_wall:6.2f} s (runs "
               f"{', '.join(f'{w:.2f}' for w, _ in bare)}), peak RSS {bare_rss:.0f} MB")
         print(f"measurements cost: time x{wall / bare_wall:.3f}, peak RSS x{rss / bare_rss:.3f} (target <= 1.05 each)")
+    if args.onnx:
+        from utils.rle import parse_rle, rle_dice
+
+        onnx_wall, onnx_rss = statistics.median(w for w, _ in onnx_runs), max(r for _, r in onnx_runs)
+        rles = []
+        for out in ("out", "out_onnx"):
+            record = json.load(open(glob.glob(os.path.join(work, out, ".predictions", "*.json"))[0]))
+            rles.append(parse_rle(record["predicted"], tuple(record["shape"])))
+        print(f"test_net TEST.BACKEND onnx: {onnx_wall:6.2f} s (runs {', '.join(f'{w:.2f}' for w, _ in onnx_runs)}), "
+              f"peak RSS {onnx_rss:.0f} MB; RLE Dice against torch's mask {rle_dice(*rles):.5f}")
+        print(f"onnx / torch: time x{onnx_wall / wall:.3f} (goal <= 0.8), peak RSS x{onnx_rss / rss:.3f}")
     if args.skip_baselines:
         return 0
 
