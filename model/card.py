@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from model.checkpoint import CheckpointError
 from utils.io import atomic_write_json
@@ -48,6 +48,12 @@ def card_path(model_path: str) -> str:
     return os.path.splitext(model_path)[0] + ".json"
 
 
+def _name_version(card: Dict[str, object], path: str) -> Tuple[str, str]:
+    """A model's name and version: its card's (a shipped model's), else the file's stem and the toolkit's."""
+    return (str(card.get("name") or os.path.splitext(os.path.basename(path))[0]),
+            str(card.get("version") or f"{TOOLKIT} {VERSION}"))
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -63,10 +69,11 @@ def model_card(ckpt: Dict[str, object], path: str) -> Dict[str, object]:
     shipped = ckpt.get("card") if isinstance(ckpt.get("card"), dict) else {}
     threshold = ckpt.get("threshold")
     held_out = {k: shipped[k] for k in _HELD_OUT_KEYS if k in shipped}
+    name, version = _name_version(shipped, path)
     card = {
         "format": CARD_FORMAT,
-        "name": shipped.get("name") or os.path.splitext(os.path.basename(path))[0],
-        "version": shipped.get("version") or f"{TOOLKIT} {VERSION}",
+        "name": name,
+        "version": version,
         "architecture": spec.get("ARCHITECTURE"), "encoder": spec.get("ENCODER_NAME") or None,
         "norm": spec.get("NORM", "batch"), "classes": ["Glomerulus"],
         "input": {k: inputs.get(k) for k in ("size", "reduce", "mean", "std", "mpp")},
@@ -123,9 +130,8 @@ def model_identity(ckpts: Sequence[Dict[str, object]], paths: Sequence[str]) -> 
     names: List[str] = []
     versions: List[str] = []
     for ckpt, path in zip(ckpts, paths):
-        card: Optional[Dict[str, object]] = ckpt.get("card") if isinstance(ckpt.get("card"), dict) else None
-        names.append(str((card or {}).get("name") or os.path.splitext(os.path.basename(path))[0]))
-        version = str((card or {}).get("version") or f"{TOOLKIT} {VERSION}")
+        name, version = _name_version(ckpt.get("card") if isinstance(ckpt.get("card"), dict) else {}, path)
+        names.append(name)
         if version not in versions:
             versions.append(version)
     return "+".join(names), "; ".join(versions)

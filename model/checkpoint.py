@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from utils.io import atomic_write_bytes
 
@@ -32,16 +32,36 @@ if TYPE_CHECKING:
 # torch and the model code are imported where they are used: CheckpointError and the checkpoint
 # format are also what the onnx backend (which runs without torch) reads.
 
-__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "model_from_loaded",
+__all__ = ["FORMAT", "SHIPPED_FOLDER", "CheckpointError", "model_files", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "model_from_loaded",
            "load_model_weights"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "glomeruli/1"
 
+DEFAULT_FOLDER = "model/checkpoints"  # TEST.MODEL_WEIGHTS_FOLDER's default: the shipped model
+SHIPPED_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+def model_files(folder: str, suffix: str = ".pth", missing_hint: str = "TEST.MODEL_WEIGHTS_FOLDER") -> List[str]:
+    """The model files of ``TEST.MODEL_WEIGHTS_FOLDER``: ``folder`` itself when it is a file, else its
+    ``*<suffix>`` files, sorted. The default folder (the shipped model) is found inside the toolkit
+    from any working folder."""
+    if folder == DEFAULT_FOLDER and not os.path.exists(folder):
+        folder = SHIPPED_FOLDER
+    if os.path.isfile(folder):
+        return [folder]
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: model folder not found (TEST.MODEL_WEIGHTS_FOLDER)")
+    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(suffix))
+    if not paths:
+        what = "checkpoints" if suffix == ".pth" else "models"
+        raise FileNotFoundError(f"{folder}: no {suffix} {what} ({missing_hint})")
+    return paths
 
 
 def save_checkpoint(path: str, model: nn.Module, info: Dict[str, object]) -> None:

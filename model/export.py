@@ -12,10 +12,11 @@ For every checkpoint (``*.pth`` of the folder, or the one file) it writes to OUT
   pixel size, threshold, classes, the training config, software versions, held-out figures when
   known, and this export's check.
 
-Each export is checked before anything is written: ONNX Runtime's and TorchScript's outputs
-against PyTorch's on a probe batch at the tile size and at another size (a fixed random input);
-a difference above 1e-4 (relative to the logits' range) fails the export. Every checkpoint is
-loaded first, so a file that is not a checkpoint stops the command before it writes anything.
+Each checkpoint's exports are checked before they are written: ONNX Runtime's and TorchScript's
+outputs against PyTorch's on a probe batch at the tile size and at another size (a fixed random
+input); a difference above 1e-4 (relative to the logits' range) fails the export (the checkpoints
+before it stay exported). Every checkpoint is loaded first, so a file that is not a checkpoint stops
+the command before it writes anything.
 """
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ import numpy as np
 import torch
 
 from model.card import model_card, write_card
-from model.checkpoint import CheckpointError, load_checkpoint, model_from_loaded
+from model.checkpoint import CheckpointError, load_checkpoint, model_files, model_from_loaded
 from model.onnx_backend import onnx_session
 from utils.io import atomic_write_bytes
 from utils.setup import configure_process, exit_now, launch
 
-__all__ = ["OPSET", "checkpoint_paths", "export_checkpoint"]
+__all__ = ["OPSET", "export_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +46,6 @@ TOLERANCE = 1e-4  # max |export - torch| / max(1, max |torch|), float32
 
 class ExportError(RuntimeError):
     """An export that does not reproduce PyTorch's outputs; the message names the checkpoint."""
-
-
-def checkpoint_paths(folder: str) -> List[str]:
-    """The checkpoints to export: ``folder`` itself when it is a file, else its ``*.pth``."""
-    if os.path.isfile(folder):
-        return [folder]
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: checkpoint folder not found (TEST.MODEL_WEIGHTS_FOLDER)")
-    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".pth"))
-    if not paths:
-        raise FileNotFoundError(f"{folder}: no .pth checkpoints (TEST.MODEL_WEIGHTS_FOLDER)")
-    return paths
 
 
 def _probes(size: int) -> List[torch.Tensor]:
@@ -129,20 +118,17 @@ def export_checkpoint(ckpt: Dict[str, object], path: str) -> Tuple[bytes, bytes,
 
 def main(cfg, args) -> int:
     out_dir = cfg.OUTPUT_DIR
-    paths = checkpoint_paths(cfg.TEST.MODEL_WEIGHTS_FOLDER)
+    paths = model_files(cfg.TEST.MODEL_WEIGHTS_FOLDER)
     ckpts = [load_checkpoint(p) for p in paths]  # every file is a checkpoint before anything is written
     for path in paths:
         if os.path.abspath(os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".pt")) == \
                 os.path.abspath(path):
             raise CheckpointError(f"{path}: OUTPUT_DIR would overwrite the checkpoint with its TorchScript")
-    exports = []
-    for ckpt, path in zip(ckpts, paths):
+    for ckpt, path in zip(ckpts, paths):  # each written once checked: one model's exports in memory at a time
         onnx_bytes, script_bytes, card = export_checkpoint(ckpt, path)
-        exports.append((path, onnx_bytes, script_bytes, card))
+        os.makedirs(out_dir, exist_ok=True)
         logger.info("%s: ONNX and TorchScript match PyTorch (max difference %.2g and %.2g)", path,
                     card["export"]["onnx_max_difference"], card["export"]["torchscript_max_difference"])
-    os.makedirs(out_dir, exist_ok=True)
-    for path, onnx_bytes, script_bytes, card in exports:
         stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
         atomic_write_bytes(stem + ".onnx", onnx_bytes)
         atomic_write_bytes(stem + ".pt", script_bytes)

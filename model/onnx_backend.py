@@ -13,16 +13,15 @@ through I/O binding: the output is allocated by the runtime on its device and co
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from scipy.special import expit
 
 from model.card import loaded_from_card, read_card
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, model_files
 
-__all__ = ["ONNX_INSTALL", "load_onnx_models", "onnx_has_cuda", "onnx_providers", "onnx_session", "onnx_predictor"]
+__all__ = ["ONNX_INSTALL", "load_onnx_models", "onnx_device", "onnx_providers", "onnx_session", "onnx_predictor"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,39 +31,31 @@ ONNX_INSTALL = "python -m pip install onnxruntime (onnxruntime-gpu for CUDA)"
 def load_onnx_models(folder: str) -> Tuple[List[Dict[str, object]], List[str]]:
     """``(what inference reads of each model, from its card; the .onnx paths)``; a model without
     its card is refused (the card gives the scale, normalisation and threshold)."""
-    if os.path.isfile(folder):
-        paths = [folder]
-    elif not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: model folder not found (TEST.MODEL_WEIGHTS_FOLDER)")
-    else:
-        paths = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".onnx"))
-    if not paths:
-        raise FileNotFoundError(f"{folder}: no .onnx models (TEST.BACKEND onnx; python -m model.export writes "
-                                "them from checkpoints)")
+    paths = model_files(folder, ".onnx", "TEST.BACKEND onnx; python -m model.export writes them from checkpoints")
     for path in paths:
         if not path.endswith(".onnx"):
             raise CheckpointError(f"{path}: TEST.BACKEND onnx reads .onnx files (python -m model.export)")
     return [loaded_from_card(read_card(p)) for p in paths], paths
 
 
-def onnx_has_cuda() -> bool:
-    """Whether the installed ONNX Runtime can run on CUDA (the onnxruntime-gpu package)."""
+def onnx_device(name: str) -> str:
+    """``MODEL.DEVICE`` for ONNX Runtime: "cuda" when asked for ("auto" or "cuda...") and the installed
+    ONNX Runtime has CUDA's provider (the onnxruntime-gpu package), else "cpu" (with a warning when
+    CUDA was asked for by name)."""
     import onnxruntime as ort
 
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if (name == "auto" or name.startswith("cuda")) and has_cuda:
+        return "cuda"
+    if name.startswith("cuda"):
+        logger.warning("TEST.BACKEND onnx, MODEL.DEVICE %s: this ONNX Runtime has no CUDA provider (install "
+                       "onnxruntime-gpu): running on the CPU", name)
+    return "cpu"
 
 
 def onnx_providers(device_type: str) -> List[str]:
-    """CUDA's execution provider first when available and wanted, then the CPU's."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device_type == "cuda" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device_type == "cuda":
-        logger.warning("TEST.BACKEND onnx: this ONNX Runtime has no CUDA provider (install onnxruntime-gpu): "
-                       "running on the CPU")
-    return ["CPUExecutionProvider"]
+    """The execution providers for ``device_type`` (:func:`onnx_device`): CUDA's first, then the CPU's."""
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device_type == "cuda" else ["CPUExecutionProvider"]
 
 
 def onnx_session(path_or_bytes, threads: int = 0, providers=("CPUExecutionProvider",)):

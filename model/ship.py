@@ -19,14 +19,13 @@ import sys
 from typing import Dict, Optional
 
 from model.card import model_card, write_card
-from model.checkpoint import FORMAT, load_checkpoint
+from model.checkpoint import FORMAT, SHIPPED_FOLDER, load_checkpoint
 from utils.io import atomic_write_bytes
 
 __all__ = ["SHIPPED_FOLDER", "DEFAULT_NAME", "ship_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
 DEFAULT_NAME = "glomeruli_kidney.pth"
 
 
