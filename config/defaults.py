@@ -30,6 +30,10 @@ _C.MODEL.WEIGHTS = ""
 # original's) or "group" (GroupNorm, groups of 4 channels: no batch statistics, the same in
 # training and inference; for training from scratch with small batches).
 _C.MODEL.NORM = "batch"
+# Deep supervision (UneXt family, training only): 1x1 heads on the decoder's maps at strides 4,
+# 8 and 16 add their loss (the target averaged down to their size) with weights 1/2, 1/4, 1/8
+# of the main output's (nnU-Net's scheme, normalised). Inference uses the main output only.
+_C.MODEL.DEEP_SUPERVISION = False
 # Device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
 _C.MODEL.DEVICE = "auto"
 # Number of output channels: 1 (binary segmentation; multi-class models are not supported yet).

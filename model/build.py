@@ -36,15 +36,19 @@ class WeightsError(RuntimeError):
 
 
 def model_spec(cfg_or_model) -> Dict[str, object]:
-    """The model keys of a config as plain types (what a checkpoint stores)."""
+    """The model keys of a config as plain types (what a checkpoint stores).
+    ``DEEP_SUPERVISION`` is there only when on (its heads are in the weights then)."""
     m = getattr(cfg_or_model, "MODEL", cfg_or_model)
-    return {
+    spec = {
         "ARCHITECTURE": str(m["ARCHITECTURE"]),
         "ENCODER_NAME": str(m["ENCODER_NAME"]),
         "ENCODER_WEIGHTS": str(m.get("ENCODER_WEIGHTS", "") or ""),
         "NUM_CLASSES": int(m["NUM_CLASSES"]),
         "NORM": str(m.get("NORM", "batch") or "batch"),  # checkpoints from before the key: BatchNorm
     }
+    if m.get("DEEP_SUPERVISION", False):
+        spec["DEEP_SUPERVISION"] = True
+    return spec
 
 
 def _is_file(weights: str) -> bool:
@@ -193,7 +197,8 @@ def _unext(spec, encoder_name: str, weights: str) -> nn.Module:
     from model.unext import UneXt
 
     norm = spec.get("NORM", "batch")
-    return UneXt(timm_encoder(encoder_name, weights, norm), num_classes=spec["NUM_CLASSES"], norm=norm)
+    return UneXt(timm_encoder(encoder_name, weights, norm), num_classes=spec["NUM_CLASSES"], norm=norm,
+                 deep_supervision=bool(spec.get("DEEP_SUPERVISION", False)))
 
 
 @MODELS.register("UneXt101")
@@ -235,6 +240,8 @@ def _build_smp(spec) -> nn.Module:
     if spec.get("NORM", "batch") != "batch":
         raise ValueError(f"MODEL.NORM {spec['NORM']!r}: only the UneXt family takes another normalisation; "
                          f"{arch} keeps BatchNorm (MODEL.NORM batch)")
+    if spec.get("DEEP_SUPERVISION", False):
+        raise ValueError(f"MODEL.DEEP_SUPERVISION: only the UneXt family has it, not {arch}")
     file = weights if weights and _is_file(weights) else None
     if weights and not file:
         _check_smp_weights(encoder, weights)

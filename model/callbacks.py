@@ -436,7 +436,9 @@ class BF16Autocast(Callback):
 
     def after_pred(self):
         self._leave()
-        self.learn.pred = self.learn.pred.float()
+        pred = self.learn.pred
+        self.learn.pred = (pred.float() if isinstance(pred, torch.Tensor)  # deep supervision: (logits, [heads])
+                           else (pred[0].float(), [head.float() for head in pred[1]]))
 
     def after_batch(self):
         self._leave()

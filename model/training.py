@@ -525,8 +525,9 @@ def _log_plan(cfg: CN, tiles: TileSet, folds: List[int], device, mean, std) -> N
     views = (f"random {cfg.INPUT.CROP_SIZE} px crops ({cfg.INPUT.FOREGROUND_FRACTION:.0%} on foreground), "
              f"{cfg.SOLVER.SAMPLES_PER_EPOCH or 'one per tile'} per epoch" if cfg.INPUT.CROP_SIZE
              else f"fixed {cfg.INPUT.SIZE_TRAIN} px tiles")
-    logger.info("Training %s/%s on %s (%s): %d tiles from %d slides/images, folds %s%s; %s, %d epochs, %s augmentation, "
-                "averaging %s, saving %s; mean %s std %s", cfg.MODEL.ARCHITECTURE, cfg.MODEL.ENCODER_NAME, device,
+    logger.info("Training %s/%s%s on %s (%s): %d tiles from %d slides/images, folds %s%s; %s, %d epochs, %s augmentation, "
+                "averaging %s, saving %s; mean %s std %s", cfg.MODEL.ARCHITECTURE, cfg.MODEL.ENCODER_NAME,
+                " with deep supervision" if cfg.MODEL.DEEP_SUPERVISION else "", device,
                 training_precision(cfg.SOLVER.AMP, device),
                 len(tiles.names), len(set(tiles.groups)), folds, " + a final model on all" if cfg.SOLVER.FINAL_MODEL
                 else "", views, cfg.SOLVER.MAX_EPOCHS, cfg.INPUT.AUGMENTATION, cfg.SOLVER.AVERAGE, cfg.SOLVER.SAVE,

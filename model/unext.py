@@ -124,9 +124,13 @@ class UneXt(nn.Module):
 
     ``encoder`` is a timm ``features_only`` model (see ``model.build``). The output is logits
     of shape ``(N, num_classes, H, W)`` for an input ``(N, 3, H, W)`` with H, W multiples of 32.
+    With ``deep_supervision``, 1x1 heads on the decoder maps at strides 4, 8 and 16 give logits
+    too, and in training mode the output is ``(logits, [stride 4, stride 8, stride 16 logits])``
+    (see ``utils.losses.DeepSupervision``); in eval mode it is the logits alone.
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int = 1, stride: int = 1, norm: str = "batch"):
+    def __init__(self, encoder: nn.Module, num_classes: int = 1, stride: int = 1, norm: str = "batch",
+                 deep_supervision: bool = False):
         from fastai.layers import ConvLayer
 
         super().__init__()
@@ -148,6 +152,8 @@ class UneXt(nn.Module):
         self.fpn = FPN([512, 256, 128, 64], [16] * 4, norm=n)
         self.drop = nn.Dropout2d(0.1)
         self.final_conv = ConvLayer(32 + 16 * 4, num_classes, ks=1, norm_type=None, act_cls=None)
+        self.aux_heads = (nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in (64, 128, 256))
+                          if deep_supervision else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         enc0, enc1, enc2, enc3, enc4 = self.encoder(x)
@@ -158,7 +164,10 @@ class UneXt(nn.Module):
         dec0 = self.dec1(dec1, enc0)
         x = self.fpn([enc5, dec3, dec2, dec1], dec0)
         x = self.final_conv(self.drop(x))
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        logits = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        if self.aux_heads is not None and self.training:
+            return logits, [head(level) for head, level in zip(self.aux_heads, (dec1, dec2, dec3))]
+        return logits
 
 
 # The original's encoder modules -> timm's ResNet module names.

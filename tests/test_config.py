@@ -137,6 +137,8 @@ def test_impossible_value_names_its_source(tmp_path):
     (["SOLVER.LOSS_FUNCTION_NAME", "dice_losss"], "SOLVER.LOSS_FUNCTION_NAME: unknown loss 'dice_losss'"),
     (["MODEL.ARCHITECTURE", "Unett"], "MODEL.ARCHITECTURE: unknown architecture 'Unett'"),
     (["MODEL.NUM_CLASSES", "3"], "MODEL.NUM_CLASSES must be 1"),
+    (["MODEL.ARCHITECTURE", "Unet", "MODEL.DEEP_SUPERVISION", "True"],
+     "MODEL.DEEP_SUPERVISION: only the UneXt family has it, not 'Unet'"),
 ])
 def test_checks_that_need_no_file_run_at_load_time(opts, needle):
     """What train() used to check after reading the tiles is refused when the config loads."""

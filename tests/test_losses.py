@@ -85,3 +85,29 @@ def test_unknown_loss_lists_the_valid_ones():
     cfg.SOLVER.LOSS_FUNCTION_NAME = "lovasz"
     with pytest.raises(ValueError, match="valid: .*symmetric_lovasz"):
         build_loss(cfg)
+
+
+def test_deep_supervision_is_the_weighted_mean_of_each_output_against_its_block_averaged_mask():
+    from utils.losses import DEEP_SUPERVISION_WEIGHTS, DeepSupervision
+
+    cfg = get_cfg_defaults()
+    cfg.SOLVER.LOSS_FUNCTION_NAME = "bce_dice"
+    plain = build_loss(cfg)
+    cfg.MODEL.DEEP_SUPERVISION = True
+    wrapped = build_loss(cfg)
+    assert isinstance(wrapped, DeepSupervision)
+    g = torch.Generator().manual_seed(3)
+    target = (torch.rand(2, 1, 32, 32, generator=g) < 0.3).float()
+    logits = torch.randn(2, 1, 32, 32, generator=g)
+    heads = [torch.randn(2, 1, 32 // s, 32 // s, generator=g) for s in (4, 8, 16)]  # UneXt's strides 4, 8, 16
+    # the reference: each head's target is the mean of the full mask over its s x s blocks (by reshape)
+    expected = plain(logits, target)
+    for weight, head, s in zip(DEEP_SUPERVISION_WEIGHTS, heads, (4, 8, 16)):
+        blocks = target.reshape(2, 1, 32 // s, s, 32 // s, s).mean(dim=(3, 5))
+        expected = expected + weight * (torch.nn.functional.binary_cross_entropy_with_logits(head, blocks)
+                                        + soft_dice_loss(head, blocks, smooth=cfg.SOLVER.DICE_SMOOTH))
+    expected = expected / (1 + sum(DEEP_SUPERVISION_WEIGHTS))
+    assert torch.allclose(wrapped((logits, heads), target), expected, atol=1e-6)
+    assert torch.allclose(wrapped((logits, heads), target[:, 0]), expected, atol=1e-6)  # (N, H, W) masks too
+    # a plain tensor (the model in eval mode: validation) is scored by the loss alone
+    assert torch.equal(wrapped(logits, target), plain(logits, target))

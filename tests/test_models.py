@@ -291,3 +291,36 @@ def test_checkpoint_model_falls_back_to_an_ordinary_build(tmp_path, monkeypatch,
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), loaded.eval()(x))
+
+
+def test_deep_supervision_heads_in_training_only_and_they_leave_the_main_output_alone(tmp_path):
+    cfg = _cfg("UneXt", "resnet10t")
+    cfg.MODEL.NORM = "group"
+    torch.manual_seed(0)
+    plain = build_model(cfg, weights=False)
+    cfg.MODEL.DEEP_SUPERVISION = True
+    deep = build_model(cfg, weights=False)
+    missing, unexpected = deep.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("aux_heads.") for k in missing)
+    x = torch.randn(2, 3, 96, 64)
+    deep.train()
+    logits, heads = deep(x)
+    assert logits.shape == (2, 1, 96, 64)
+    assert [tuple(h.shape) for h in heads] == [(2, 1, 24, 16), (2, 1, 12, 8), (2, 1, 6, 4)]  # strides 4, 8, 16
+    deep.eval(), plain.eval()
+    with torch.no_grad():
+        out = deep(x)
+        assert isinstance(out, torch.Tensor) and torch.equal(out, plain(x))
+    # the checkpoint says so and rebuilds the heads; a model without the key has none
+    from model.build import model_spec
+
+    spec = model_spec(cfg)
+    assert spec["DEEP_SUPERVISION"] is True and "DEEP_SUPERVISION" not in model_spec(_cfg("UneXt", "resnet10t"))
+    path = str(tmp_path / "ds.pth")
+    save_checkpoint(path, deep, {"model": spec, "input": {"size": 64, "reduce": 4, "mean": [0.5] * 3, "std": [0.2] * 3}})
+    loaded, _ = model_from_checkpoint(path)
+    assert loaded.aux_heads is not None
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), out)
+    with pytest.raises(ValueError, match="only the UneXt family"):
+        build_model({**model_spec(_cfg("Unet", "resnet18")), "DEEP_SUPERVISION": True})

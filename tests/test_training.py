@@ -240,3 +240,21 @@ def test_crops_ema_final_weights_and_a_model_on_all_images(aidpath_tiles, tmp_pa
     assert all(p.dtype == torch.float32 for p in model.parameters())
     log = (out / "log.txt").read_text()
     assert log.count("Final model epoch") == 2 and "Final model: the EMA average" in log
+
+
+def test_deep_supervision_trains_and_saves_its_heads(aidpath_tiles, tmp_path):
+    out = tmp_path / "out"
+    result = run_script("train_net.py", *_train_args(
+        aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 1, "SOLVER.FOLDS", "[0]", "INPUT.CROP_SIZE", 64,
+        "SOLVER.SAMPLES_PER_EPOCH", 16, "SOLVER.AVERAGE", "ema", "SOLVER.SAVE", "final", "MODEL.NORM", "group",
+        "MODEL.DEEP_SUPERVISION", True, "SOLVER.AMP", "bf16"))  # bf16: the heads' logits go through autocast too
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "UneXt/resnet18 with deep supervision on cpu (bf16)" in result.stderr
+    model, info = model_from_checkpoint(str(out / "model_UneXt_resnet18_fold_0.pth"))
+    assert info["model"]["DEEP_SUPERVISION"] is True and len(model.aux_heads) == 3
+    # the heads are saved with the weights; inference gives the main output alone
+    saved = torch.load(out / "model_UneXt_resnet18_fold_0.pth", weights_only=False)
+    assert any(k.startswith("aux_heads.") for k in saved["state_dict"])
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert 0 <= json.load(open(out / "fold_0" / "result.json"))["dice_at_0.5"] <= 1

@@ -22,7 +22,12 @@ __all__ = [
     "symmetric_lovasz",
     "soft_dice_loss",
     "focal_loss",
+    "DeepSupervision",
+    "DEEP_SUPERVISION_WEIGHTS",
 ]
+
+# Weights of the deep-supervision heads (strides 4, 8, 16) against 1 for the main output.
+DEEP_SUPERVISION_WEIGHTS = (0.5, 0.25, 0.125)
 
 
 def _prepare(logits: torch.Tensor, target: torch.Tensor):
@@ -141,11 +146,42 @@ LOSSES: Dict[str, Callable] = {
 }
 
 
-def build_loss(cfg) -> Loss:
-    """The loss named by ``cfg.SOLVER.LOSS_FUNCTION_NAME``."""
+class DeepSupervision(nn.Module):
+    """``loss`` on a deep-supervised output ``(logits, [aux logits at strides 4, 8, 16])``: the
+    weighted mean of the main output's loss (weight 1) and each head's (``weights``), each head
+    scored against the target averaged down to its size (a soft target at the borders). A plain
+    ``logits`` tensor (validation: the model in eval mode) gets ``loss`` alone."""
+
+    def __init__(self, loss: nn.Module, weights=DEEP_SUPERVISION_WEIGHTS):
+        super().__init__()
+        self.loss = loss
+        self.weights = tuple(float(w) for w in weights)
+
+    def forward(self, pred, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(pred, torch.Tensor):
+            return self.loss(pred, target)
+        logits, heads = pred
+        target = target.float()
+        if target.ndim == logits.ndim - 1:
+            target = target.unsqueeze(1)
+        total, norm = self.loss(logits, target), 1.0
+        for weight, head in zip(self.weights, heads):
+            factor = target.shape[-1] // head.shape[-1]
+            total = total + weight * self.loss(head, F.avg_pool2d(target, factor) if factor > 1 else target)
+            norm += weight
+        return total / norm
+
+    def __repr__(self) -> str:
+        return f"DeepSupervision({self.loss!r}, weights {self.weights})"
+
+
+def build_loss(cfg) -> nn.Module:
+    """The loss named by ``cfg.SOLVER.LOSS_FUNCTION_NAME`` (with ``MODEL.DEEP_SUPERVISION``,
+    wrapped in :class:`DeepSupervision`)."""
     name = cfg.SOLVER.LOSS_FUNCTION_NAME
     if name not in LOSSES:
         raise ValueError(
             f"SOLVER.LOSS_FUNCTION_NAME: unknown loss {name!r}; valid: {', '.join(sorted(LOSSES))}"
         )
-    return Loss(name, LOSSES[name](cfg))
+    loss = Loss(name, LOSSES[name](cfg))
+    return DeepSupervision(loss) if cfg.MODEL.get("DEEP_SUPERVISION", False) else loss
