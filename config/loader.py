@@ -277,7 +277,7 @@ def _check_training(cfg: CN) -> None:
         f"SOLVER.BASE_LR_MIN must be > 0 and <= SOLVER.BASE_LR_MAX, got {s.BASE_LR_MIN} and {s.BASE_LR_MAX}",
     )
     _check(cfg.MODEL.NORM in ("batch", "group"), f"MODEL.NORM must be 'batch' or 'group', got {cfg.MODEL.NORM!r}")
-    _check(not cfg.MODEL.DEEP_SUPERVISION or str(cfg.MODEL.ARCHITECTURE).startswith("UneXt"),
+    _check(not cfg.MODEL.DEEP_SUPERVISION or cfg.MODEL.ARCHITECTURE in ARCHITECTURES,
            f"MODEL.DEEP_SUPERVISION: only the UneXt family has it, not {cfg.MODEL.ARCHITECTURE!r}")
     _check(cfg.MODEL.NUM_CLASSES == 1, f"MODEL.NUM_CLASSES must be 1 (binary segmentation: multi-class models are "
                                        f"not supported yet), got {cfg.MODEL.NUM_CLASSES}")

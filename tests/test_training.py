@@ -11,7 +11,7 @@ import torch
 
 from data.datasets import TileDataset, TileSet, kfold_groups, tile_group
 from data.transforms import build_train_transform
-from model.checkpoint import model_from_checkpoint
+from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.callbacks import WeightAverager
 from tests.conftest import REPO, free_port, kill_9_at_pause, run_script, start_script
 from tests.slides import shared
@@ -253,7 +253,7 @@ def test_deep_supervision_trains_and_saves_its_heads(aidpath_tiles, tmp_path):
     model, info = model_from_checkpoint(str(out / "model_UneXt_resnet18_fold_0.pth"))
     assert info["model"]["DEEP_SUPERVISION"] is True and len(model.aux_heads) == 3
     # the heads are saved with the weights; inference gives the main output alone
-    saved = torch.load(out / "model_UneXt_resnet18_fold_0.pth", weights_only=False)
+    saved = load_checkpoint(str(out / "model_UneXt_resnet18_fold_0.pth"))
     assert any(k.startswith("aux_heads.") for k in saved["state_dict"])
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)

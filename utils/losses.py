@@ -161,9 +161,7 @@ class DeepSupervision(nn.Module):
         if isinstance(pred, torch.Tensor):
             return self.loss(pred, target)
         logits, heads = pred
-        target = target.float()
-        if target.ndim == logits.ndim - 1:
-            target = target.unsqueeze(1)
+        target = _prepare(logits, target)[1]  # float, (N, 1, H, W)
         total, norm = self.loss(logits, target), 1.0
         for weight, head in zip(self.weights, heads):
             factor = target.shape[-1] // head.shape[-1]
