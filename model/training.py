@@ -51,7 +51,7 @@ from model.checkpoint import load_weights_file, save_checkpoint
 from utils.distributed import is_main, rank, world_size
 from utils.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from utils.losses import build_loss
-from utils.metrics import THRESHOLDS, DiceAccumulator, dice_from_counts
+from utils.metrics import THRESHOLDS, DiceAccumulator, best_threshold, dice_from_counts, pooled_table
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
 
 __all__ = ["train", "checkpoint_name", "make_learner", "make_dataloaders", "training_settings", "changed_settings",
@@ -540,25 +540,21 @@ def _log_plan(cfg: CN, tiles: TileSet, folds: List[int], device, mean, std) -> N
 def _out_of_fold(cfg: CN, results: List[Dict[str, object]], sources: Dict[str, str]) -> Dict[str, object]:
     """The folds' pooled (out-of-fold) Dice per threshold, the best threshold, and each source's
     Dice at it and at 0.5; writes ``oof_thresholds.csv``."""
-    inter = np.sum([r["counts"]["inter"] for r in results], axis=0)
-    total = np.sum([r["counts"]["total"] for r in results], axis=0)
-    oof = {float(t): dice_from_counts(i, s) for t, i, s in zip(THRESHOLDS, inter, total)}
-    best_th = max(oof, key=lambda t: (oof[t], -t))
+    oof = pooled_table([r["counts"] for r in results])
+    best_th, best_dice = best_threshold(oof)
     summary = {
         "folds": [{k: v for k, v in r.items() if k not in ("counts", "counts_by_source", "settings")} for r in results],
         "mean_fold_dice": float(np.mean([r["dice_th"] for r in results])),
-        "oof_dice": oof[best_th],
+        "oof_dice": best_dice,
         "oof_threshold": best_th,
         "oof_dice_at_0.5": oof.get(0.5),
     }
     if sources:  # out-of-fold Dice of each source, at the run's threshold and at 0.5
-        k_best, k_half = (int(np.argmin(np.abs(np.asarray(THRESHOLDS) - t))) for t in (best_th, 0.5))
         for name in sorted(set(sources.values())):
-            parts = [r["counts_by_source"][name] for r in results if name in r.get("counts_by_source", {})]
-            inter = np.sum([p["inter"] for p in parts], axis=0)
-            total = np.sum([p["total"] for p in parts], axis=0)
-            summary.setdefault("oof_dice_by_source", {})[name] = dice_from_counts(inter[k_best], total[k_best])
-            summary.setdefault("oof_dice_by_source_at_0.5", {})[name] = dice_from_counts(inter[k_half], total[k_half])
+            table = pooled_table([r["counts_by_source"][name] for r in results
+                                  if name in r.get("counts_by_source", {})])
+            summary.setdefault("oof_dice_by_source", {})[name] = table[best_th]
+            summary.setdefault("oof_dice_by_source_at_0.5", {})[name] = table[0.5]
         logger.info("Out-of-fold Dice by source (threshold %.2f): %s", best_th, ", ".join(
             f"{name} {value:.4f}" for name, value in summary["oof_dice_by_source"].items()))
     atomic_write_csv(os.path.join(cfg.OUTPUT_DIR, "oof_thresholds.csv"), ["threshold", "dice"],

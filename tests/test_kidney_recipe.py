@@ -190,3 +190,43 @@ def test_the_shipped_model_counts_the_glomeruli_of_the_sample_slide(tmp_path):
     count, labels = cv2.connectedComponents(truth.astype(np.uint8))
     covered = [float(predicted[labels == i].mean()) for i in range(1, count)]
     assert len(covered) == 12 and min(covered) > 0.3, covered
+
+
+def _dice_table_by_hand(counts, thresholds):
+    """Dice per threshold of pooled counts, summed one by one (the reference for pooled_table)."""
+    table = {}
+    for k, t in enumerate(thresholds):
+        inter = sum(c["inter"][k] for c in counts)
+        total = sum(c["total"][k] for c in counts)
+        table[float(t)] = 2 * inter / total if total else 1.0
+    return table
+
+
+def test_a_learned_threshold_for_a_fold_comes_from_the_other_folds_only():
+    """The held-out bench's nested threshold: fold k's is the recipe's rule (best pooled Dice,
+    lowest threshold on ties) over the other folds' counts, and fold k's own counts never move it."""
+    from tests.bench.kidney_heldout import nested_thresholds
+    from utils.metrics import THRESHOLDS, best_threshold, pooled_table
+
+    rng = np.random.default_rng(0)
+    n = len(THRESHOLDS)
+
+    def fold_counts():
+        total = rng.uniform(1e5, 2e5, n)
+        return {"inter": list(total * rng.uniform(0.1, 0.45, n)), "total": list(total)}
+
+    counts = {fold: fold_counts() for fold in range(4)}
+    for fold, table in [(f, _dice_table_by_hand([c for g, c in counts.items() if g != f], THRESHOLDS))
+                        for f in counts]:
+        assert pooled_table([c for g, c in counts.items() if g != fold]) == pytest.approx(table, rel=1e-12)
+    learned = nested_thresholds(counts)
+    for fold in counts:
+        table = _dice_table_by_hand([c for g, c in counts.items() if g != fold], THRESHOLDS)
+        assert learned[fold] == max(table, key=lambda t: (table[t], -t))
+    # fold 0's own counts, made to favour the highest threshold outright, leave its threshold alone
+    changed = dict(counts)
+    changed[0] = {"inter": [0.0] * (n - 1) + [1e9], "total": [1e9] * n}
+    assert nested_thresholds(changed)[0] == learned[0]
+    assert best_threshold(pooled_table([changed[0]]))[0] == float(THRESHOLDS[-1])
+    # ties go to the lowest threshold
+    assert best_threshold({0.3: 0.8, 0.5: 0.8, 0.7: 0.6}) == (0.3, 0.8)

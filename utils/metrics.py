@@ -8,10 +8,26 @@ import torch
 
 from utils.rle import dice_from_counts  # (pure: inference imports it from utils.rle, without torch)
 
-__all__ = ["THRESHOLDS", "DiceAccumulator", "dice_from_counts"]
+__all__ = ["THRESHOLDS", "DiceAccumulator", "best_threshold", "dice_from_counts", "pooled_table"]
 
 # Thresholds of the Dice-vs-threshold study (probabilities).
 THRESHOLDS = np.round(np.arange(0.10, 0.91, 0.05), 2)
+
+
+def pooled_table(counts: Sequence[Dict[str, Sequence[float]]], thresholds: Sequence[float] = THRESHOLDS
+                 ) -> Dict[float, float]:
+    """Dice per threshold of several validations pooled: each entry of ``counts`` holds the
+    ``inter`` and ``total`` pixel counts at every threshold of ``thresholds``."""
+    inter = np.sum([c["inter"] for c in counts], axis=0)
+    total = np.sum([c["total"] for c in counts], axis=0)
+    return {float(t): dice_from_counts(float(i), float(s)) for t, i, s in zip(thresholds, inter, total)}
+
+
+def best_threshold(table: Dict[float, float]):
+    """``(threshold, dice)`` of the best entry of a Dice-per-threshold ``table`` (the lowest
+    threshold on ties): the rule every learned threshold follows."""
+    th = max(table, key=lambda t: (table[t], -t))
+    return th, table[th]
 
 
 class DiceAccumulator:
@@ -81,6 +97,4 @@ class DiceAccumulator:
 
     def best(self):
         """``(threshold, dice)`` of the best threshold (the lowest on ties)."""
-        table = self.per_threshold()
-        th = max(table, key=lambda t: (table[t], -t))
-        return th, table[th]
+        return best_threshold(self.per_threshold())

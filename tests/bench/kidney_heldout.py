@@ -16,6 +16,12 @@ then every fold's checkpoint predicts, with test_net.py, exactly the images that
 their labelme files (TEST.WSI_FOLDER + TEST.ANNOTATIONS_FOLDER, 0.95 um/px). The Dice is pooled
 per source over all its images (2 sum|P&G| / sum(|P|+|G|), from the full-resolution RLE against
 the true masks) at a threshold of 0.5 fixed before any run; nothing is chosen on these images.
+
+With ``--nested`` each fold is scored a second time at the threshold the recipe's own rule (the
+best pooled Dice, ``utils.metrics.best_threshold``) learns from the *other* folds' validations: a
+learned threshold, as the shipped model uses one, chosen without any image of the fold it scores.
+
+    python -m tests.bench.kidney_heldout --nested --output output/kidney_seed1
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from tests.bench.bench_tiles import REPO
 from tests.slides import SHARED_REASON, has_shared, shared
@@ -70,10 +76,19 @@ def truth_runs(source: str, image_id: str):
     return runs, (1200, 1600)
 
 
-def _predict(source: str, ids: List[str], checkpoint: str, out: str, work: str) -> Dict[str, str]:
+def nested_thresholds(counts: Dict[int, Dict[str, List[float]]]) -> Dict[int, float]:
+    """For each fold of ``counts`` (fold -> its validation's pixel counts per threshold of
+    ``utils.metrics.THRESHOLDS``), the threshold learned from the other folds' counts pooled."""
+    from utils.metrics import best_threshold, pooled_table
+
+    return {fold: best_threshold(pooled_table([c for f, c in counts.items() if f != fold]))[0] for fold in counts}
+
+
+def _predict(source: str, ids: List[str], checkpoint: str, out: str, work: str,
+             threshold: float = THRESHOLD) -> Dict[str, str]:
     """test_net on the held-out images of one source; returns {id: predicted RLE}."""
     common = [sys.executable, "test_net.py", "--config-file", RECIPE, "TEST.MODEL_WEIGHTS_FOLDER", checkpoint,
-              "TEST.TH", str(THRESHOLD), "OUTPUT_DIR", out]
+              "TEST.TH", str(threshold), "OUTPUT_DIR", out]
     if source == "aidpath":
         id_csv = os.path.join(work, "ids.csv")
         with open(id_csv, "w") as fh:
@@ -94,28 +109,34 @@ def _predict(source: str, ids: List[str], checkpoint: str, out: str, work: str) 
         return {row["id"]: row["predicted"] for row in csv.DictReader(fh)}
 
 
-def score(output: str, work: str) -> Dict[str, Dict[str, object]]:
-    """Pooled held-out Dice per source over every fold of the run in ``output``."""
+def fold_results(output: str) -> Dict[int, Dict[str, object]]:
+    """Each fold's ``result.json`` of the run in ``output`` (fold -> result)."""
+    paths = sorted(glob.glob(os.path.join(output, "fold_*", "result.json")))
+    if not paths:
+        sys.exit(f"{output}: no fold_*/result.json; train config/kidney.yaml first")
+    results = [json.load(open(path)) for path in paths]
+    return {int(r["fold"]): r for r in results}
+
+
+def score(output: str, work: str, thresholds: Optional[Dict[int, float]] = None) -> Dict[str, Dict[str, object]]:
+    """Pooled held-out Dice per source over every fold of the run in ``output``, each fold at its
+    entry of ``thresholds`` (default: all at THRESHOLD)."""
     from model.checkpoint import load_checkpoint
     from utils.rle import parse_rle, rle_area, runs_intersection
 
-    results = sorted(glob.glob(os.path.join(output, "fold_*", "result.json")))
-    if not results:
-        sys.exit(f"{output}: no fold_*/result.json; train config/kidney.yaml first")
     pooled: Dict[str, Dict[str, object]] = {}
-    for result_path in results:
-        result = json.load(open(result_path))
+    for fold, result in sorted(fold_results(output).items()):
         path = result["checkpoint"] if os.path.isabs(result["checkpoint"]) else os.path.join(REPO, result["checkpoint"])
         ckpt = load_checkpoint(path)
-        fold = int(ckpt["fold"])
+        threshold = THRESHOLD if thresholds is None else thresholds[fold]
         by_source: Dict[str, List[str]] = {}
         for image_id in ckpt["metrics"]["valid_ids"]:
             source = "aidpath" if os.path.isfile(shared("aidpath", "images", f"{image_id}.png")) else "hubmap_ftu"
             by_source.setdefault(source, []).append(image_id)
         for source, ids in sorted(by_source.items()):
-            folder = os.path.join(work, f"fold_{fold}_{source}")
+            folder = os.path.join(work, f"fold_{fold}_{source}_th{threshold:.2f}")
             os.makedirs(folder, exist_ok=True)
-            predicted = _predict(source, ids, path, os.path.join(folder, "out"), folder)
+            predicted = _predict(source, ids, path, os.path.join(folder, "out"), folder, threshold)
             entry = pooled.setdefault(source, {"inter": 0, "total": 0, "per_image": {}, "per_fold": {}})
             fold_inter = fold_total = 0
             for image_id in ids:
@@ -139,6 +160,10 @@ def main(argv=None) -> int:
                         help="without --seeds: the OUTPUT_DIR of a run to score; with: the prefix of the runs' folders")
     parser.add_argument("--recipe", default=RECIPE, help="the recipe to train (default config/kidney.yaml)")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+    parser.add_argument("--nested", action="store_true",
+                        help="also score each fold at the threshold learned from the other folds")
+    parser.add_argument("--score-only", action="store_true",
+                        help="with --seeds: score the runs <output>_seed<N> trained earlier, without training")
     parser.add_argument("opts", nargs="*", help="extra KEY VALUE overrides for train_net.py (experiments)")
     args = parser.parse_args(argv)
     if not has_shared():
@@ -147,33 +172,51 @@ def main(argv=None) -> int:
     runs = []
     for seed in args.seeds:
         out = f"{args.output}_seed{seed}"
+        if args.score_only:
+            runs.append((seed, out, float("nan")))
+            continue
         tile_s, train_s = train_recipe(seed, out, os.path.join(work, f"tiles_seed{seed}"), args.recipe, args.opts)
         runs.append((seed, out, (tile_s + train_s) / 60))
     if not args.seeds:
         runs.append((None, args.output, float("nan")))
     rows = []
     for seed, out, minutes in runs:
-        pooled = score(out, os.path.join(work, os.path.basename(out)))
         summary = json.load(open(os.path.join(out, "summary.json")))
-        rows.append({"seed": seed, "minutes": minutes, "oof": summary.get("oof_dice_by_source", {}),
-                     **{source: entry["dice"] for source, entry in pooled.items()}})
-        for source, entry in sorted(pooled.items()):
-            print(f"seed {seed} {source}: held-out pooled Dice {entry['dice']:.4f} at {THRESHOLD} (per fold "
-                  f"{', '.join(f'{k}: {v:.3f}' for k, v in sorted(entry['per_fold'].items()))}; worst images "
-                  f"{', '.join(f'{k} {v:.2f}' for k, v in sorted(entry['per_image'].items(), key=lambda kv: kv[1])[:4])})",
-                  flush=True)
-    sources = sorted({k for r in rows for k in r if k not in ("seed", "minutes", "oof")})
-    print("\n| seed | " + " | ".join(f"{s} held-out Dice" for s in sources) + " | out-of-fold (training) | "
-          "tiles + training, min |")
-    print("|---" * (len(sources) + 3) + "|")
-    for r in rows:
-        oof = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["oof"].items()))
-        print(f"| {r['seed']} | " + " | ".join(f"{r[s]:.4f}" for s in sources) + f" | {oof} | {r['minutes']:.1f} |")
-    if len(rows) > 1:
-        for s in sources:
-            values = [r[s] for r in rows]
-            print(f"{s}: mean {statistics.mean(values):.4f}, min {min(values):.4f}, max {max(values):.4f}, "
-                  f"spread (max - min) {max(values) - min(values):.4f}")
+        row = {"seed": seed, "minutes": minutes, "oof": summary.get("oof_dice_by_source", {})}
+        ways = [("held_out", f"at {THRESHOLD}", None)]
+        if args.nested:
+            learned = nested_thresholds({f: r["counts"] for f, r in fold_results(out).items()})
+            row["nested_thresholds"] = learned
+            ways.append(("nested", "at the threshold learned from the other folds", learned))
+        for key, how, thresholds in ways:
+            pooled = score(out, os.path.join(work, os.path.basename(out)), thresholds)
+            row[key] = {source: entry["dice"] for source, entry in pooled.items()}
+            for source, entry in sorted(pooled.items()):
+                print(f"seed {seed} {source}: held-out pooled Dice {entry['dice']:.4f} {how} (per fold "
+                      f"{', '.join(f'{k}: {v:.3f}' for k, v in sorted(entry['per_fold'].items()))}; worst images "
+                      f"{', '.join(f'{k} {v:.2f}' for k, v in sorted(entry['per_image'].items(), key=lambda kv: kv[1])[:4])})",
+                      flush=True)
+        if args.nested:
+            print(f"seed {seed}: thresholds learned from the other folds: "
+                  f"{', '.join(f'fold {f}: {t:.2f}' for f, t in sorted(row['nested_thresholds'].items()))}", flush=True)
+        rows.append(row)
+    sources = sorted({s for r in rows for s in r["held_out"]})
+    for key, title in [("held_out", f"threshold {THRESHOLD} fixed in advance"),
+                       ("nested", "threshold learned from the other folds")]:
+        if key not in rows[0]:
+            continue
+        print(f"\n{title}:\n| seed | " + " | ".join(f"{s} held-out Dice" for s in sources)
+              + " | out-of-fold (training) | tiles + training, min |")
+        print("|---" * (len(sources) + 3) + "|")
+        for r in rows:
+            oof = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["oof"].items()))
+            print(f"| {r['seed']} | " + " | ".join(f"{r[key][s]:.4f}" for s in sources)
+                  + f" | {oof} | {r['minutes']:.1f} |")
+        if len(rows) > 1:
+            for s in sources:
+                values = [r[key][s] for r in rows]
+                print(f"{s}: mean {statistics.mean(values):.4f}, min {min(values):.4f}, max {max(values):.4f}, "
+                      f"spread (max - min) {max(values) - min(values):.4f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
