@@ -54,7 +54,7 @@ from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, best_threshold, dice_from_counts, pooled_table
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
 
-__all__ = ["train", "checkpoint_name", "make_learner", "make_dataloaders", "training_settings", "changed_settings",
+__all__ = ["train", "revalidate", "checkpoint_name", "make_learner", "make_dataloaders", "training_settings", "changed_settings",
            "TRAINING_KEYS", "ALL"]
 
 logger = logging.getLogger(__name__)
@@ -241,11 +241,12 @@ def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
 
 
 @torch.no_grad()
-def _evaluate(model, valid_ds, device, bs: int, n_pictures: int = 6, sources: Optional[Dict[str, str]] = None):
+def _evaluate(model, valid_ds, device, bs: int, n_pictures: int = 6, sources: Optional[Dict[str, str]] = None,
+              thresholds=THRESHOLDS):
     """Dice-vs-threshold counts over the validation tiles (and, with ``sources``: slide id ->
     data source, over each source's tiles), and a few triplets."""
     model.eval()
-    acc = DiceAccumulator(THRESHOLDS)
+    acc = DiceAccumulator(thresholds)
     by_source: Dict[str, DiceAccumulator] = {}
     per_tile = []  # (foreground pixels, index, probability map)
     keep = max(n_pictures * 3, 12)
@@ -261,7 +262,7 @@ def _evaluate(model, valid_ds, device, bs: int, n_pictures: int = 6, sources: Op
             names = [sources.get(tile_group(valid_ds.names[i]), "") for i in range(start, start + len(items))]
             for name in sorted(set(names)):
                 rows = torch.as_tensor([k for k, n in enumerate(names) if n == name], device=logits.device)
-                by_source.setdefault(name, DiceAccumulator(THRESHOLDS)).update(logits[rows], y[rows])
+                by_source.setdefault(name, DiceAccumulator(thresholds)).update(logits[rows], y[rows])
         prob = torch.sigmoid(logits.float()).cpu().numpy()[:, 0]
         for j, p in enumerate(prob):
             per_tile.append((float(y[j].sum()), start + j, p))
@@ -444,9 +445,13 @@ def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
                     f"; {name} {value:.4f}" for name, value in metrics.get("dice_by_source", {}).items()),
                 fold.checkpoint)
     return {"fold": fold.fold, "checkpoint": fold.checkpoint, **metrics,
-            "counts": {"inter": acc.inter.tolist(), "total": acc.total.tolist()},
-            **({"counts_by_source": {name: {"inter": a.inter.tolist(), "total": a.total.tolist()}
-                                     for name, a in sorted(by_source.items())}} if by_source else {})}
+            **_counts(acc, by_source)}
+
+
+def _counts(acc: DiceAccumulator, by_source: Dict[str, DiceAccumulator]) -> Dict[str, object]:
+    """A validation's counts (and each source's), with their thresholds, as results record them."""
+    return {"counts": acc.counts(),
+            **({"counts_by_source": {name: a.counts() for name, a in sorted(by_source.items())}} if by_source else {})}
 
 
 def _clean_states(fold: _Fold) -> None:
@@ -603,3 +608,32 @@ def train(cfg: CN) -> Dict[str, object]:
                 summary["seconds"], summary["mean_fold_dice"], summary["oof_dice"], summary["oof_threshold"])
     logger.info("Checkpoints and pictures: %s", os.path.abspath(cfg.OUTPUT_DIR))
     return summary
+
+
+def revalidate(cfg: CN, thresholds=THRESHOLDS) -> Dict[int, Dict[str, object]]:
+    """Each fold of a finished run validated again, from its checkpoint in ``OUTPUT_DIR`` and its
+    validation tiles in ``DATASETS.TRAIN_FOLDER``, at ``thresholds``: ``{fold: {"counts": ...,
+    "counts_by_source": ...}}`` as ``result.json`` records them. It studies a run made with an
+    older threshold grid on the current one without training again; the fold's held-out images
+    are checked against those its result recorded (the same tiles and split)."""
+    from model.checkpoint import model_from_checkpoint
+
+    device = resolve_device(cfg.MODEL.DEVICE)
+    tiles = TileSet(cfg.DATASETS.TRAIN_FOLDER, cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN)
+    sources = tile_sources(tiles)
+    fold_of = kfold_groups(tiles.groups, cfg.SOLVER.N_FOLDS, sources)
+    grids = _grids(tiles, cfg)
+    out: Dict[int, Dict[str, object]] = {}
+    for f in list(cfg.SOLVER.FOLDS) or range(cfg.SOLVER.N_FOLDS):
+        fold = _Fold(cfg, f, tiles, fold_of, sources, device)
+        recorded = read_json(fold.result_file).get("valid_ids") if os.path.isfile(fold.result_file) else None
+        if recorded is not None and sorted(recorded) != fold.valid_ids:
+            raise ValueError(f"{fold.result_file}: fold {f} held out other images than {tiles.images} gives it "
+                             "(other tiles, N_FOLDS or data?)")
+        model, ckpt = model_from_checkpoint(fold.checkpoint)
+        valid_ds = ValidationTiles(tiles, fold.valid_names, ckpt["input"]["mean"], ckpt["input"]["std"], grids)
+        acc, _, by_source = _evaluate(model.to(device), valid_ds, device, cfg.SOLVER.IMS_PER_BATCH, sources=sources,
+                                      thresholds=thresholds)
+        logger.info("%s: validated again: Dice %.4f at threshold %.2f", fold.label, *acc.best())
+        out[int(f)] = _counts(acc, by_source)
+    return out

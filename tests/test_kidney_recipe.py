@@ -230,3 +230,29 @@ def test_a_learned_threshold_for_a_fold_comes_from_the_other_folds_only():
     assert best_threshold(pooled_table([changed[0]]))[0] == float(THRESHOLDS[-1])
     # ties go to the lowest threshold
     assert best_threshold({0.3: 0.8, 0.5: 0.8, 0.7: 0.6}) == (0.3, 0.8)
+
+
+def test_counts_carry_their_thresholds_and_older_runs_pool_on_the_shared_ones():
+    """Results record the threshold grid of their counts; counts of runs made before that (no
+    grid, 17 entries: 0.10 .. 0.90) still read, and a mix pools on the thresholds both have."""
+    import torch
+
+    from utils.metrics import LEGACY_THRESHOLDS, THRESHOLDS, DiceAccumulator, count_thresholds, pooled_table
+
+    acc = DiceAccumulator()
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 1, 32, 32) * 3, (torch.rand(4, 1, 32, 32) > 0.7).float()
+    acc.update(logits, target)
+    counts = acc.counts()
+    assert counts["thresholds"] == [round(float(t), 4) for t in THRESHOLDS] and max(counts["thresholds"]) == 0.99
+    assert pooled_table([counts]) == pytest.approx(acc.per_threshold(), rel=1e-12)
+    prob = torch.sigmoid(logits).reshape(-1)  # a threshold's counts, by hand
+    assert counts["inter"][counts["thresholds"].index(0.95)] == float(((prob > 0.95) & (target.reshape(-1) > 0)).sum())
+    older = {"inter": [c * 2 for c in counts["inter"][:17]], "total": [c * 3 for c in counts["total"][:17]]}
+    assert count_thresholds(older) == [round(float(t), 4) for t in LEGACY_THRESHOLDS]
+    mixed = pooled_table([counts, older])
+    assert sorted(mixed) == [round(float(t), 4) for t in LEGACY_THRESHOLDS]  # 0.95 .. 0.99: only one has them
+    k = 8  # 0.5
+    assert mixed[0.5] == pytest.approx(2 * (counts["inter"][k] * 3) / (counts["total"][k] * 4), rel=1e-12)
+    with pytest.raises(ValueError, match="13 thresholds match no known threshold grid"):
+        count_thresholds({"inter": [0.0] * 13, "total": [1.0] * 13})

@@ -79,7 +79,7 @@ def test_one_epoch_writes_every_output(aidpath_tiles, tmp_path):
         assert info["model"]["ARCHITECTURE"] == "UneXt" and info["fold"] == fold
         assert info["input"]["size"] == 64 and info["input"]["reduce"] == 8 and len(info["input"]["mean"]) == 3
         assert info["input"]["mpp"] == 4.0  # the tiles' pixel size: 0.5 um/px x 8, for test_net's scale
-        assert 0.1 <= info["threshold"] <= 0.9 and 0 <= info["metrics"]["dice_th"] <= 1
+        assert 0.1 <= info["threshold"] <= 0.99 and 0 <= info["metrics"]["dice_th"] <= 1
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
         folder = out / f"fold_{fold}"
         for name in ("history.csv", "curves.png", "thresholds.csv", "thresholds.png", "triplets.png"):
@@ -89,6 +89,17 @@ def test_one_epoch_writes_every_output(aidpath_tiles, tmp_path):
     assert not (out / "model_UneXt_resnet18_fold_1.pth").exists()  # only the selected folds
     summary = json.load(open(out / "summary.json"))
     assert [f["fold"] for f in summary["folds"]] == [0, 2] and 0 <= summary["oof_dice"] <= 1
+    # the folds validated again from their checkpoints (a run studied on another threshold
+    # grid) give exactly the counts their results recorded, with the grid's thresholds
+    from config.loader import load_cfg
+    from model.training import revalidate
+    from utils.metrics import THRESHOLDS
+
+    again = revalidate(load_cfg(str(out / "config.yaml"), ["OUTPUT_DIR", str(out)]))
+    for fold in (0, 2):
+        recorded = json.load(open(out / f"fold_{fold}" / "result.json"))
+        assert recorded["counts"]["thresholds"] == [round(float(t), 4) for t in THRESHOLDS]
+        assert again[fold] == {k: recorded[k] for k in ("counts", "counts_by_source") if k in recorded}
     log = (out / "log.txt").read_text()
     assert (out / "config.yaml").exists() and "Out-of-fold Dice" in log
     # a log a person can read: one line per epoch, no progress-bar redraws

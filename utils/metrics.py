@@ -1,26 +1,51 @@
 """Dice metrics: soft Dice, thresholded Dice over a sweep of thresholds (pure torch/numpy)."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 
 from utils.rle import dice_from_counts  # (pure: inference imports it from utils.rle, without torch)
 
-__all__ = ["THRESHOLDS", "DiceAccumulator", "best_threshold", "dice_from_counts", "pooled_table"]
+__all__ = ["LEGACY_THRESHOLDS", "THRESHOLDS", "DiceAccumulator", "best_threshold", "count_thresholds",
+           "dice_from_counts", "pooled_table"]
 
-# Thresholds of the Dice-vs-threshold study (probabilities).
-THRESHOLDS = np.round(np.arange(0.10, 0.91, 0.05), 2)
+# Thresholds of the Dice-vs-threshold study (probabilities). The top reaches 0.99: models trained
+# on crops centred on objects are over-confident, and their best threshold sat at the old top, 0.90.
+THRESHOLDS = np.round(np.concatenate([np.arange(0.10, 0.96, 0.05), [0.97, 0.99]]), 2)
+# The grid of runs made before the counts recorded their thresholds (0.10 .. 0.90).
+LEGACY_THRESHOLDS = np.round(np.arange(0.10, 0.91, 0.05), 2)
 
 
-def pooled_table(counts: Sequence[Dict[str, Sequence[float]]], thresholds: Sequence[float] = THRESHOLDS
-                 ) -> Dict[float, float]:
+def count_thresholds(counts: Dict[str, Sequence[float]]) -> List[float]:
+    """The thresholds of one validation's ``counts``: their own ``thresholds`` entry, or (counts
+    of older runs, which had none) the grid of their length."""
+    if "thresholds" in counts:
+        thresholds = [round(float(t), 4) for t in counts["thresholds"]]
+    else:
+        thresholds = next(([round(float(t), 4) for t in grid] for grid in (THRESHOLDS, LEGACY_THRESHOLDS)
+                           if len(grid) == len(counts["inter"])), [])
+    if len(thresholds) != len(counts["inter"]) or len(thresholds) != len(counts["total"]):
+        raise ValueError(f"Dice counts of {len(counts['inter'])} thresholds match no known threshold grid")
+    return thresholds
+
+
+def pooled_table(counts: Sequence[Dict[str, Sequence[float]]]) -> Dict[float, float]:
     """Dice per threshold of several validations pooled: each entry of ``counts`` holds the
-    ``inter`` and ``total`` pixel counts at every threshold of ``thresholds``."""
-    inter = np.sum([c["inter"] for c in counts], axis=0)
-    total = np.sum([c["total"] for c in counts], axis=0)
-    return {float(t): dice_from_counts(float(i), float(s)) for t, i, s in zip(thresholds, inter, total)}
+    ``inter`` and ``total`` pixel counts at each of its thresholds (:func:`count_thresholds`).
+    Validations made on different grids (a run resumed across versions) pool on the thresholds
+    they share."""
+    grids = [count_thresholds(c) for c in counts]
+    shared = sorted(set(grids[0]).intersection(*grids[1:])) if grids else []
+    inter = {t: 0.0 for t in shared}
+    total = {t: 0.0 for t in shared}
+    for c, grid in zip(counts, grids):
+        for t, i, s in zip(grid, c["inter"], c["total"]):
+            if t in inter:
+                inter[t] += float(i)
+                total[t] += float(s)
+    return {t: dice_from_counts(inter[t], total[t]) for t in shared}
 
 
 def best_threshold(table: Dict[float, float]):
@@ -79,7 +104,7 @@ class DiceAccumulator:
         return dice_from_counts(self.soft_inter, self.soft_total)
 
     def per_threshold(self) -> Dict[float, float]:
-        return {float(t): dice_from_counts(float(i), float(s))
+        return {round(float(t), 4): dice_from_counts(float(i), float(s))
                 for t, i, s in zip(self.thresholds, self.inter, self.total)}
 
     def foreground_fraction(self, threshold: float = 0.5) -> float:
@@ -98,3 +123,8 @@ class DiceAccumulator:
     def best(self):
         """``(threshold, dice)`` of the best threshold (the lowest on ties)."""
         return best_threshold(self.per_threshold())
+
+    def counts(self) -> Dict[str, List[float]]:
+        """The hard counts with their thresholds, as results record them (:func:`pooled_table`)."""
+        return {"thresholds": [round(float(t), 4) for t in self.thresholds], "inter": self.inter.tolist(),
+                "total": self.total.tolist()}

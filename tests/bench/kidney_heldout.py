@@ -22,6 +22,11 @@ best pooled Dice, ``utils.metrics.best_threshold``) learns from the *other* fold
 learned threshold, as the shipped model uses one, chosen without any image of the fold it scores.
 
     python -m tests.bench.kidney_heldout --nested --output output/kidney_seed1
+    python -m tests.bench.kidney_heldout --nested --output output/kidney_seed1 --revalidate datasets/kidney_tiles
+
+``--revalidate`` learns those thresholds from each fold validated again from its checkpoint on the
+recipe's tiles at the current threshold grid (``model.training.revalidate``): for runs whose
+``result.json`` recorded an older, narrower grid.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from typing import Dict, List, Optional, Tuple
 
 from tests.bench.bench_tiles import REPO
 from tests.slides import SHARED_REASON, has_shared, shared
+from utils.metrics import best_threshold, pooled_table
 
 RECIPE = os.path.join(REPO, "config", "kidney.yaml")
 THRESHOLD = 0.5  # fixed in advance
@@ -78,10 +84,18 @@ def truth_runs(source: str, image_id: str):
 
 def nested_thresholds(counts: Dict[int, Dict[str, List[float]]]) -> Dict[int, float]:
     """For each fold of ``counts`` (fold -> its validation's pixel counts per threshold of
-    ``utils.metrics.THRESHOLDS``), the threshold learned from the other folds' counts pooled."""
-    from utils.metrics import best_threshold, pooled_table
-
+    each threshold of its grid), the threshold learned from the other folds' counts pooled."""
     return {fold: best_threshold(pooled_table([c for f, c in counts.items() if f != fold]))[0] for fold in counts}
+
+
+def revalidated_counts(output: str, tiles: str) -> Dict[int, Dict[str, List[float]]]:
+    """Each fold's validation counts of the run in ``output``, measured again from its checkpoint
+    on ``tiles`` at the current threshold grid (``model.training.revalidate``)."""
+    from config.loader import load_cfg
+    from model.training import revalidate
+
+    cfg = load_cfg(os.path.join(output, "config.yaml"), ["DATASETS.TRAIN_FOLDER", tiles, "OUTPUT_DIR", output])
+    return {fold: result["counts"] for fold, result in revalidate(cfg).items()}
 
 
 def _predict(source: str, ids: List[str], checkpoint: str, out: str, work: str,
@@ -164,6 +178,10 @@ def main(argv=None) -> int:
                         help="also score each fold at the threshold learned from the other folds")
     parser.add_argument("--score-only", action="store_true",
                         help="with --seeds: score the runs <output>_seed<N> trained earlier, without training")
+    parser.add_argument("--revalidate", default="", metavar="TILES",
+                        help="with --nested: learn the thresholds from each fold validated again on TILES (the "
+                             "recipe's tiles, e.g. datasets/kidney_tiles) on the current threshold grid, instead of "
+                             "the counts its result.json recorded (for runs made with an older grid)")
     parser.add_argument("opts", nargs="*", help="extra KEY VALUE overrides for train_net.py (experiments)")
     args = parser.parse_args(argv)
     if not has_shared():
@@ -185,8 +203,11 @@ def main(argv=None) -> int:
         row = {"seed": seed, "minutes": minutes, "oof": summary.get("oof_dice_by_source", {})}
         ways = [("held_out", f"at {THRESHOLD}", None)]
         if args.nested:
-            learned = nested_thresholds({f: r["counts"] for f, r in fold_results(out).items()})
+            counts = (revalidated_counts(out, args.revalidate) if args.revalidate
+                      else {f: r["counts"] for f, r in fold_results(out).items()})
+            learned = nested_thresholds(counts)
             row["nested_thresholds"] = learned
+            row["oof_threshold"] = best_threshold(pooled_table(list(counts.values())))[0]
             ways.append(("nested", "at the threshold learned from the other folds", learned))
         for key, how, thresholds in ways:
             pooled = score(out, os.path.join(work, os.path.basename(out)), thresholds)
@@ -198,7 +219,8 @@ def main(argv=None) -> int:
                       flush=True)
         if args.nested:
             print(f"seed {seed}: thresholds learned from the other folds: "
-                  f"{', '.join(f'fold {f}: {t:.2f}' for f, t in sorted(row['nested_thresholds'].items()))}", flush=True)
+                  f"{', '.join(f'fold {f}: {t:.2f}' for f, t in sorted(row['nested_thresholds'].items()))}; "
+                  f"from all folds (the final model's): {row['oof_threshold']:.2f}", flush=True)
         rows.append(row)
     sources = sorted({s for r in rows for s in r["held_out"]})
     for key, title in [("held_out", f"threshold {THRESHOLD} fixed in advance"),
