@@ -241,12 +241,11 @@ def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
 
 
 @torch.no_grad()
-def _evaluate(model, valid_ds, device, bs: int, n_pictures: int = 6, sources: Optional[Dict[str, str]] = None,
-              thresholds=THRESHOLDS):
+def _evaluate(model, valid_ds, device, bs: int, n_pictures: int = 6, sources: Optional[Dict[str, str]] = None):
     """Dice-vs-threshold counts over the validation tiles (and, with ``sources``: slide id ->
     data source, over each source's tiles), and a few triplets."""
     model.eval()
-    acc = DiceAccumulator(thresholds)
+    acc = DiceAccumulator(THRESHOLDS)
     by_source: Dict[str, DiceAccumulator] = {}
     per_tile = []  # (foreground pixels, index, probability map)
     keep = max(n_pictures * 3, 12)
@@ -262,7 +261,7 @@ def _evaluate(model, valid_ds, device, bs: int, n_pictures: int = 6, sources: Op
             names = [sources.get(tile_group(valid_ds.names[i]), "") for i in range(start, start + len(items))]
             for name in sorted(set(names)):
                 rows = torch.as_tensor([k for k, n in enumerate(names) if n == name], device=logits.device)
-                by_source.setdefault(name, DiceAccumulator(thresholds)).update(logits[rows], y[rows])
+                by_source.setdefault(name, DiceAccumulator(THRESHOLDS)).update(logits[rows], y[rows])
         prob = torch.sigmoid(logits.float()).cpu().numpy()[:, 0]
         for j, p in enumerate(prob):
             per_tile.append((float(y[j].sum()), start + j, p))
@@ -610,9 +609,9 @@ def train(cfg: CN) -> Dict[str, object]:
     return summary
 
 
-def revalidate(cfg: CN, thresholds=THRESHOLDS) -> Dict[int, Dict[str, object]]:
+def revalidate(cfg: CN) -> Dict[int, Dict[str, object]]:
     """Each fold of a finished run validated again, from its checkpoint in ``OUTPUT_DIR`` and its
-    validation tiles in ``DATASETS.TRAIN_FOLDER``, at ``thresholds``: ``{fold: {"counts": ...,
+    validation tiles in ``DATASETS.TRAIN_FOLDER``, on the current threshold grid: ``{fold: {"counts": ...,
     "counts_by_source": ...}}`` as ``result.json`` records them. It studies a run made with an
     older threshold grid on the current one without training again; the fold's held-out images
     are checked against those its result recorded (the same tiles and split)."""
@@ -632,8 +631,7 @@ def revalidate(cfg: CN, thresholds=THRESHOLDS) -> Dict[int, Dict[str, object]]:
                              "(other tiles, N_FOLDS or data?)")
         model, ckpt = model_from_checkpoint(fold.checkpoint)
         valid_ds = ValidationTiles(tiles, fold.valid_names, ckpt["input"]["mean"], ckpt["input"]["std"], grids)
-        acc, _, by_source = _evaluate(model.to(device), valid_ds, device, cfg.SOLVER.IMS_PER_BATCH, sources=sources,
-                                      thresholds=thresholds)
+        acc, _, by_source = _evaluate(model.to(device), valid_ds, device, cfg.SOLVER.IMS_PER_BATCH, sources=sources)
         logger.info("%s: validated again: Dice %.4f at threshold %.2f", fold.label, *acc.best())
         out[int(f)] = _counts(acc, by_source)
     return out

@@ -213,7 +213,7 @@ def test_a_learned_threshold_for_a_fold_comes_from_the_other_folds_only():
 
     def fold_counts():
         total = rng.uniform(1e5, 2e5, n)
-        return {"inter": list(total * rng.uniform(0.1, 0.45, n)), "total": list(total)}
+        return {"thresholds": list(THRESHOLDS), "inter": list(total * rng.uniform(0.1, 0.45, n)), "total": list(total)}
 
     counts = {fold: fold_counts() for fold in range(4)}
     for fold, table in [(f, _dice_table_by_hand([c for g, c in counts.items() if g != f], THRESHOLDS))
@@ -225,7 +225,7 @@ def test_a_learned_threshold_for_a_fold_comes_from_the_other_folds_only():
         assert learned[fold] == max(table, key=lambda t: (table[t], -t))
     # fold 0's own counts, made to favour the highest threshold outright, leave its threshold alone
     changed = dict(counts)
-    changed[0] = {"inter": [0.0] * (n - 1) + [1e9], "total": [1e9] * n}
+    changed[0] = {"thresholds": list(THRESHOLDS), "inter": [0.0] * (n - 1) + [1e9], "total": [1e9] * n}
     assert nested_thresholds(changed)[0] == learned[0]
     assert best_threshold(pooled_table([changed[0]]))[0] == float(THRESHOLDS[-1])
     # ties go to the lowest threshold

@@ -19,14 +19,15 @@ THRESHOLDS = np.round(np.concatenate([np.arange(0.10, 0.96, 0.05), [0.97, 0.99]]
 LEGACY_THRESHOLDS = np.round(np.arange(0.10, 0.91, 0.05), 2)
 
 
+def _keys(thresholds) -> List[float]:
+    """Thresholds as the keys of Dice tables: rounded, so float32 and float64 values agree."""
+    return [round(float(t), 4) for t in thresholds]
+
+
 def count_thresholds(counts: Dict[str, Sequence[float]]) -> List[float]:
     """The thresholds of one validation's ``counts``: their own ``thresholds`` entry, or (counts
-    of older runs, which had none) the grid of their length."""
-    if "thresholds" in counts:
-        thresholds = [round(float(t), 4) for t in counts["thresholds"]]
-    else:
-        thresholds = next(([round(float(t), 4) for t in grid] for grid in (THRESHOLDS, LEGACY_THRESHOLDS)
-                           if len(grid) == len(counts["inter"])), [])
+    of older runs, which had none) :data:`LEGACY_THRESHOLDS`."""
+    thresholds = _keys(counts["thresholds"] if "thresholds" in counts else LEGACY_THRESHOLDS)
     if len(thresholds) != len(counts["inter"]) or len(thresholds) != len(counts["total"]):
         raise ValueError(f"Dice counts of {len(counts['inter'])} thresholds match no known threshold grid")
     return thresholds
@@ -105,8 +106,8 @@ class DiceAccumulator:
         return dice_from_counts(self.soft_inter, self.soft_total)
 
     def per_threshold(self) -> Dict[float, float]:
-        return {round(float(t), 4): dice_from_counts(float(i), float(s))
-                for t, i, s in zip(self.thresholds, self.inter, self.total)}
+        return {t: dice_from_counts(float(i), float(s))
+                for t, i, s in zip(_keys(self.thresholds), self.inter, self.total)}
 
     def foreground_fraction(self, threshold: float = 0.5) -> float:
         """Share of the pixels predicted foreground at the sweep threshold nearest ``threshold``
@@ -127,5 +128,5 @@ class DiceAccumulator:
 
     def counts(self) -> Dict[str, List[float]]:
         """The hard counts with their thresholds, as results record them (:func:`pooled_table`)."""
-        return {"thresholds": [round(float(t), 4) for t in self.thresholds], "inter": self.inter.tolist(),
+        return {"thresholds": _keys(self.thresholds), "inter": self.inter.tolist(),
                 "total": self.total.tolist()}

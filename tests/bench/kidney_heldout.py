@@ -83,8 +83,8 @@ def truth_runs(source: str, image_id: str):
 
 
 def nested_thresholds(counts: Dict[int, Dict[str, List[float]]]) -> Dict[int, float]:
-    """For each fold of ``counts`` (fold -> its validation's pixel counts per threshold of
-    each threshold of its grid), the threshold learned from the other folds' counts pooled."""
+    """For each fold of ``counts`` (fold -> its validation's pixel counts, with their thresholds),
+    the threshold learned from the other folds' counts pooled."""
     return {fold: best_threshold(pooled_table([c for f, c in counts.items() if f != fold]))[0] for fold in counts}
 
 
@@ -136,7 +136,7 @@ def score(output: str, work: str, thresholds: Optional[Dict[int, float]] = None)
     """Pooled held-out Dice per source over every fold of the run in ``output``, each fold at its
     entry of ``thresholds`` (default: all at THRESHOLD)."""
     from model.checkpoint import load_checkpoint
-    from utils.rle import parse_rle, rle_area, runs_intersection
+    from utils.rle import dice_from_counts, parse_rle, rle_area, runs_intersection
 
     pooled: Dict[str, Dict[str, object]] = {}
     for fold, result in sorted(fold_results(output).items()):
@@ -158,12 +158,12 @@ def score(output: str, work: str, thresholds: Optional[Dict[int, float]] = None)
                 pred = parse_rle(predicted[image_id], shape)
                 inter, total = runs_intersection(pred, truth), rle_area(pred) + rle_area(truth)
                 fold_inter, fold_total = fold_inter + inter, fold_total + total
-                entry["per_image"][image_id] = 2 * inter / total if total else 1.0
+                entry["per_image"][image_id] = dice_from_counts(inter, total)
             entry["inter"] += fold_inter
             entry["total"] += fold_total
-            entry["per_fold"][fold] = 2 * fold_inter / fold_total if fold_total else 1.0
+            entry["per_fold"][fold] = dice_from_counts(fold_inter, fold_total)
     for entry in pooled.values():
-        entry["dice"] = 2 * entry["inter"] / entry["total"] if entry["total"] else 1.0
+        entry["dice"] = dice_from_counts(entry["inter"], entry["total"])
     return pooled
 
 
