@@ -225,6 +225,10 @@ _C.SOLVER.AMP = "auto"
 _C.SOLVER.IMS_PER_BATCH = 32
 # Folds to train (e.g. [0, 2]); empty: all N_FOLDS folds.
 _C.SOLVER.FOLDS = []
+# False: no folds, only the model on every image (needs FINAL_MODEL True; threshold 0.5, or
+# TEST.TH): fine-tuning a model on a few corrected slides (config/finetune.yaml), where holding
+# slides out would leave too few to learn from.
+_C.SOLVER.CROSS_VALIDATION = True
 # Kept for the original configs: a rerun of the same command always resumes (finished folds
 # are kept, an unfinished fold continues after its last saved epoch); with True, finished
 # folds are also kept when the settings changed.

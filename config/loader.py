@@ -287,6 +287,8 @@ def _check_training(cfg: CN) -> None:
     _check(s.LOSS_FUNCTION_NAME in LOSS_NAMES, f"SOLVER.LOSS_FUNCTION_NAME: unknown loss {s.LOSS_FUNCTION_NAME!r}; "
                                                f"valid: {', '.join(sorted(LOSS_NAMES))}")
     _check(i.CROP_SIZE % 32 == 0, f"INPUT.CROP_SIZE must be a multiple of 32 px (the models' stride), got {i.CROP_SIZE}")
+    _check(s.CROSS_VALIDATION or s.FINAL_MODEL, "SOLVER.CROSS_VALIDATION False trains only the model on every "
+                                                "image: set SOLVER.FINAL_MODEL True too")
     bad_folds = [f for f in s.FOLDS if not (isinstance(f, int) and 0 <= f < s.N_FOLDS)]
     _check(not bad_folds, f"SOLVER.FOLDS {list(bad_folds)}: folds are numbered 0..{s.N_FOLDS - 1} (SOLVER.N_FOLDS "
                           f"{s.N_FOLDS})")

@@ -18,7 +18,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from model.packaged import encoder_state, packaged, packaged_file
 from model.registry import Registry
+from model.weights import WeightsError, load_weights_file as _load_weights_file
 
 __all__ = ["MODELS", "WeightsError", "model_spec", "build_model", "check_architecture", "param_groups",
            "architectures", "resolve_device"]
@@ -29,10 +31,6 @@ MODELS = Registry("MODEL.ARCHITECTURE")
 # Friendly tags -> timm pretrained tags.
 TIMM_TAGS = {"ssl": "fb_ssl_yfcc100m_ft_in1k", "swsl": "fb_swsl_ig1b_ft_in1k"}
 WEIGHT_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that were asked for but cannot be loaded."""
 
 
 def model_spec(cfg_or_model) -> Dict[str, object]:
@@ -62,25 +60,6 @@ def _offline_hint(what: str, name: str) -> str:
         "MODEL.ENCODER_WEIGHTS to the local .pth/.safetensors file, or set it to \"\" to train "
         "from random weights"
     )
-
-
-def _load_weights_file(path: str) -> Dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path}: MODEL.ENCODER_WEIGHTS file not found")
-    try:
-        if path.lower().endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: not a state_dict")
-    return state
 
 
 def _load_into(module: nn.Module, state: Dict[str, torch.Tensor], path: str, what: str) -> None:
@@ -163,6 +142,16 @@ def timm_encoder(name: str, weights: str = "", norm: str = "batch") -> nn.Module
         kwargs["norm_layer"] = norm_layer(norm)
     if not weights:
         return timm.create_model(name, pretrained=False, **kwargs)
+    row = packaged(name, weights)
+    if row is not None:  # ImageNet weights carried by an installed package: no network
+        if norm != "batch":
+            raise WeightsError(f"MODEL.ENCODER_WEIGHTS imagenet for {name}: pretrained BatchNorm weights need "
+                               f"MODEL.NORM batch (not {norm!r})")
+        path = packaged_file(row)
+        encoder = timm.create_model(name, pretrained=False, **kwargs)
+        encoder.load_state_dict(encoder_state(row, encoder, path))
+        logger.info("Encoder %s: ImageNet weights from the package %s (%s)", name, row.package, path)
+        return encoder
     if _is_file(weights):
         encoder = timm.create_model(name, pretrained=False, **kwargs)
         state = _load_weights_file(weights)
@@ -243,7 +232,10 @@ def _build_smp(spec) -> nn.Module:
     if spec.get("DEEP_SUPERVISION", False):
         raise ValueError(f"MODEL.DEEP_SUPERVISION: only the UneXt family has it, not {arch}")
     file = weights if weights and _is_file(weights) else None
-    if weights and not file:
+    row = packaged(encoder[3:], weights) if encoder.startswith("tu-") else None
+    if row is not None:  # ImageNet weights carried by an installed package: built bare, then loaded
+        file, weights = packaged_file(row), ""
+    elif weights and not file:
         _check_smp_weights(encoder, weights)
     try:
         model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None if file or not weights else weights,
@@ -252,7 +244,10 @@ def _build_smp(spec) -> nn.Module:
         raise ValueError(f"MODEL: cannot build {arch} with encoder {encoder!r}: {exc}") from None
     except Exception as exc:
         raise WeightsError(_offline_hint(f"smp {encoder} {weights!r}", type(exc).__name__)) from None
-    if file:
+    if row is not None:
+        model.encoder.model.load_state_dict(encoder_state(row, model.encoder.model, file))
+        logger.info("Encoder %s: ImageNet weights from the package %s (%s)", encoder, row.package, file)
+    elif file:
         state = _load_weights_file(file)
         _load_into(model.encoder, {k.replace("encoder.", "", 1): v for k, v in state.items()}, file,
                    f"{encoder} encoder")

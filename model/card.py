@@ -8,7 +8,8 @@ Python toolkit (ONNX Runtime, TorchScript in QuPath or WSInfer)::
      "input": {"size", "reduce", "mean", "std", "mpp"},   # as in the checkpoint (mean/std: RGB 0..1)
      "input_format": "...",  "output_format": "...",     # the tensors, in words
      "pixel_size_um", "threshold",
-     "training": {"fold", "n_folds", "loss", "epochs", "weights", "config"},
+     "training": {"fold", "n_folds", "loss", "epochs", "weights", "config", "minutes", "machine"},
+     "pretrained_encoder": {"weights", "package", "file", "origin"} or None,
      "metrics": {...},                                   # training's validation figures
      "held_out": {...},                                  # honest held-out figures, when known
      "software": {"Glomeruli_segmentation": "0.9.0", "torch": ...},
@@ -23,9 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from model.checkpoint import CheckpointError
+from model.packaged import packaged
 from utils.io import atomic_write_json
 from utils.version import TOOLKIT, VERSION, software_versions
 
@@ -52,6 +54,23 @@ def _name_version(card: Dict[str, object], path: str) -> Tuple[str, str]:
     """A model's name and version: its card's (a shipped model's), else the file's stem and the toolkit's."""
     return (str(card.get("name") or os.path.splitext(os.path.basename(path))[0]),
             str(card.get("version") or f"{TOOLKIT} {VERSION}"))
+
+
+def _minutes(seconds) -> Optional[float]:
+    return round(float(seconds) / 60, 1) if isinstance(seconds, (int, float)) else None
+
+
+def _pretrained(spec: Dict[str, object]) -> Optional[Dict[str, str]]:
+    """Where the encoder's starting weights came from: a package of model.packaged (origin and
+    licence), a file or tag as named, or None for a random start."""
+    weights = str(spec.get("ENCODER_WEIGHTS") or "")
+    if not weights:
+        return None
+    encoder = str(spec.get("ENCODER_NAME") or "")
+    row = packaged(encoder[3:] if encoder.startswith("tu-") else encoder, weights)
+    if row is None:
+        return {"weights": weights}
+    return {"weights": weights, "package": row.package, "file": row.file, "origin": row.origin}
 
 
 def _sha256(path: str) -> str:
@@ -81,7 +100,9 @@ def model_card(ckpt: Dict[str, object], path: str) -> Dict[str, object]:
         "pixel_size_um": inputs.get("mpp"),
         "threshold": float(threshold) if isinstance(threshold, (int, float)) else None,
         "training": {"fold": ckpt.get("fold"), "n_folds": ckpt.get("n_folds"), "loss": ckpt.get("loss"),
-                     "epochs": ckpt.get("epochs"), "weights": ckpt.get("weights"), "config": ckpt.get("config")},
+                     "epochs": ckpt.get("epochs"), "weights": ckpt.get("weights"), "config": ckpt.get("config"),
+                     "minutes": _minutes(ckpt.get("training_seconds")), "machine": ckpt.get("machine")},
+        "pretrained_encoder": _pretrained(spec),
         "metrics": ckpt.get("metrics", {}),
         "held_out": held_out or None,
         "software": software_versions(),

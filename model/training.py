@@ -53,6 +53,7 @@ from utils.io import atomic_write_csv, atomic_write_json, atomic_write_text, rea
 from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, best_threshold, dice_from_counts, pooled_table
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
+from utils.version import machine
 
 __all__ = ["train", "revalidate", "checkpoint_name", "make_learner", "make_dataloaders", "training_settings", "changed_settings",
            "TRAINING_KEYS", "ALL"]
@@ -282,6 +283,21 @@ def _triplets(valid_ds, per_tile, threshold: float, n: int = 6):
     return items
 
 
+def _training_seconds(path: str) -> float:
+    """The seconds of training a fold's ``history.csv`` records (its epochs' times, resumed runs
+    included; validation passes count where they ran)."""
+    total = 0.0
+    if os.path.isfile(path):
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                parts = (row.get("time") or "").split(":")
+                try:
+                    total += sum(float(p) * 60 ** i for i, p in enumerate(reversed(parts)))
+                except ValueError:
+                    continue
+    return total
+
+
 def _read_history(path: str) -> Dict[str, List[float]]:
     history: Dict[str, List[float]] = {}
     if not os.path.isfile(path):
@@ -409,6 +425,8 @@ def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
         "epochs": int(cfg.SOLVER.MAX_EPOCHS),
         "weights": what,
         "config": cfg.dump(),  # the training config, for the model card
+        "training_seconds": round(_training_seconds(os.path.join(fold.dir, "history.csv")), 1),
+        "machine": machine(device.type),
     }
     if fold.fold == ALL:
         threshold = 0.5 if oof_threshold is None else float(oof_threshold)
@@ -568,15 +586,33 @@ def _out_of_fold(cfg: CN, results: List[Dict[str, object]], sources: Dict[str, s
     return summary
 
 
+def _normalisation(cfg: CN, tiles: TileSet):
+    """The mean/std the run normalises with: INPUT.PIXEL_MEAN/STD when set; else, when training
+    starts from a toolkit checkpoint (MODEL.WEIGHTS), the checkpoint's own (a fine-tuned model
+    keeps the input its weights learned on); else the tiles' measured statistics."""
+    if cfg.MODEL.WEIGHTS and not (len(cfg.INPUT.PIXEL_MEAN) == 3 and len(cfg.INPUT.PIXEL_STD) == 3):
+        from model.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            inputs = load_checkpoint(cfg.MODEL.WEIGHTS).get("input") or {}
+        except CheckpointError:  # a bare state dict: no normalisation recorded
+            inputs = {}
+        if inputs.get("mean") and inputs.get("std"):
+            logger.info("Normalisation of %s (the starting checkpoint): mean %s std %s", cfg.MODEL.WEIGHTS,
+                        [round(v, 4) for v in inputs["mean"]], [round(v, 4) for v in inputs["std"]])
+            return [float(v) for v in inputs["mean"]], [float(v) for v in inputs["std"]]
+    return read_stats(tiles, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
+
+
 def train(cfg: CN) -> Dict[str, object]:
     """Train the configured folds (and the all-images model); return (and write) the summary."""
     start = time.time()
     device = resolve_device(cfg.MODEL.DEVICE)
     tiles = TileSet(cfg.DATASETS.TRAIN_FOLDER, cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN)
-    mean, std = read_stats(tiles, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
+    mean, std = _normalisation(cfg, tiles)
     sources = tile_sources(tiles)
     fold_of = kfold_groups(tiles.groups, cfg.SOLVER.N_FOLDS, sources)
-    folds = list(cfg.SOLVER.FOLDS) or list(range(cfg.SOLVER.N_FOLDS))  # checked by config.validate_cfg
+    folds = (list(cfg.SOLVER.FOLDS) or list(range(cfg.SOLVER.N_FOLDS))) if cfg.SOLVER.CROSS_VALIDATION else []
     if cfg.INPUT.CROP_SIZE and not _grids(tiles, cfg):
         raise ValueError(f"{tiles.stats_file}: no slide shapes recorded (tiles of an older tiles_creator.py); "
                          "INPUT.CROP_SIZE needs them: rerun tiles_creator.py with OVERWRITE True")
@@ -595,16 +631,19 @@ def train(cfg: CN) -> Dict[str, object]:
         if final is not None and done[ALL] is None:
             _train_fold(cfg, final, mean, std, device)
         return {}
-    summary = _out_of_fold(cfg, results, sources)
+    summary = _out_of_fold(cfg, results, sources) if results else {"folds": []}
     if final is not None:
         if done[ALL] is not None:
             logger.info("%s: finished earlier (%s), skipped", final.label, final.checkpoint)
-        result = done[ALL] or _train_fold(cfg, final, mean, std, device, oof_threshold=summary["oof_threshold"])
+        result = done[ALL] or _train_fold(cfg, final, mean, std, device, oof_threshold=summary.get("oof_threshold"))
         summary["final_model"] = {k: v for k, v in result.items() if k != "settings"}
     summary["seconds"] = round(time.time() - start, 1)
     atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "summary.json"), summary)
-    logger.info("Done in %.0f s: mean fold Dice %.4f; out-of-fold Dice %.4f at threshold %.2f",
-                summary["seconds"], summary["mean_fold_dice"], summary["oof_dice"], summary["oof_threshold"])
+    if results:
+        logger.info("Done in %.0f s: mean fold Dice %.4f; out-of-fold Dice %.4f at threshold %.2f",
+                    summary["seconds"], summary["mean_fold_dice"], summary["oof_dice"], summary["oof_threshold"])
+    else:
+        logger.info("Done in %.0f s: the model on every image only (SOLVER.CROSS_VALIDATION False)", summary["seconds"])
     logger.info("Checkpoints and pictures: %s", os.path.abspath(cfg.OUTPUT_DIR))
     return summary
 

@@ -269,3 +269,33 @@ def test_deep_supervision_trains_and_saves_its_heads(aidpath_tiles, tmp_path):
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     assert 0 <= json.load(open(out / "fold_0" / "result.json"))["dice_at_0.5"] <= 1
+
+
+def test_fine_tuning_on_every_image_keeps_the_starting_models_normalisation(aidpath_tiles, tmp_path):
+    """SOLVER.CROSS_VALIDATION False with MODEL.WEIGHTS (config/finetune.yaml): no folds, only the
+    model on every image, started from the checkpoint's weights and normalised with its mean/std."""
+    from model.build import build_model
+    from model.checkpoint import save_checkpoint
+
+    spec = {"ARCHITECTURE": "UneXt", "ENCODER_NAME": "resnet18", "ENCODER_WEIGHTS": "", "NUM_CLASSES": 1}
+    torch.manual_seed(3)
+    start = build_model(spec)
+    start_path = str(tmp_path / "start.pth")
+    save_checkpoint(start_path, start, {"model": spec, "input": {"size": 64, "reduce": 8, "mean": [0.1, 0.2, 0.3],
+                                                                 "std": [0.4, 0.5, 0.6], "mpp": None}})
+    out = tmp_path / "out"
+    bad = run_script("train_net.py", *_train_args(aidpath_tiles, out, "SOLVER.CROSS_VALIDATION", False))
+    assert bad.returncode != 0 and "set SOLVER.FINAL_MODEL True too" in bad.stderr and not out.exists()
+    result = run_script("train_net.py", *_train_args(
+        aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 1, "INPUT.CROP_SIZE", 64, "SOLVER.SAMPLES_PER_EPOCH", 16,
+        "SOLVER.CROSS_VALIDATION", False, "SOLVER.FINAL_MODEL", True, "MODEL.WEIGHTS", start_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(out.glob("model_*_fold_*.pth")) and not list(out.glob("fold_*"))
+    model, info = model_from_checkpoint(str(out / "model_UneXt_resnet18_all.pth"))
+    assert info["input"]["mean"] == [0.1, 0.2, 0.3] and info["input"]["std"] == [0.4, 0.5, 0.6]
+    assert info["threshold"] == 0.5 and info["metrics"]["threshold_source"] == "default 0.5"
+    assert info["training_seconds"] > 0 and "cores" in info["machine"]
+    # it started from the checkpoint: the encoder's first weights moved only a little from it
+    moved = (model.encoder.conv1.weight - start.encoder.conv1.weight).abs().max().item()
+    assert 0 < moved < 0.05
+    assert json.load(open(out / "summary.json"))["folds"] == []

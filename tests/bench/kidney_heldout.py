@@ -48,6 +48,8 @@ from utils.metrics import best_threshold, pooled_table
 
 RECIPE = os.path.join(REPO, "config", "kidney.yaml")
 THRESHOLD = 0.5  # fixed in advance
+OBJECT_IOU = 0.5  # a predicted glomerulus counts as found at IoU >= 0.5 with a true one
+FAILURE_DICE = 0.5  # images scoring below this get their picture kept
 
 
 def run(cmd: List[str], what: str) -> float:
@@ -136,6 +138,7 @@ def score(output: str, work: str, thresholds: Optional[Dict[int, float]] = None)
     """Pooled held-out Dice per source over every fold of the run in ``output``, each fold at its
     entry of ``thresholds`` (default: all at THRESHOLD)."""
     from model.checkpoint import load_checkpoint
+    from utils.objects import match_objects
     from utils.rle import dice_from_counts, parse_rle, rle_area, runs_intersection
 
     pooled: Dict[str, Dict[str, object]] = {}
@@ -151,7 +154,8 @@ def score(output: str, work: str, thresholds: Optional[Dict[int, float]] = None)
             folder = os.path.join(work, f"fold_{fold}_{source}_th{threshold:.2f}")
             os.makedirs(folder, exist_ok=True)
             predicted = _predict(source, ids, path, os.path.join(folder, "out"), folder, threshold)
-            entry = pooled.setdefault(source, {"inter": 0, "total": 0, "per_image": {}, "per_fold": {}})
+            entry = pooled.setdefault(source, {"inter": 0, "total": 0, "per_image": {}, "per_fold": {}, "objects": {},
+                                               "pictures": {}})
             fold_inter = fold_total = 0
             for image_id in ids:
                 truth, shape = truth_runs(source, image_id)
@@ -159,12 +163,50 @@ def score(output: str, work: str, thresholds: Optional[Dict[int, float]] = None)
                 inter, total = runs_intersection(pred, truth), rle_area(pred) + rle_area(truth)
                 fold_inter, fold_total = fold_inter + inter, fold_total + total
                 entry["per_image"][image_id] = dice_from_counts(inter, total)
+                entry["objects"][image_id] = match_objects(pred, truth, shape[0], iou=OBJECT_IOU)
+                entry["pictures"][image_id] = os.path.join(folder, "out", "predictions", f"{image_id}_overlay.png")
             entry["inter"] += fold_inter
             entry["total"] += fold_total
             entry["per_fold"][fold] = dice_from_counts(fold_inter, fold_total)
     for entry in pooled.values():
         entry["dice"] = dice_from_counts(entry["inter"], entry["total"])
+        entry.update(counting(entry["objects"]))
     return pooled
+
+
+def counting(objects: Dict[str, Dict[str, int]]) -> Dict[str, float]:
+    """Object F1 (IoU >= OBJECT_IOU) over the images of ``objects`` (id -> match counts), the
+    count error per image (predicted minus true glomeruli: mean, and mean absolute), and the
+    pooled count error relative to the true count."""
+    from utils.objects import object_scores
+
+    counts = list(objects.values())
+    errors = [c["predicted"] - c["true"] for c in counts]
+    true = sum(c["true"] for c in counts)
+    return {"object_f1": object_scores(counts)["object_f1"],
+            "count_error_mean": statistics.mean(errors) if errors else 0.0,
+            "count_error_abs_mean": statistics.mean(abs(e) for e in errors) if errors else 0.0,
+            "count_error_pct": 100.0 * (sum(c["predicted"] for c in counts) - true) / true if true else 0.0}
+
+
+def keep_failures(pooled: Dict[str, Dict[str, object]], folder: str, below: float = FAILURE_DICE) -> List[str]:
+    """Copy the overlay (true contours red, predicted green) of every image scoring below
+    ``below`` into ``folder``, named ``<source>_<id>_dice<d>.png``; returns the lines to print."""
+    import shutil
+
+    lines = []
+    for source, entry in sorted(pooled.items()):
+        for image_id, dice in sorted(entry["per_image"].items(), key=lambda kv: kv[1]):
+            if dice >= below:
+                break
+            c = entry["objects"][image_id]
+            name = f"{source}_{image_id}_dice{dice:.2f}.png"
+            if os.path.isfile(entry["pictures"][image_id]):
+                os.makedirs(folder, exist_ok=True)
+                shutil.copyfile(entry["pictures"][image_id], os.path.join(folder, name))
+            lines.append(f"{source} {image_id}: Dice {dice:.3f}, {c['predicted']} predicted / {c['true']} true objects, "
+                         f"{c['matched']} matched ({os.path.join(folder, name)})")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -212,11 +254,20 @@ def main(argv=None) -> int:
         for key, how, thresholds in ways:
             pooled = score(out, os.path.join(work, os.path.basename(out)), thresholds)
             row[key] = {source: entry["dice"] for source, entry in pooled.items()}
+            row[f"{key}_counting"] = {source: {k: entry[k] for k in ("object_f1", "count_error_mean",
+                                                                      "count_error_abs_mean", "count_error_pct")}
+                                      for source, entry in pooled.items()}
+            row[f"{key}_per_image"] = {source: entry["per_image"] for source, entry in pooled.items()}
             for source, entry in sorted(pooled.items()):
                 print(f"seed {seed} {source}: held-out pooled Dice {entry['dice']:.4f} {how} (per fold "
                       f"{', '.join(f'{k}: {v:.3f}' for k, v in sorted(entry['per_fold'].items()))}; worst images "
-                      f"{', '.join(f'{k} {v:.2f}' for k, v in sorted(entry['per_image'].items(), key=lambda kv: kv[1])[:4])})",
+                      f"{', '.join(f'{k} {v:.2f}' for k, v in sorted(entry['per_image'].items(), key=lambda kv: kv[1])[:4])}); "
+                      f"object F1 {entry['object_f1']:.3f}, count error per image {entry['count_error_mean']:+.2f} "
+                      f"(mean |error| {entry['count_error_abs_mean']:.2f}; pooled {entry['count_error_pct']:+.1f} %)",
                       flush=True)
+            failures = os.path.join(work, os.path.basename(out), f"below_{FAILURE_DICE}_{key}")
+            for line in keep_failures(pooled, failures):
+                print(f"  seed {seed} below {FAILURE_DICE} ({key}): {line}", flush=True)
         if args.nested:
             print(f"seed {seed}: thresholds learned from the other folds: "
                   f"{', '.join(f'fold {f}: {t:.2f}' for f, t in sorted(row['nested_thresholds'].items()))}; "
@@ -227,13 +278,16 @@ def main(argv=None) -> int:
                        ("nested", "threshold learned from the other folds")]:
         if key not in rows[0]:
             continue
-        print(f"\n{title}:\n| seed | " + " | ".join(f"{s} held-out Dice" for s in sources)
+        print(f"\n{title}:\n| seed | " + " | ".join(f"{s} held-out Dice | {s} object F1 | {s} count error/image (pooled)"
+                                                      for s in sources)
               + " | out-of-fold (training) | tiles + training, min |")
-        print("|---" * (len(sources) + 3) + "|")
+        print("|---" * (3 * len(sources) + 3) + "|")
         for r in rows:
             oof = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["oof"].items()))
-            print(f"| {r['seed']} | " + " | ".join(f"{r[key][s]:.4f}" for s in sources)
-                  + f" | {oof} | {r['minutes']:.1f} |")
+            c = r[f"{key}_counting"]
+            print(f"| {r['seed']} | " + " | ".join(
+                f"{r[key][s]:.4f} | {c[s]['object_f1']:.3f} | {c[s]['count_error_mean']:+.2f} ({c[s]['count_error_pct']:+.1f} %)"
+                for s in sources) + f" | {oof} | {r['minutes']:.1f} |")
         if len(rows) > 1:
             for s in sources:
                 values = [r[key][s] for r in rows]
