@@ -3,7 +3,8 @@ else from the project, so the readers, the losses and the model registry take th
 (and a test checks that each list matches its implementation)."""
 from __future__ import annotations
 
-__all__ = ["SLIDE_READERS", "MAX_MPP", "LOSS_NAMES", "ARCHITECTURES", "SMP_ARCHITECTURES", "SAME_SCALE_TOLERANCE", "BACKENDS"]
+__all__ = ["SLIDE_READERS", "MAX_MPP", "LOSS_NAMES", "ARCHITECTURES", "SMP_ARCHITECTURES", "SAME_SCALE_TOLERANCE", "BACKENDS",
+           "TRAINING_SECTIONS", "NOT_LEARNED"]
 
 # INPUT.SLIDE_READER: which library reads slides (data.readers.open_slide).
 SLIDE_READERS = ("auto", "tifffile", "openslide", "wsidicom")
@@ -30,3 +31,16 @@ SAME_SCALE_TOLERANCE = 0.01
 
 # TEST.BACKEND: what runs the model at inference (model.prediction).
 BACKENDS = ("torch", "onnx")
+
+# What a fold learns from (model.training.training_settings): every key of these sections, and
+# DATASETS.TRAIN_FOLDER, except the keys named in NOT_LEARNED. A key added to one of these
+# sections later counts by itself; only a key declared here may change between a run and its
+# resume (or the rerun that keeps its finished folds).
+TRAINING_SECTIONS = ("MODEL", "INPUT", "SOLVER", "DATALOADER")
+NOT_LEARNED = frozenset({
+    "MODEL.DEVICE", "SOLVER.AMP",  # recorded as what they resolve to: the device kind and the precision
+    "DATALOADER.NUM_WORKERS",      # items are seeded by (epoch, index): any count draws the same (tested)
+    "SOLVER.FOLDS", "SOLVER.FINAL_MODEL", "SOLVER.CROSS_VALIDATION",  # which folds run, not what one learns
+    "SOLVER.CHECKPOINT_PERIOD", "SOLVER.KEEP_RESUME_STATES", "SOLVER.RESUME",  # bookkeeping
+    "INPUT.SLIDE_READER",          # which library reads the slides: the same pixels (tiles are in TRAIN_FOLDER)
+})

@@ -164,9 +164,9 @@ _C.TILER.PNG_COMPRESSION = 1
 # DATALOADER
 # -----------------------------------------------------------------------------
 _C.DATALOADER = CN()
-# Worker processes of the training/validation data loaders. Part of what a run learns: the
-# workers seed the random crops and augmentation, so another count draws another stream (a
-# resume with another count is refused).
+# Worker processes of the training/validation data loaders. Not part of what a run learns: each
+# item is seeded by (epoch, index), so any count, 0 included, gives the same weights (tested);
+# a resume may use another count.
 _C.DATALOADER.NUM_WORKERS = 2
 
 # -----------------------------------------------------------------------------

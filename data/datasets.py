@@ -191,9 +191,16 @@ class EpochSeeded(Dataset):
 
     def __getitem__(self, i: int):
         value = (int(self.epoch_seed) * 1_000_003 + int(i)) % 2**31
-        torch.manual_seed(value)
-        np.random.seed(value)
-        return self.dataset[i]
+        # the process's own generators are put back afterwards: without loader workers the items
+        # are made in the training process, whose torch generator also draws the dropout masks
+        torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()
+        try:
+            torch.manual_seed(value)
+            np.random.seed(value)
+            return self.dataset[i]
+        finally:
+            torch.random.set_rng_state(torch_state)
+            np.random.set_state(numpy_state)
 
     def __getattr__(self, name):  # names, load, ... of the wrapped dataset
         if name == "dataset":

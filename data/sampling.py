@@ -24,8 +24,9 @@ tissue that nobody annotated is not taught as background.
 
 A ``margin`` around the crop is read as well, so that rotations and zooms of the
 augmentation see real tissue, not a reflected border; the transform ends with a centre crop.
-An epoch is ``samples`` draws. Draws use torch's random generator, which the DataLoader seeds
-per worker from the run's seed: the same ``MODEL.SEED`` and worker count give the same run.
+An epoch is ``samples`` draws. Draws use torch's random generator, which
+``data.datasets.EpochSeeded`` seeds for each item from the epoch and the item's index: the same
+``MODEL.SEED`` gives the same run whatever the worker count (tested with 0 and 2).
 """
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ from model.inference import (lowres_image, predict_canvas, prob_to_runs, remove_
 from utils.dicom_seg import SEG_INSTALL, write_segmentation
 from utils.distributed import local_rank, world_size
 from utils.export import polygons_geojson
-from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
+from utils.io import (atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text, file_sha256,
+                      file_stamp, read_json)
 from utils.objects import (OBJECT_COLUMNS, Objects, count_objects, find_objects, match_objects, object_rows,
                            object_scores)
 from utils.rle import (dice_from_counts, intersect_runs, parse_rle, rle_area, rle_encode, runs_intersection,
@@ -575,7 +576,8 @@ def ensemble_threshold(th: float, ckpts: List[Dict[str, object]]) -> Tuple[float
 
 def _settings(cfg: CN, paths: List[str], reduce: int, size: int, threshold: float) -> Dict[str, object]:
     t = cfg.TEST
-    return {"checkpoints": [os.path.abspath(p) for p in paths], "reduce": reduce, "size": size,
+    # checkpoints by content: one retrained into the same path is another model
+    return {"checkpoints": [[os.path.abspath(p), file_sha256(p)] for p in paths], "reduce": reduce, "size": size,
             "overlap": t.OVERLAP, "blend": t.BLEND, "tta": t.TTA, "th": threshold, "min_area": t.MIN_AREA, "min_area_um2": t.MIN_AREA_UM2,
             "upsample": t.UPSAMPLE, "s_th": t.S_TH, "p_th": t.P_TH, "mpp": t.MPP, "measure": t.MEASURE,
             # (these two are absent at their defaults: records of earlier versions stay valid)
@@ -589,9 +591,15 @@ def _finished(record_path: str, settings: Dict[str, object], source: str):
     if not os.path.isfile(record_path):
         return None
     record = read_json(record_path)
-    if record.get("settings") == settings and record.get("source") == os.path.abspath(source):
+    if (record.get("settings") == settings and record.get("source") == os.path.abspath(source)
+            and record.get("source_stamp") == _stamp(source)):
         return record
     return None
+
+
+def _stamp(source: str) -> Optional[List[int]]:
+    """The item's file stamp (size, mtime): a slide replaced under the same name is predicted again."""
+    return file_stamp(source) if os.path.exists(source) else None
 
 
 def _check_items(cfg: CN, items, shapes: Dict[str, tuple]) -> None:
@@ -764,6 +772,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
                 _release_freed_memory()
                 record["settings"] = settings
                 record["source"] = os.path.abspath(path)
+                record["source_stamp"] = _stamp(path)
                 atomic_write_json(os.path.join(state, f"{slide_id}.json"), record)
                 fresh[slide_id] = _score(record, truth_rle) if truth_rle is not None else None
                 _log_item(record, fresh[slide_id])

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from yacs.config import CfgNode as CN
 
+from config.choices import NOT_LEARNED, TRAINING_SECTIONS
 from data.datasets import EpochSeeded, TileDataset, TileSet, kfold_groups, read_stats, tile_group, tile_index, tile_sources
 from data.sources import source_views
 from data.sampling import OUTSIDE, RandomCropDataset, ValidationTiles, crop_margin, slide_canvases
@@ -49,33 +50,18 @@ from model.callbacks import (COLLAPSE, BestState, BF16Autocast, CollapseGuard, D
 from model.card import model_card, write_card
 from model.checkpoint import load_weights_file, save_checkpoint
 from utils.distributed import is_main, rank, world_size
-from utils.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
+from utils.io import atomic_write_csv, atomic_write_json, atomic_write_text, file_stamp, read_json
 from utils.losses import build_loss
 from utils.metrics import THRESHOLDS, DiceAccumulator, best_threshold, dice_from_counts, pooled_table
 from utils.plots import plot_curves, plot_thresholds, plot_triplets
 from utils.version import machine
 
 __all__ = ["train", "revalidate", "checkpoint_name", "make_learner", "make_dataloaders", "training_settings", "changed_settings",
-           "TRAINING_KEYS", "ALL"]
+           "ALL"]
 
 logger = logging.getLogger(__name__)
 
 ALL = "all"  # the "fold" of the model trained on every image
-# The keys a fold's training reads, which decide what it learns: a rerun resumes (or keeps a
-# finished fold) only when these are unchanged; any other key (OUTPUT_DIR, tiling or test keys,
-# SOLVER.FOLDS, CHECKPOINT_PERIOD...) may change. DATALOADER.NUM_WORKERS is one: the workers
-# seed the random crops and augmentation, so another count draws another stream.
-TRAINING_KEYS = (
-    "DATASETS.TRAIN_FOLDER", "INPUT.SIZE_TRAIN", "INPUT.SIZE_REDUCTION_TRAIN", "INPUT.PIXEL_MEAN", "INPUT.PIXEL_STD",
-    "INPUT.PROB", "INPUT.CROP_SIZE", "INPUT.FOREGROUND_FRACTION", "INPUT.AUGMENTATION", "INPUT.STAIN_STRENGTH",
-    "INPUT.COPY_PASTE", "MODEL.ARCHITECTURE", "MODEL.ENCODER_NAME", "MODEL.ENCODER_WEIGHTS", "MODEL.WEIGHTS",
-    "MODEL.NORM", "MODEL.NUM_CLASSES", "MODEL.SEED", "DATALOADER.NUM_WORKERS", "SOLVER.LOSS_FUNCTION_NAME",
-    "SOLVER.FOCAL_ALPHA", "SOLVER.FOCAL_GAMMA", "SOLVER.DICE_SMOOTH", "SOLVER.MAX_EPOCHS", "SOLVER.N_FOLDS",
-    "SOLVER.BASE_LR_MIN", "SOLVER.BASE_LR_MAX", "SOLVER.SAMPLES_PER_EPOCH", "SOLVER.WARMUP_FRACTION",
-    "SOLVER.WEIGHT_DECAY", "SOLVER.AVERAGE", "SOLVER.EMA_DECAY", "SOLVER.SWA_START", "SOLVER.BN_UPDATE_BATCHES",
-    "SOLVER.SAVE", "SOLVER.IMS_PER_BATCH", "SOLVER.EVAL_PERIOD")
-
-
 def checkpoint_name(cfg: CN, fold) -> str:
     encoder = cfg.MODEL.ENCODER_NAME.replace("/", "_")
     suffix = ALL if fold == ALL else f"fold_{fold}"
@@ -83,16 +69,22 @@ def checkpoint_name(cfg: CN, fold) -> str:
 
 
 def training_settings(cfg: CN, device: Optional[torch.device] = None) -> Dict[str, object]:
-    """What a fold learns from: the :data:`TRAINING_KEYS` (``SECTION.KEY: value``), each source's
-    sampling weight, and where and at which precision it trains (the device kind and
-    SOLVER.AMP resolved on it: bf16 and fp32 runs differ)."""
-    flat: Dict[str, object] = {}
-    for key in TRAINING_KEYS:
-        section, name = key.split(".")
-        value = cfg[section][name]
-        flat[key] = list(value) if isinstance(value, (list, tuple)) else value
+    """What a fold learns from (``SECTION.KEY: value``): every key of
+    :data:`config.choices.TRAINING_SECTIONS` but those declared in
+    :data:`config.choices.NOT_LEARNED`, DATASETS.TRAIN_FOLDER, each source's sampling weight, the
+    starting weights file's stamp (MODEL.WEIGHTS: another file under the same name is another
+    start), and where and at which precision it trains (the device kind and SOLVER.AMP resolved
+    on it: bf16 and fp32 runs differ)."""
+    flat: Dict[str, object] = {"DATASETS.TRAIN_FOLDER": cfg.DATASETS.TRAIN_FOLDER}
+    for section in TRAINING_SECTIONS:
+        for name, value in cfg[section].items():
+            key = f"{section}.{name}"
+            if key not in NOT_LEARNED:
+                flat[key] = list(value) if isinstance(value, (list, tuple)) else value
     flat["DATASETS.SOURCES weights"] = [[str(e.get("NAME", "")), float(e.get("WEIGHT", 1.0))]
                                         for e in cfg.DATASETS.SOURCES]
+    if cfg.MODEL.WEIGHTS and os.path.isfile(cfg.MODEL.WEIGHTS):
+        flat["MODEL.WEIGHTS (file)"] = file_stamp(cfg.MODEL.WEIGHTS)
     device = device if device is not None else resolve_device(cfg.MODEL.DEVICE)
     flat["MODEL.DEVICE (kind)"] = device.type
     flat["SOLVER.AMP (precision)"] = training_precision(cfg.SOLVER.AMP, device)
@@ -100,9 +92,10 @@ def training_settings(cfg: CN, device: Optional[torch.device] = None) -> Dict[st
 
 
 def changed_settings(old: Dict[str, object], new: Dict[str, object]) -> List[str]:
-    """The keys of ``new`` whose value ``old`` does not have (keys only ``old`` has are not
-    compared: an earlier version may have recorded more)."""
-    return [k for k in new if old.get(k) != new[k]]
+    """The keys recorded in both whose values differ. A key only one side has is not compared:
+    records of earlier versions hold fewer keys (MODEL.DEEP_SUPERVISION was missing from them), or
+    keys a later version no longer counts (DATALOADER.NUM_WORKERS)."""
+    return [k for k in new if k in old and old[k] != new[k]]
 
 
 def _differences(old: Dict[str, object], new: Dict[str, object]) -> str:
@@ -128,8 +121,8 @@ def _patch_fastai_distributed() -> None:
 
 
 def _seed_transform(transform):
-    """Seed albumentations per item from torch's RNG (seeded per worker by the DataLoader), so
-    runs with the same MODEL.SEED and worker count are reproducible."""
+    """Seed albumentations per item from torch's RNG (seeded per item by data.datasets.EpochSeeded),
+    so runs with the same MODEL.SEED are reproducible whatever the worker count."""
     if transform is None:
         return None
 

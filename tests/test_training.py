@@ -299,3 +299,59 @@ def test_fine_tuning_on_every_image_keeps_the_starting_models_normalisation(aidp
     moved = (model.encoder.conv1.weight - start.encoder.conv1.weight).abs().max().item()
     assert 0 < moved < 0.05
     assert json.load(open(out / "summary.json"))["folds"] == []
+
+
+def test_the_worker_count_does_not_change_what_a_fold_learns(aidpath_tiles, tmp_path):
+    """Training items are seeded by (epoch, index) (data.datasets.EpochSeeded): 0, 1 or 2 loader
+    workers draw the same crops and augmentation, and the training process's own generator (dropout)
+    is left alone, so the weights are the same bit for bit, and a rerun with another count keeps the
+    finished fold (DATALOADER.NUM_WORKERS is not a training setting). Before, 0 workers differed:
+    the items reseeded the training process's generator."""
+    weights = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        result = run_script("train_net.py", *_train_args(
+            aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 2, "SOLVER.FOLDS", "[0]", "INPUT.CROP_SIZE", 64,
+            "SOLVER.SAMPLES_PER_EPOCH", 16, "INPUT.AUGMENTATION", "histology", "SOLVER.SAVE", "final",
+            "DATALOADER.NUM_WORKERS", workers))
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[workers] = model_from_checkpoint(str(out / "model_UneXt_resnet18_fold_0.pth"))[0].state_dict()
+    assert weights[0].keys() == weights[2].keys()
+    assert all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    again = run_script("train_net.py", *_train_args(
+        aidpath_tiles, tmp_path / "w0", "SOLVER.MAX_EPOCHS", 2, "SOLVER.FOLDS", "[0]", "INPUT.CROP_SIZE", 64,
+        "SOLVER.SAMPLES_PER_EPOCH", 16, "INPUT.AUGMENTATION", "histology", "SOLVER.SAVE", "final",
+        "DATALOADER.NUM_WORKERS", 1))
+    assert again.returncode == 0 and "Fold 0: finished earlier" in again.stderr, again.stderr[-2000:]
+
+
+def test_toggling_deep_supervision_trains_the_finished_fold_again_or_says_why(aidpath_tiles, tmp_path):
+    """A key that changes what a fold learns needs no list: MODEL.DEEP_SUPERVISION (missing from
+    the old hand-kept list: its finished folds were kept) is now refused with one line naming it."""
+    out = tmp_path / "out"
+    args = _train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 1, "SOLVER.FOLDS", "[0]", "INPUT.CROP_SIZE", 64,
+                       "SOLVER.SAMPLES_PER_EPOCH", 8, "SOLVER.SAVE", "final")
+    assert run_script("train_net.py", *args).returncode == 0
+    again = run_script("train_net.py", *args, "MODEL.DEEP_SUPERVISION", True)
+    assert again.returncode != 0
+    assert "trained with other settings (MODEL.DEEP_SUPERVISION False -> True)" in again.stderr, again.stderr[-2000:]
+    assert run_script("train_net.py", *args, "MODEL.DEEP_SUPERVISION", True, "OVERWRITE", True).returncode == 0
+    _, info = model_from_checkpoint(str(out / "model_UneXt_resnet18_fold_0.pth"))
+    assert info["model"]["DEEP_SUPERVISION"] is True
+
+
+def test_every_training_key_counts_unless_declared_otherwise():
+    from config import get_cfg_defaults
+    from config.choices import NOT_LEARNED, TRAINING_SECTIONS
+    from model.training import changed_settings, training_settings
+
+    cfg = get_cfg_defaults()
+    settings = training_settings(cfg, torch.device("cpu"))
+    for section in TRAINING_SECTIONS:
+        for name in cfg[section]:
+            key = f"{section}.{name}"
+            assert (key in settings) != (key in NOT_LEARNED), key
+    assert "MODEL.DEEP_SUPERVISION" in settings and "DATALOADER.NUM_WORKERS" not in settings
+    old = {k: v for k, v in settings.items() if k != "MODEL.DEEP_SUPERVISION"}  # a record of an earlier version
+    assert changed_settings(old, settings) == []
+    assert changed_settings({**settings, "SOLVER.MAX_EPOCHS": 3}, settings) == ["SOLVER.MAX_EPOCHS"]

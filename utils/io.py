@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes, so an interrupted run never leaves a torn file."""
+"""Small file helpers: atomic writes, so an interrupted run never leaves a torn file; files known
+by their content or stamp, so a rerun never reuses work done on another file of the same name."""
 from __future__ import annotations
 
 import csv
@@ -6,9 +7,10 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, List, Sequence
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json", "csv_text", "atomic_write_csv"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json", "csv_text", "atomic_write_csv",
+           "file_sha256", "file_stamp"]
 
 
 def _umask() -> int:
@@ -61,3 +63,25 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 def atomic_write_csv(path: str, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     atomic_write_text(path, csv_text(header, rows))
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MB blocks: a model file known by its content."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_stamp(path: str) -> List[int]:
+    """``[size, mtime_ns]`` of a file (or of a folder's files, summed and latest, for a DICOM
+    slide's folder): a slide replaced under the same name gets another stamp, without reading its
+    gigabytes."""
+    if os.path.isdir(path):
+        stats = [os.stat(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names]
+        return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+    stat = os.stat(path)
+    return [int(stat.st_size), int(stat.st_mtime_ns)]
