@@ -69,7 +69,16 @@ def _settings(cfg: CN) -> Dict[str, object]:
         "INPUT.PIXEL_THRESHOLD": cfg.INPUT.PIXEL_THRESHOLD,
     }
     if cfg.INPUT.MPP_TRAIN > 0:  # only then: folders tiled before these keys existed stay valid
-        settings.update({"INPUT.MPP_TRAIN": cfg.INPUT.MPP_TRAIN, "DATASETS.MPP": cfg.DATASETS.MPP})
+        settings["INPUT.MPP_TRAIN"] = cfg.INPUT.MPP_TRAIN
+    # these count whenever they are not at their defaults (folders tiled at the defaults before
+    # they counted stay valid): the pixel size the stats record (and checkpoints carry), the
+    # channels read, the library that decodes the slides
+    if cfg.INPUT.MPP_TRAIN > 0 or cfg.DATASETS.MPP:
+        settings["DATASETS.MPP"] = cfg.DATASETS.MPP
+    if cfg.INPUT.CHANNELS:
+        settings["INPUT.CHANNELS"] = list(cfg.INPUT.CHANNELS)
+    if cfg.INPUT.SLIDE_READER != "auto":
+        settings["INPUT.SLIDE_READER"] = cfg.INPUT.SLIDE_READER
     if cfg.DATASETS.FORMAT == "pairs":
         settings.update(
             {

@@ -237,12 +237,14 @@ def _build_smp(spec) -> nn.Module:
         file, weights = packaged_file(row), ""
     elif weights and not file:
         _check_smp_weights(encoder, weights)
+    download = None if file or not weights else weights
     try:
-        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None if file or not weights else weights,
-                                 classes=spec["NUM_CLASSES"])
+        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=download, classes=spec["NUM_CLASSES"])
     except (KeyError, ValueError) as exc:
         raise ValueError(f"MODEL: cannot build {arch} with encoder {encoder!r}: {exc}") from None
     except Exception as exc:
+        if download is None:  # nothing was to be downloaded: the build's own error, as it is
+            raise
         raise WeightsError(_offline_hint(f"smp {encoder} {weights!r}", type(exc).__name__)) from None
     if row is not None:
         model.encoder.model.load_state_dict(encoder_state(row, model.encoder.model, file))

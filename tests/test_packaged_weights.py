@@ -135,3 +135,16 @@ def test_the_model_card_says_where_the_encoder_weights_came_from(tmp_path):
     assert card["training"]["minutes"] == 12.5 and card["training"]["machine"] == "CPU, 2 cores"
     spec["ENCODER_WEIGHTS"] = ""
     assert model_card({"model": spec, "input": {}}, path)["pretrained_encoder"] is None
+
+
+def test_a_build_error_without_any_download_keeps_its_own_message(monkeypatch):
+    """Only a failed download is reported as weights that could not be obtained."""
+    import segmentation_models_pytorch as smp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory while building")
+
+    monkeypatch.setattr(smp, "create_model", broken)
+    with pytest.raises(RuntimeError, match="out of memory while building") as info:
+        build_model(_spec("Unet", "resnet18", weights=""))
+    assert not isinstance(info.value, WeightsError)

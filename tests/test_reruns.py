@@ -57,3 +57,25 @@ def test_test_net_predicts_again_when_a_checkpoint_or_a_slide_is_replaced_under_
     assert rows["one"] == rows["two"]  # "one" now holds two's pixels, and was predicted from them
     record = json.load(open(tmp_path / "out" / ".predictions" / "one.json"))
     assert record["source_stamp"][0] == os.path.getsize(slides / "one.tiff")
+
+
+def test_the_tiler_refuses_to_keep_tiles_made_with_another_pixel_size_or_channels(tmp_path):
+    """A rerun with a corrected DATASETS.MPP (before: counted only with INPUT.MPP_TRAIN), other
+    INPUT.CHANNELS or another INPUT.SLIDE_READER does not keep the earlier tiles: one line names the key."""
+    from tests.conftest import run_script
+
+    csvs = generate_sample(str(tmp_path / "sample"), [SampleSpec("one", "train", 1024, 1280, 11)])
+    args = ["--config-file", os.path.join(REPO, "config", "sample.yaml"), "DATASETS.WSI_FOLDER",
+            tmp_path / "sample" / "train", "DATASETS.LABELS_CSV", csvs["train"], "DATASETS.TRAIN_FOLDER",
+            tmp_path / "tiles"]
+    first = run_script("tiles_creator.py", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert run_script("tiles_creator.py", *args).returncode == 0  # the same settings: kept
+    for key, value, shown in (("DATASETS.MPP", 0.9, "DATASETS.MPP None -> 0.9"),
+                              ("INPUT.CHANNELS", "[0, 1, 2]", "INPUT.CHANNELS None -> [0, 1, 2]"),
+                              ("INPUT.SLIDE_READER", "openslide", "INPUT.SLIDE_READER None -> 'openslide'")):
+        again = run_script("tiles_creator.py", *args, key, value)
+        errors = [line for line in again.stderr.splitlines() if "ERROR" in line]
+        assert again.returncode != 0 and len(errors) == 1 and shown in errors[0], again.stderr[-2000:]
+        assert "OVERWRITE True" in errors[0]
+    assert run_script("tiles_creator.py", *args, "DATASETS.MPP", 0.9, "OVERWRITE", True).returncode == 0
