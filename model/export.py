@@ -36,7 +36,7 @@ from model.onnx_backend import onnx_session
 from utils.io import atomic_write_bytes
 from utils.setup import configure_process, exit_now, launch
 
-__all__ = ["OPSET", "export_checkpoint"]
+__all__ = ["OPSET", "export_checkpoint", "static_same_padding"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,44 @@ def _probes(size: int) -> List[torch.Tensor]:
 
 def _difference(ref: torch.Tensor, out: np.ndarray) -> float:
     return float(np.abs(out - ref.numpy()).max() / max(1.0, float(ref.abs().max())))
+
+
+class _StaticSameConv(torch.nn.Conv2d):
+    """TensorFlow's "same" convolution with its padding fixed: on inputs whose sides are
+    multiples of 32 (what the models take) every stride-2 layer sees an even side, where the
+    padding "same" computes is always ``k - 2`` (``(k - 2) // 2`` before, the rest after). timm's
+    ``Conv2dSame`` computes it from the input's shape at run time, which the ONNX exporter traces
+    as symbolic arithmetic for minutes; this one exports as a plain Pad + Conv."""
+
+    def forward(self, x):
+        return super().forward(torch.nn.functional.pad(x, self.static_pad))
+
+
+def static_same_padding(model: torch.nn.Module) -> int:
+    """Replace every timm ``Conv2dSame`` (EfficientNet-Lite's stride-2 layers) of ``model`` by a
+    :class:`_StaticSameConv` with the same weights, in place; returns how many. The export is
+    checked against the unchanged model on two input sizes, as every export is."""
+    from timm.layers import Conv2dSame
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, Conv2dSame):
+                continue
+            if any(s not in (1, 2) for s in child.stride) or any(d != 1 for d in child.dilation):
+                raise ValueError(f"{name}: a 'same' convolution with stride {child.stride} and dilation "
+                                 f"{child.dilation} has no fixed padding")
+            pads = []
+            for k, s in zip(reversed(child.kernel_size), reversed(child.stride)):  # (width, then height)
+                total = k - 2 if s == 2 else k - 1
+                pads += [total // 2, total - total // 2]
+            static = _StaticSameConv(child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
+                                     child.dilation, child.groups, child.bias is not None)
+            static.load_state_dict(child.state_dict())
+            static.static_pad = tuple(pads)
+            setattr(parent, name, static)
+            swapped += 1
+    return swapped
 
 
 def _export_onnx(model: torch.nn.Module, probe: torch.Tensor) -> bytes:
@@ -93,8 +131,11 @@ def export_checkpoint(ckpt: Dict[str, object], path: str) -> Tuple[bytes, bytes,
     probes = _probes(int(ckpt["input"]["size"]))
     with torch.inference_mode():
         refs = [model(p) for p in probes]
-    onnx_bytes = _export_onnx(model, probes[0])
-    script_bytes = _export_torchscript(model, probes[0])
+    exported = model_from_loaded(ckpt, path).float().eval()
+    if static_same_padding(exported):
+        logger.info("%s: TensorFlow 'same' padding fixed for inputs with sides divisible by 32", path)
+    onnx_bytes = _export_onnx(exported, probes[0])
+    script_bytes = _export_torchscript(exported, probes[0])
     session = onnx_session(onnx_bytes)
     script = torch.jit.load(io.BytesIO(script_bytes))
     onnx_diff = script_diff = 0.0

@@ -148,3 +148,24 @@ def test_a_build_error_without_any_download_keeps_its_own_message(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory while building") as info:
         build_model(_spec("Unet", "resnet18", weights=""))
     assert not isinstance(info.value, WeightsError)
+
+
+def test_fixed_same_padding_gives_the_encoders_outputs_on_sides_divisible_by_32():
+    """model.export fixes TensorFlow 'same' padding (the ONNX exporter otherwise traces timm's
+    run-time padding arithmetic for minutes); on the sizes the models take, nothing changes."""
+    import copy
+
+    import timm
+    from timm.layers import Conv2dSame
+
+    from model.export import static_same_padding
+
+    encoder = timm.create_model("tf_efficientnet_lite0", features_only=True).eval()
+    fixed = copy.deepcopy(encoder)
+    assert static_same_padding(fixed) == 5 and not any(isinstance(m, Conv2dSame) for m in fixed.modules())
+    torch.manual_seed(0)
+    for shape in ((1, 3, 64, 96), (2, 3, 256, 224)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            for a, b in zip(encoder(x), fixed(x)):
+                assert torch.equal(a, b)
