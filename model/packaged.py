@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is imported only where weights are loaded (the ONNX backend reads cards without it)
+    import torch
 
 from model.weights import WeightsError, load_weights_file
 
@@ -68,7 +69,7 @@ def packaged_file(row: PackagedWeights) -> str:
     return path
 
 
-def classifier_state(row: PackagedWeights, path: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def classifier_state(row: PackagedWeights, path: Optional[str] = None) -> Dict[str, "torch.Tensor"]:
     """The file's tensors under the names of timm's full ``row.encoder`` model (the classifier
     included), every shape and the count checked."""
     import timm
@@ -81,7 +82,7 @@ def classifier_state(row: PackagedWeights, path: Optional[str] = None) -> Dict[s
     if len(state) != row.tensors or len(own) != row.tensors:
         raise WeightsError(f"{path}: {len(state)} tensors where {row.encoder} takes {row.tensors} "
                            f"(timm's model has {len(own)}); not the weights of {row.package}")
-    mapped: Dict[str, torch.Tensor] = {}
+    mapped: Dict[str, "torch.Tensor"] = {}
     for (name, target), (source_name, tensor) in zip(own.items(), state.items()):
         if tuple(tensor.shape) != tuple(target.shape):
             raise WeightsError(f"{path}: tensor {source_name} has shape {tuple(tensor.shape)} where {row.encoder}'s "
@@ -90,7 +91,7 @@ def classifier_state(row: PackagedWeights, path: Optional[str] = None) -> Dict[s
     return mapped
 
 
-def encoder_state(row: PackagedWeights, encoder: torch.nn.Module, path: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def encoder_state(row: PackagedWeights, encoder: "torch.nn.Module", path: Optional[str] = None) -> Dict[str, "torch.Tensor"]:
     """The tensors of a timm ``features_only`` ``row.encoder`` (every one it holds) from the file."""
     mapped = classifier_state(row, path)
     own = encoder.state_dict()

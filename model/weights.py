@@ -3,9 +3,10 @@ that were asked for but cannot be had (model.build, model.packaged)."""
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
-import torch
+if TYPE_CHECKING:  # imported where a file is read: model cards use this module's error without torch
+    import torch
 
 __all__ = ["WeightsError", "load_weights_file"]
 
@@ -14,7 +15,9 @@ class WeightsError(RuntimeError):
     """Pretrained weights that were asked for but cannot be loaded."""
 
 
-def load_weights_file(path: str) -> Dict[str, torch.Tensor]:
+def load_weights_file(path: str) -> Dict[str, "torch.Tensor"]:
+    import torch
+
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: MODEL.ENCODER_WEIGHTS file not found")
     try:

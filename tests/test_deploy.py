@@ -159,7 +159,7 @@ def test_onnx_backend_gives_the_torch_backends_masks(exported, tmp_path):
     assert by_onnx["threshold"] == by_torch["threshold"] == load_checkpoint(SHIPPED)["threshold"]
     assert abs(by_onnx["overall_dice"] - by_torch["overall_dice"]) < 1e-3
     record = json.load(open(tmp_path / "onnx" / ".predictions" / "s0.json"))
-    assert record["settings"]["backend"] == "onnx" and record["settings"]["checkpoints"][0].endswith(".onnx")
+    assert record["settings"]["backend"] == "onnx" and record["settings"]["checkpoints"][0][0].endswith(".onnx")
     assert "backend" not in json.load(open(tmp_path / "torch" / ".predictions" / "s0.json"))["settings"]
 
 

@@ -179,9 +179,14 @@ def test_the_shipped_model_counts_the_glomeruli_of_the_sample_slide(tmp_path):
     with open(tmp_path / "out" / "objects.csv", newline="") as fh:
         objects = [row for row in csv.DictReader(fh) if row["id"] == spec.slide_id]
     assert slide["objects"] == len(objects) == metrics["objects"] and slide["true_objects"] == 12
-    assert slide["mpp"] == 1.0 and metrics["threshold"] == pytest.approx(0.85)
-    # every true glomerulus is found: a predicted object covers at least 30 % of it (generated
-    # tissue: the drawn tubule clusters give false positives too, see the README)
+    from model.checkpoint import load_checkpoint
+    from model.ship import DEFAULT_NAME, SHIPPED_FOLDER
+
+    shipped_threshold = load_checkpoint(os.path.join(SHIPPED_FOLDER, DEFAULT_NAME))["threshold"]
+    assert slide["mpp"] == 1.0 and metrics["threshold"] == pytest.approx(shipped_threshold)
+    # 11 of the 12 generated glomeruli are found: a predicted object covers more than half of it
+    # (the 12th, drawn small and pale, about 15 %), and few drawn tubule clusters are taken for
+    # glomeruli (16 objects; the random-weights model of version 1 drew 80)
     shape = (spec.height, spec.width)
     with open(tmp_path / "sample" / "test.csv", newline="") as fh:
         truth = rle_decode(next(csv.DictReader(fh))["encoding"], shape)
@@ -189,7 +194,8 @@ def test_the_shipped_model_counts_the_glomeruli_of_the_sample_slide(tmp_path):
         predicted = rle_decode(next(csv.DictReader(fh))["predicted"], shape)
     count, labels = cv2.connectedComponents(truth.astype(np.uint8))
     covered = [float(predicted[labels == i].mean()) for i in range(1, count)]
-    assert len(covered) == 12 and min(covered) > 0.3, covered
+    assert len(covered) == 12 and sum(c > 0.5 for c in covered) >= 11, covered
+    assert metrics["objects"] <= 20 and metrics["matched_objects"] >= 11 and metrics["overall_dice"] > 0.85, metrics
 
 
 def _dice_table_by_hand(counts, thresholds):

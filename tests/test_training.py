@@ -294,7 +294,7 @@ def test_fine_tuning_on_every_image_keeps_the_starting_models_normalisation(aidp
     model, info = model_from_checkpoint(str(out / "model_UneXt_resnet18_all.pth"))
     assert info["input"]["mean"] == [0.1, 0.2, 0.3] and info["input"]["std"] == [0.4, 0.5, 0.6]
     assert info["threshold"] == 0.5 and info["metrics"]["threshold_source"] == "default 0.5"
-    assert info["training_seconds"] > 0 and "cores" in info["machine"]
+    assert info["training_seconds"] >= 0 and "cores" in info["machine"]  # one short epoch may log 00:00
     # it started from the checkpoint: the encoder's first weights moved only a little from it
     moved = (model.encoder.conv1.weight - start.encoder.conv1.weight).abs().max().item()
     assert 0 < moved < 0.05
@@ -355,3 +355,12 @@ def test_every_training_key_counts_unless_declared_otherwise():
     old = {k: v for k, v in settings.items() if k != "MODEL.DEEP_SUPERVISION"}  # a record of an earlier version
     assert changed_settings(old, settings) == []
     assert changed_settings({**settings, "SOLVER.MAX_EPOCHS": 3}, settings) == ["SOLVER.MAX_EPOCHS"]
+
+
+def test_training_seconds_add_up_the_epochs_a_history_records(tmp_path):
+    from model.training import _training_seconds
+
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,train_loss,time\n0,1.0,00:15\n1,0.9,01:05\n2,0.8,1:02:03\n3,0.7,\n")
+    assert _training_seconds(str(path)) == 15 + 65 + 3723
+    assert _training_seconds(str(tmp_path / "absent.csv")) == 0.0
