@@ -4,6 +4,7 @@ images that neither saw.
 
     python -m tests.bench.finetune_heldout                  # k = 4, 8, 16; seed 1
     python -m tests.bench.finetune_heldout --k 4 8 --seed 2
+    python -m tests.bench.finetune_heldout --k 4 16 --held-out 36   # quicker: 36 of the 72 scored
 
 The "new lab" is HuBMAP: the starting model is the kidney recipe trained on AIDPATH only (the
 model on every AIDPATH image, config/kidney.yaml with that one source). The 88 HuBMAP tiles are
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, nargs="*", default=[4, 8, 16], help="training tiles of the new lab")
     parser.add_argument("--seed", type=int, default=1, help="MODEL.SEED of every training")
     parser.add_argument("--split-seed", type=int, default=0, help="the shuffle of the HuBMAP tiles")
+    parser.add_argument("--held-out", type=int, default=0,
+                        help="score only the first N held-out tiles (sorted ids; default: all 72)")
     parser.add_argument("--work", default="", help="a folder for the runs (default: a new temporary one)")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -110,7 +113,9 @@ def main(argv=None) -> int:
     if max(args.k) > POOL:
         sys.exit(f"--k: at most {POOL} training tiles")
     work = args.work or tempfile.mkdtemp(prefix="finetune_heldout_")
+    os.makedirs(work, exist_ok=True)
     pool, held_out = hubmap_split(args.split_seed)
+    held_out = held_out[:args.held_out] if args.held_out else held_out
     print(f"HuBMAP: training pool {pool}; {len(held_out)} tiles held out", flush=True)
     with open(RECIPE) as fh:
         sources = {s["NAME"]: s for s in yaml.safe_load(fh)["DATASETS"]["SOURCES"]}
