@@ -129,7 +129,9 @@ def main(argv=None) -> int:
     print(f"k 0: {rows[0]}", flush=True)
     for k in args.k:
         folder = link_folder(os.path.join(work, f"hubmap_k{k}"), pool[:k])
-        source = dict(sources["hubmap_ftu"], WSI_FOLDER=folder)
+        # labelme beside each tile, every class ("Glomeruli"), no ROI: as config/kidney.yaml reads them
+        source = dict(sources["hubmap_ftu"], WSI_FOLDER=folder, ANNOTATIONS_FOLDER=folder, ANNOTATION_CLASSES=[],
+                      ANNOTATION_ROI=[])
         for how, recipe, extra in (("fine-tuned from the AIDPATH model", FINETUNE, ("MODEL.WEIGHTS", base)),
                                    ("from ImageNet weights (the recipe)", RECIPE, ())):
             name = f"k{k}_{'finetuned' if recipe == FINETUNE else 'imagenet'}"
