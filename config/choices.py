@@ -30,7 +30,7 @@ SMP_ARCHITECTURES = ("DPT", "DeepLabV3", "DeepLabV3Plus", "FPN", "Linknet", "MAn
 SAME_SCALE_TOLERANCE = 0.01
 
 # TEST.BACKEND: what runs the model at inference (model.prediction).
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 
 # What a fold learns from (model.training.training_settings): every key of these sections, and
 # DATASETS.TRAIN_FOLDER, except the keys named in NOT_LEARNED. A key added to one of these

@@ -305,10 +305,14 @@ _C.TEST.ROI = []
 # Predict the images of an image/mask pairs folder (laid out as DATASETS.PAIRS_FOLDER, with
 # the DATASETS mask encoding; masks optional, scored when present) instead of slides.
 _C.TEST.PAIRS_FOLDER = ""
-# Inference backend: "torch" (the *.pth checkpoints) or "onnx" (ONNX Runtime: the *.onnx files of
-# TEST.MODEL_WEIGHTS_FOLDER with their model cards, written by python -m model.export; CPU, or
-# CUDA with the onnxruntime-gpu package).
-_C.TEST.BACKEND = "torch"
+# Inference backend: "auto" (ONNX Runtime on a CPU, from the checkpoints' ONNX exports made once
+# and cached in TEST.ONNX_CACHE; torch on a GPU, or where onnxruntime is missing: model.backend),
+# "torch" (the *.pth checkpoints) or "onnx" (the *.onnx files of TEST.MODEL_WEIGHTS_FOLDER with
+# their model cards, written by python -m model.export; CPU, or CUDA with the onnxruntime-gpu package).
+_C.TEST.BACKEND = "auto"
+# TEST.BACKEND auto: the folder of cached ONNX exports (<checkpoint sha256>-<exporter>.onnx and its
+# card); "" = $XDG_CACHE_HOME/glomeruli_segmentation/onnx (~/.cache/glomeruli_segmentation/onnx).
+_C.TEST.ONNX_CACHE = ""
 # ONNX Runtime: threads per model run; 0 = ONNX Runtime's default (the physical cores).
 _C.TEST.ONNX_THREADS = 0
 # Split the slides into TEST.SHARDS shares (deterministic, balanced by file size) and predict

@@ -25,7 +25,7 @@ import io
 import logging
 import os
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from model.onnx_backend import onnx_session
 from utils.io import atomic_write_bytes
 from utils.setup import configure_process, exit_now, launch
 
-__all__ = ["OPSET", "export_checkpoint", "static_same_padding"]
+__all__ = ["OPSET", "ExportError", "export_checkpoint", "static_same_padding"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,10 @@ def _export_torchscript(model: torch.nn.Module, probe: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def export_checkpoint(ckpt: Dict[str, object], path: str) -> Tuple[bytes, bytes, Dict[str, object]]:
-    """``(onnx bytes, TorchScript bytes, card)`` of a loaded checkpoint, both checked against PyTorch."""
+def export_checkpoint(ckpt: Dict[str, object], path: str,
+                      torchscript: bool = True) -> Tuple[bytes, Optional[bytes], Dict[str, object]]:
+    """``(onnx bytes, TorchScript bytes, card)`` of a loaded checkpoint, both checked against PyTorch
+    (``torchscript=False``: ONNX only, ``None`` for TorchScript)."""
     model = model_from_loaded(ckpt, path).float().eval()
     probes = _probes(int(ckpt["input"]["size"]))
     with torch.inference_mode():
@@ -135,15 +137,17 @@ def export_checkpoint(ckpt: Dict[str, object], path: str) -> Tuple[bytes, bytes,
     if static_same_padding(exported):
         logger.info("%s: TensorFlow 'same' padding fixed for inputs with sides divisible by 32", path)
     onnx_bytes = _export_onnx(exported, probes[0])
-    script_bytes = _export_torchscript(exported, probes[0])
+    script_bytes = _export_torchscript(exported, probes[0]) if torchscript else None
     session = onnx_session(onnx_bytes)
-    script = torch.jit.load(io.BytesIO(script_bytes))
+    script = torch.jit.load(io.BytesIO(script_bytes)) if torchscript else None
     onnx_diff = script_diff = 0.0
     with torch.inference_mode():
         for probe, ref in zip(probes, refs):
             onnx_diff = max(onnx_diff, _difference(ref, session.run(None, {"input": probe.numpy()})[0]))
-            script_diff = max(script_diff, _difference(ref, script(probe).numpy()))
-    for what, diff in (("ONNX", onnx_diff), ("TorchScript", script_diff)):
+            if script is not None:
+                script_diff = max(script_diff, _difference(ref, script(probe).numpy()))
+    checked = [("ONNX", onnx_diff)] + ([("TorchScript", script_diff)] if torchscript else [])
+    for what, diff in checked:
         if not diff <= TOLERANCE:
             raise ExportError(f"{path}: the {what} export differs from PyTorch by {diff:.3g} (relative; "
                               f"tolerance {TOLERANCE:g}): not written")
@@ -151,7 +155,8 @@ def export_checkpoint(ckpt: Dict[str, object], path: str) -> Tuple[bytes, bytes,
     card = model_card(ckpt, path)
     card["files"] = {"onnx": f"{stem}.onnx", "torchscript": f"{stem}.pt"}
     card["export"] = {"opset": OPSET, "dynamic_axes": ["batch", "height", "width"], "precision": "float32",
-                      "onnx_max_difference": onnx_diff, "torchscript_max_difference": script_diff,
+                      "onnx_max_difference": onnx_diff,
+                      "torchscript_max_difference": script_diff if torchscript else None,
                       "check": "fixed random N x 3 x H x W inputs at two sizes, max |export - torch| / "
                                "max(1, max |torch|)"}
     return onnx_bytes, script_bytes, card

@@ -14,6 +14,7 @@ Coordinates: ``(row, col)``; low-res pixel ``(i, j)`` covers level-0 rows
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Sequence, Tuple
@@ -109,6 +110,7 @@ def predict_canvas(
     box: Optional[Tuple[int, int, int, int]] = None,
     helper: Optional[Executor] = None,
     keep: Optional[np.ndarray] = None,
+    times=None,
 ) -> Tuple[np.ndarray, int]:
     """Blend window predictions over a low-res ``image`` into a probability map.
 
@@ -118,7 +120,8 @@ def predict_canvas(
     as it is, but the model sees the outside filled by :func:`fill_outside`. ``helper`` (a
     one-thread executor, kept across calls by a caller that predicts many slides) blends the
     batches; by default one is made for the call. With ``keep`` (a 0/1 map of ``image``'s shape:
-    a region of interest) only windows that hold some of it are predicted.
+    a region of interest) only windows that hold some of it are predicted. With ``times`` (a
+    ``utils.timing.StageTimes``) the blending is timed as ``blend``.
     Returns ``(probability map float32 (H, W), number of windows predicted)``.
     """
     h, w = image.shape[:2]
@@ -157,12 +160,15 @@ def predict_canvas(
         blended = []
         for chunk in _batches(windows, batch_size):
             probs = predict(np.stack([image[y:y + size, x:x + size] for y, x in chunk]))
-            blended.append(helper.submit(add, chunk, probs))
+            blended.append(helper.submit(times.wrap("blend", add) if times is not None else add, chunk, probs))
             if len(blended) > 2:  # at most two batches wait: bounded memory, errors surface early
                 blended.pop(0).result()
         for future in blended:
             future.result()
+    start = time.perf_counter()
     np.divide(acc, norm, out=acc, where=norm > 0)
+    if times is not None:
+        times.add("blend", time.perf_counter() - start)
     return acc, len(windows)
 
 

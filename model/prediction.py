@@ -69,7 +69,8 @@ from data.readers import (SLIDE_EXTENSIONS, PixelSize, choose_mpp, same_scale, i
                       resolve_mpp)
 from model.card import model_identity
 from model.checkpoint import CheckpointError, load_checkpoint, model_files, model_from_loaded
-from model.onnx_backend import load_onnx_models, onnx_device, onnx_predictor
+from model.backend import Models, resolve_models
+from model.onnx_backend import onnx_device, onnx_predictor
 from model.inference import (lowres_image, predict_canvas, prob_to_runs, remove_small_objects, slide_box,
                              threshold_mask, torch_predictor)
 from utils.dicom_seg import SEG_INSTALL, write_segmentation
@@ -83,6 +84,7 @@ from utils.rle import (dice_from_counts, intersect_runs, parse_rle, rle_area, rl
                        runs_to_rle)
 from utils.setup import pause_point
 from utils.shards import resolve_shard, shard_ids
+from utils.timing import StageTimes, sum_stages
 
 __all__ = ["load_checkpoints", "load_models", "log_file_name", "predict_slides", "list_slides", "ensemble_threshold", "integer_reduction",
            "slide_summary"]
@@ -100,15 +102,14 @@ def load_checkpoints(folder: str) -> Tuple[List[Dict[str, object]], List[str]]:
     return ckpts, paths
 
 
-def load_models(cfg: CN) -> Tuple[List[Dict[str, object]], List[str]]:
-    """The models of ``TEST.MODEL_WEIGHTS_FOLDER`` for ``TEST.BACKEND``: checkpoints (torch), or
-    ONNX files with their model cards (onnx); what each holds (scale, normalisation, threshold) and
-    its path."""
-    if cfg.TEST.BACKEND != "onnx":
-        return load_checkpoints(cfg.TEST.MODEL_WEIGHTS_FOLDER)
-    ckpts, paths = load_onnx_models(cfg.TEST.MODEL_WEIGHTS_FOLDER)
-    _check_ensemble(ckpts, paths)
-    return ckpts, paths
+def load_models(cfg: CN) -> Models:
+    """The models of ``TEST.MODEL_WEIGHTS_FOLDER`` and the backend that runs them
+    (``model.backend``: checkpoints for torch, ONNX files with their cards for onnx, cached exports
+    for auto on a CPU), checked to form one ensemble."""
+    t = cfg.TEST
+    models = resolve_models(t.MODEL_WEIGHTS_FOLDER, t.BACKEND, cfg.MODEL.DEVICE, t.ONNX_CACHE, export=not t.MERGE)
+    _check_ensemble(models.infos, models.paths)
+    return models
 
 
 def _check_ensemble(ckpts: List[Dict[str, object]], paths: List[str]) -> None:
@@ -258,6 +259,7 @@ class _Input:
     dicom_source: Optional[str] = None  # a DICOM slide's level-0 instance file
     roi: Optional[object] = None  # the region of interest (a data.masks mask), None: the whole slide
     roi_lr: Optional[np.ndarray] = None  # the ROI on the padded low-res grid (0/1 uint8, the image's shape)
+    read_seconds: float = 0.0  # reading and decoding it (on the reader thread)
 
 
 def _scale(slide, ckpt_mpp: Optional[float], reduce: int, override: float) -> Tuple[float, Optional[PixelSize], str]:
@@ -311,6 +313,7 @@ def grid_window(mask, grid: TileGrid) -> np.ndarray:
 def _read(item: _Item, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: CN) -> _Input:
     """Stage 1: open the item, choose its scale, read it as the padded low-res image (and its
     region of interest, when it has one)."""
+    start = time.perf_counter()
     with item.open() as slide:
         factor, mpp, note = _scale(slide, ckpt_mpp, reduce, cfg.TEST.MPP)
         height, width = slide.shape
@@ -319,17 +322,18 @@ def _read(item: _Item, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: C
         dicom_source = source_of(slide)
     roi = item.roi((height, width))
     roi_lr = grid_window(roi, grid) if roi is not None else None
-    return _Input(image, grid, factor, mpp, note, _tissue_pixels(image, grid, cfg.TEST.S_TH, roi_lr=roi_lr),
-                  dicom_source, roi, roi_lr)
+    tissue = _tissue_pixels(image, grid, cfg.TEST.S_TH, roi_lr=roi_lr)
+    return _Input(image, grid, factor, mpp, note, tissue, dicom_source, roi, roi_lr, time.perf_counter() - start)
 
 
-def _predict(cfg: CN, item: _Input, predict, progress, helper) -> Tuple[np.ndarray, int]:
+def _predict(cfg: CN, item: _Input, predict, progress, helper, times: Optional[StageTimes] = None
+             ) -> Tuple[np.ndarray, int]:
     """Stage 2: the probability map on ``item.grid`` (0 off the slide) and the windows run.
     At a real factor the image is resized to it, predicted, and the map resized back."""
     t, grid, image = cfg.TEST, item.grid, item.image
     size, box = grid.size, slide_box(grid)
     options = dict(overlap=t.OVERLAP, blend=t.BLEND, batch_size=t.IMS_PER_BATCH, saturation_threshold=t.S_TH,
-                   pixel_threshold=t.P_TH, progress=progress, helper=helper)
+                   pixel_threshold=t.P_TH, progress=progress, helper=helper, times=times)
     if same_scale(item.factor, grid.reduce):  # an integer: no resize
         prob, n_windows = predict_canvas(image, predict, size, box=box, keep=item.roi_lr, **options)
     else:
@@ -386,17 +390,20 @@ def _final_mask(cfg: CN, item: "_Input", prob: np.ndarray, threshold: float, sli
 GEOJSON_SIMPLIFY = 1.0
 
 
-def _postprocess(cfg: CN, item: _Input, prob: np.ndarray, threshold: float):
+def _postprocess(cfg: CN, item: _Input, prob: np.ndarray, threshold: float, times: Optional[StageTimes] = None):
     """Stage 3b: the full-resolution runs of the mask and its measured objects (with
     ``TEST.MEASURE``; else None)."""
     grid = item.grid
-    runs = prob_to_runs(prob, grid, threshold, cfg.TEST.UPSAMPLE)
-    if item.roi is not None:  # exactly inside the region of interest, at full resolution
-        runs = intersect_runs(runs, mask_runs(item.roi))
+    times = times or StageTimes()
+    with times("threshold_rle"):
+        runs = prob_to_runs(prob, grid, threshold, cfg.TEST.UPSAMPLE)
+        if item.roi is not None:  # exactly inside the region of interest, at full resolution
+            runs = intersect_runs(runs, mask_runs(item.roi))
     objects = None
     if cfg.TEST.MEASURE:
-        objects = find_objects(runs, (grid.height, grid.width), prob, (grid.pad_top, grid.pad_left), grid.reduce,
-                               simplify=GEOJSON_SIMPLIFY)
+        with times("objects"):
+            objects = find_objects(runs, (grid.height, grid.width), prob, (grid.pad_top, grid.pad_left), grid.reduce,
+                                   simplify=GEOJSON_SIMPLIFY)
     return runs, objects
 
 
@@ -436,27 +443,36 @@ GEOJSON_MEASUREMENTS = (("Object", "object"), ("Centroid X px", "x"), ("Centroid
 
 def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progress, helper,
                  threshold: float, identity: Tuple[str, str] = ("", "")) -> Dict[str, object]:
-    """Stages 2-4 for one item; returns its record."""
+    """Stages 2-4 for one item; returns its record, with the seconds of each stage
+    (``utils.timing.STAGES``) under ``seconds``."""
     grid = item.grid
+    times = StageTimes()
+    times.add("read", item.read_seconds)
     start = time.perf_counter()
-    prob, n_windows = _predict(cfg, item, predict, progress, helper)
+    prob, n_windows = _predict(cfg, item, times.wrap("forward", predict), progress, helper, times)
     windows_s = time.perf_counter() - start
-    mask = _final_mask(cfg, item, prob, threshold, slide_id)
+    with times("threshold_rle"):
+        mask = _final_mask(cfg, item, prob, threshold, slide_id)
     # the pictures are drawn while the RLE is encoded (and the objects measured)
-    pictures = helper.submit(_pictures, slide_id, item.image, mask, grid, truth_rle, out_dir, item.roi_lr)
+    pictures = helper.submit(times.wrap("pictures", _pictures), slide_id, item.image, mask, grid, truth_rle, out_dir,
+                             item.roi_lr)
     try:
-        runs, objects = _postprocess(cfg, item, prob, threshold)
+        runs, objects = _postprocess(cfg, item, prob, threshold, times)
         del prob
     finally:
         wait([pictures])  # the pictures are finished (or failed) before anything else happens
-    record = _write_item(slide_id, item, runs, objects, pictures.result(), n_windows, out_dir)
-    if cfg.TEST.DICOM_SEG and item.dicom_source:
-        seg_path = os.path.join(out_dir, "predictions", f"{slide_id}.seg.dcm")
-        frames = write_segmentation(item.dicom_source, runs, (grid.height, grid.width), seg_path,
-                                    model_name=identity[0], model_version=identity[1])
-        record["dicom_seg"] = os.path.relpath(seg_path, out_dir)
-        logger.info("%s: DICOM Segmentation %s (%d frames) of %s", slide_id, seg_path, frames, item.dicom_source)
-    record["seconds"] = {"windows": round(windows_s, 3), "outputs": round(time.perf_counter() - start - windows_s, 3)}
+    with times("write"):
+        record = _write_item(slide_id, item, runs, objects, pictures.result(), n_windows, out_dir)
+        if cfg.TEST.DICOM_SEG and item.dicom_source:
+            seg_path = os.path.join(out_dir, "predictions", f"{slide_id}.seg.dcm")
+            frames = write_segmentation(item.dicom_source, runs, (grid.height, grid.width), seg_path,
+                                        model_name=identity[0], model_version=identity[1])
+            record["dicom_seg"] = os.path.relpath(seg_path, out_dir)
+            logger.info("%s: DICOM Segmentation %s (%d frames) of %s", slide_id, seg_path, frames,
+                        item.dicom_source)
+    wall = time.perf_counter() - start
+    record["seconds"] = {"windows": round(windows_s, 3), "outputs": round(wall - windows_s, 3),
+                         "wall": round(wall, 3), "stages": times.as_dict()}
     return record
 
 
@@ -657,8 +673,10 @@ def _log_item(record: Dict[str, object], score: Optional[Dict[str, object]]) -> 
         parts.append(f"median area {summary['median_area_um2']:.0f} um2")
     elif summary.get("median_area_px") is not None:
         parts.append(f"median area {summary['median_area_px']:.0f} px")
-    parts.append(f"{record['windows']} windows ({record['seconds']['windows']:.1f} s; outputs "
-                 f"{record['seconds']['outputs']:.1f} s)")
+    seconds = record["seconds"]
+    parts.append(f"{record['windows']} windows ({seconds['windows']:.1f} s; outputs {seconds['outputs']:.1f} s)")
+    if seconds.get("stages"):
+        parts.append("seconds by stage: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds["stages"].items()))
     if score:
         parts.append(f"Dice {score['dice']:.4f}, objects F1 {score['object_f1']:.3f} "
                      f"({score['counts']['matched']} of {score['counts']['true']} true found)")
@@ -674,13 +692,13 @@ def log_file_name(cfg: CN) -> str:
     return "log.txt" if shards == 1 else f"log_shard{shard}.txt"
 
 
-def _device(cfg: CN, world: int):
+def _device(cfg: CN, world: int, backend: str):
     """The device of the run: torch's (``MODEL.DEVICE``; under torchrun this rank's GPU), or, for
     the onnx backend, its kind ("cpu" / "cuda"): torch is then never imported (measured: ~2 s of start-up
     and ~350 MB of peak memory less)."""
     name = cfg.MODEL.DEVICE
-    if cfg.TEST.BACKEND == "onnx":
-        return onnx_device(name)
+    if backend == "onnx":
+        return onnx_device(name if cfg.TEST.BACKEND == "onnx" else "cpu")  # auto chose ONNX for a CPU
     import torch
 
     from model.build import resolve_device
@@ -691,14 +709,14 @@ def _device(cfg: CN, world: int):
     return device
 
 
-def _predictor(cfg: CN, ckpts, paths, device):
-    """The ensemble's ``predict`` for ``TEST.BACKEND``."""
-    t = cfg.TEST
-    means, stds = [c["input"]["mean"] for c in ckpts], [c["input"]["std"] for c in ckpts]
-    if t.BACKEND == "onnx":
-        return onnx_predictor(paths, means, stds, tta=t.TTA, threads=t.ONNX_THREADS, device_type=device)
-    models = [_build(ckpt, path, device) for ckpt, path in zip(ckpts, paths)]
-    return torch_predictor(models, means, stds, device, tta=t.TTA)
+def _predictor(cfg: CN, models: Models, device):
+    """The ensemble's ``predict`` for the backend that runs it."""
+    t, infos = cfg.TEST, models.infos
+    means, stds = [c["input"]["mean"] for c in infos], [c["input"]["std"] for c in infos]
+    if models.backend == "onnx":
+        return onnx_predictor(models.run_paths, means, stds, tta=t.TTA, threads=t.ONNX_THREADS, device_type=device)
+    built = [_build(ckpt, path, device) for ckpt, path in zip(infos, models.paths)]
+    return torch_predictor(built, means, stds, device, tta=t.TTA)
 
 
 def predict_slides(cfg: CN) -> Dict[str, object]:
@@ -707,7 +725,8 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     start = time.time()
     t = cfg.TEST
     items = _items(cfg)
-    ckpts, paths = load_models(cfg)
+    models = load_models(cfg)
+    ckpts, paths = models.infos, models.paths
     reduce, size = int(ckpts[0]["input"]["reduce"]), int(t.SIZE)
     ckpt_mpp = _checkpoint_mpp(ckpts, paths)
     threshold, threshold_source = ensemble_threshold(t.TH, ckpts)
@@ -722,7 +741,8 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         return _write_outputs(records, scores, csv_path, out_dir, start, cfg, (threshold, threshold_source))
     shard, shards = resolve_shard(t.SHARDS, t.SHARD_INDEX)
     rank, world = _distributed()
-    device = _device(cfg, world)
+    device = _device(cfg, world, models.backend)
+    logger.info("Backend %s: %s", models.backend, models.reason)
     kind = "image(s)" if t.PAIRS_FOLDER else "slide(s)"
     share = items
     if shards > 1:
@@ -744,7 +764,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     scale = f"{ckpt_mpp:.4g} um/px (reduction {reduce} in training)" if ckpt_mpp else f"reduction {reduce}"
     logger.info("Predicting %d %s (%d done earlier%s) with %d %s model(s) at %s, %d px windows, "
                 "overlap %.2f, threshold %.2f on %s", len(todo), kind, len(mine) - len(todo),
-                f", rank {rank}/{world}" if world > 1 else "", len(ckpts), t.BACKEND, scale, size, t.OVERLAP,
+                f", rank {rank}/{world}" if world > 1 else "", len(ckpts), models.backend, scale, size, t.OVERLAP,
                 threshold, device)
     fresh = {}  # the scores of the items predicted in this run, with this run's labels
     identity = model_identity(ckpts, paths)
@@ -754,8 +774,8 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
         # Slide reading (C code, outside the GIL) overlaps building the models, then each next
         # slide is read while the current one is predicted.
         queue = [reader.submit(_read, item, size, ckpt_mpp, reduce, cfg) for item in todo[:1]]
-        predict = _predictor(cfg, ckpts, paths, device) if todo else None
-        del ckpts
+        predict = _predictor(cfg, models, device) if todo else None
+        del ckpts, models
         bar = tqdm(total=0, unit="window", dynamic_ncols=True, leave=False, position=rank)
         try:
             for n, (slide_id, path, _, truth, _) in enumerate(todo):
@@ -849,7 +869,12 @@ def _write_outputs(records: List[Dict[str, object]], scored: List[Dict[str, obje
                "objects": int(sum(r["objects"] for r in records)),
                "threshold": threshold[0], "threshold_source": threshold[1],
                "per_slide": {r["id"]: {**r.get("summary", {}), "mpp_source": r.get("mpp_source"),
-                                       "factor": r.get("factor")} for r in records}}
+                                       "factor": r.get("factor"), "seconds": r.get("seconds")} for r in records}}
+    stages = sum_stages(r["seconds"]["stages"] for r in records if (r.get("seconds") or {}).get("stages"))
+    if stages:  # where the time went, summed over the slides (stages on helper threads overlap)
+        summary["seconds_by_stage"] = stages
+        logger.info("Seconds by stage, all slides: %s (reading and blending overlap the forward passes)",
+                    ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     if cfg.TEST.MEASURE:
         objects_csv = os.path.join(out_dir, "objects.csv")
         atomic_write_csv(objects_csv, OBJECT_COLUMNS, (row for r in records for row in r.get("object_table", [])))

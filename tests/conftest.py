@@ -1,9 +1,11 @@
 """Shared fixtures: the real data in ../shared/data (tests skip with a reason without it)."""
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -15,6 +17,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 csv.field_size_limit(1 << 31)
 
 requires_shared = pytest.mark.skipif(not has_shared(), reason=SHARED_REASON)
+
+
+def pytest_configure(config):
+    """test_net's default backend (auto) caches ONNX exports in the user's cache folder: the tests
+    (and every process they start) use a folder of their own, shared by the session and removed
+    after it."""
+    config._glomeruli_cache = tempfile.mkdtemp(prefix="glomeruli_test_cache_")
+    os.environ["XDG_CACHE_HOME"] = config._glomeruli_cache
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_glomeruli_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -137,8 +137,9 @@ def spy(owner, name):
     real = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
-        caller = os.path.abspath(sys._getframe(1).f_code.co_filename)
-        if caller.startswith(repo + os.sep) and os.sep + "site-packages" + os.sep not in caller:
+        filename = sys._getframe(1).f_code.co_filename
+        caller = os.path.abspath(filename)
+        if not filename.startswith("<") and caller.startswith(repo + os.sep) and os.sep + "site-packages" + os.sep not in caller:
             calls.append(f"{name} from {os.path.relpath(caller, repo)}")
         return real(*args, **kwargs)
 
