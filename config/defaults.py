@@ -161,6 +161,42 @@ _C.TILER.NUM_WORKERS = 0
 _C.TILER.PNG_COMPRESSION = 1
 
 # -----------------------------------------------------------------------------
+# QC: slide quality control (python -m data.qc; data/qc.py gives each rule and its measurement)
+# -----------------------------------------------------------------------------
+_C.QC = CN()
+# Pixel size (um/px) of the level QC works on; rules measured at 4 um/px (blur is not seen coarser).
+# A slide without a pixel size is taken as 0.5 um/px (20x) for QC; an image under ~8k px a side is
+# read finer (1024 px on its long side at least).
+_C.QC.MPP = 4.0
+# Tissue: HSV saturation (0..255) above this ...
+_C.QC.TISSUE_SATURATION = 20
+# ... or grey levels (0..255) darker than the slide's glass (its 95th brightness percentile) by this.
+_C.QC.TISSUE_CONTRAST = 25
+# Tissue pieces smaller than this (um^2) are background (dust, debris).
+_C.QC.MIN_TISSUE_UM2 = 1000.0
+# Blue and green marker: HSV saturation above this (hue 35..125 of OpenCV's 0..180).
+_C.QC.PEN_SATURATION = 150
+# Red marker: saturation above this (hue within 6 of red); eosin reaches ~200 at 4 um/px.
+_C.QC.PEN_RED_SATURATION = 230
+# Black marker: HSV value below this, with saturation under 80 (0 disables).
+_C.QC.PEN_BLACK_VALUE = 50
+# Pen, fold and blur regions smaller than this (um^2) are ignored (larger than most glomeruli,
+# which are dense and dark too).
+_C.QC.MIN_ARTEFACT_UM2 = 40000.0
+# Fold or dark: tissue whose optical density (summed over R, G, B, averaged over 60 um) exceeds
+# this multiple of the 25th percentile of the slide's tissue (one layer); 0 = off, the default:
+# 1.5 finds 77-90 % of simulated folds on AIDPATH with no false flag there, but flags clean HuBMAP
+# PAS tiles (12 of 15, up to 21 % of their tissue): dense cortex looks like a fold (data/qc.py).
+_C.QC.FOLD_OD_RATIO = 0.0
+# Blur: local sharpness (data.qc.sharpness) below this; in-focus PAS tissue ~6, blurred by 4 um ~2.3
+# (0 disables).
+_C.QC.BLUR_SHARPNESS = 3.0
+# Verdict: "warn" when pen + blur + fold cover at least this fraction of the tissue ...
+_C.QC.WARN_FRACTION = 0.05
+# ... and "fail" from this fraction (or when no tissue is found).
+_C.QC.FAIL_FRACTION = 0.25
+
+# -----------------------------------------------------------------------------
 # DATALOADER
 # -----------------------------------------------------------------------------
 _C.DATALOADER = CN()

@@ -179,6 +179,7 @@ def validate_cfg(cfg: CN) -> None:
     _check_scales_and_test(cfg)
     _check_datasets(cfg)
     _check_training(cfg)
+    _check_qc(cfg)
 
 
 def _check_scales_and_test(cfg: CN) -> None:
@@ -223,6 +224,19 @@ def _check_scales_and_test(cfg: CN) -> None:
     _check(len(i.CHANNELS) in (0, 3) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                              for v in i.CHANNELS),
            f"INPUT.CHANNELS must be empty or three channel indices >= 0 (read as R, G, B), got {list(i.CHANNELS)}")
+
+
+def _check_qc(cfg: CN) -> None:
+    q = cfg.QC
+    _check(q.MPP > 0, f"QC.MPP must be > 0, got {q.MPP}")
+    for key in ("TISSUE_SATURATION", "TISSUE_CONTRAST", "PEN_SATURATION", "PEN_RED_SATURATION", "PEN_BLACK_VALUE"):
+        _check(0 <= q[key] <= 255, f"QC.{key} must be within 0..255, got {q[key]}")
+    _check(q.MIN_TISSUE_UM2 >= 0 and q.MIN_ARTEFACT_UM2 >= 0, "QC.MIN_TISSUE_UM2 and QC.MIN_ARTEFACT_UM2 must be >= 0")
+    _check(q.FOLD_OD_RATIO == 0 or q.FOLD_OD_RATIO > 1, f"QC.FOLD_OD_RATIO must be 0 (off) or > 1, got {q.FOLD_OD_RATIO}")
+    _check(q.BLUR_SHARPNESS >= 0, f"QC.BLUR_SHARPNESS must be >= 0, got {q.BLUR_SHARPNESS}")
+    _check(0 <= q.WARN_FRACTION <= q.FAIL_FRACTION <= 1,
+           f"QC fractions must satisfy 0 <= QC.WARN_FRACTION <= QC.FAIL_FRACTION <= 1, got {q.WARN_FRACTION}, "
+           f"{q.FAIL_FRACTION}")
 
 
 def _check_datasets(cfg: CN) -> None:

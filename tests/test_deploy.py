@@ -146,7 +146,8 @@ def test_onnx_backend_gives_the_torch_backends_masks(exported, tmp_path):
     on every slide, the same objects; the records say which backend made them."""
     wsi, labels = _sample_slides(tmp_path / "wsi", ((1400, 1700, 41), (1100, 1300, 42)))
     common = ["TEST.WSI_FOLDER", wsi, "TEST.LABELS_CSV", labels, "TEST.TTA", True]
-    by_torch = _predict(*common, "TEST.MODEL_WEIGHTS_FOLDER", SHIPPED, "OUTPUT_DIR", tmp_path / "torch")
+    by_torch = _predict(*common, "TEST.BACKEND", "torch", "TEST.MODEL_WEIGHTS_FOLDER", SHIPPED, "OUTPUT_DIR",
+                        tmp_path / "torch")
     by_onnx = _predict(*common, "TEST.BACKEND", "onnx", "TEST.ONNX_THREADS", 2, "TEST.MODEL_WEIGHTS_FOLDER", exported,
                        "OUTPUT_DIR", tmp_path / "onnx")
     a, b = _rles(tmp_path / "torch"), _rles(tmp_path / "onnx")
