@@ -43,4 +43,5 @@ NOT_LEARNED = frozenset({
     "SOLVER.FOLDS", "SOLVER.FINAL_MODEL", "SOLVER.CROSS_VALIDATION",  # which folds run, not what one learns
     "SOLVER.CHECKPOINT_PERIOD", "SOLVER.KEEP_RESUME_STATES", "SOLVER.RESUME",  # bookkeeping
     "INPUT.SLIDE_READER",          # which library reads the slides: the same pixels (tiles are in TRAIN_FOLDER)
+    "INPUT.QC",                    # test_net's slide QC: training does not read it (yet)
 })

@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-__all__ = ["local_density", "CLASSES", "BACKGROUND", "USABLE", "PEN", "BLUR", "FOLD", "OTHER", "QCResult", "qc_image", "qc_slide",
+__all__ = ["labels_on_grid", "drop_flagged", "write_pictures", "summary", "csv_row", "local_density", "CLASSES", "BACKGROUND", "USABLE", "PEN", "BLUR", "FOLD", "OTHER", "QCResult", "qc_image", "qc_slide",
            "verdict", "overlay", "run_qc", "QC_COLUMNS"]
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ BACKGROUND, USABLE, PEN, BLUR, FOLD, OTHER = range(6)
 CLASSES = ("background", "usable", "pen", "blur", "fold_dark", "other")
 FLAGGED = (PEN, BLUR, FOLD, OTHER)
 # overlay colours (RGB) of the flagged classes
-COLOURS = {PEN: (0, 90, 255), BLUR: (255, 200, 0), FOLD: (200, 0, 200), OTHER: (255, 90, 0)}
+COLOURS = {PEN: (0, 90, 255), BLUR: (255, 200, 0), FOLD: (230, 0, 0), OTHER: (0, 200, 200)}
 QC_COLUMNS = ["id", "downsample", "qc_mpp", "unit", *CLASSES, "flagged_fraction", "verdict", "rule"]
 
 _SHARPNESS_WINDOW_UM, _SMOOTH_WINDOW_UM = 60.0, 120.0
@@ -86,8 +86,7 @@ class QCResult:
         return "mm2" if self.qc_mpp else "fraction"
 
     def row(self, slide_id: str) -> List[object]:
-        return [slide_id, f"{self.downsample:.6g}", f"{self.qc_mpp:.6g}" if self.qc_mpp else "", self.unit,
-                *(f"{self.areas[c]:.6g}" for c in CLASSES), f"{self.flagged_fraction:.4f}", self.verdict, self.rule]
+        return csv_row(slide_id, summary(self))
 
 
 def _odd(n: float) -> int:
@@ -110,17 +109,22 @@ def _morph(mask: np.ndarray, op: int, size: int = 3) -> np.ndarray:
     return cv2.morphologyEx(mask.view(np.uint8), op, kernel).astype(bool)
 
 
-def sharpness(gray: np.ndarray, window: int, smooth: int) -> np.ndarray:
+def sharpness(gray: np.ndarray, window: int, smooth: int, weight: Optional[np.ndarray] = None) -> np.ndarray:
     """Local sharpness: sqrt(mean Laplacian²) / (local standard deviation + 1) over ``window`` px,
-    then averaged over ``smooth`` px. Texture scores high, the same texture blurred low, whatever
-    the stain's strength."""
+    then averaged over ``smooth`` px; with ``weight`` (a 0/1 map: the tissue) every mean is taken
+    over the weighted pixels only, so glass, lumens and pen strokes do not count. Texture scores
+    high, the same texture blurred low, whatever the stain's strength."""
     g = gray.astype(np.float32)
+    w = np.ones_like(g) if weight is None else weight.astype(np.float32)
+
+    def mean(x, k):
+        return cv2.boxFilter(x * w, -1, (k, k), normalize=False) / np.maximum(
+            cv2.boxFilter(w, -1, (k, k), normalize=False), 1e-3)
+
     lap = cv2.Laplacian(g, cv2.CV_32F, ksize=3)
-    energy = cv2.boxFilter(lap * lap, -1, (window, window))
-    mean = cv2.boxFilter(g, -1, (window, window))
-    mean2 = cv2.boxFilter(g * g, -1, (window, window))
-    ratio = np.sqrt(energy) / (np.sqrt(np.maximum(mean2 - mean * mean, 0)) + 1.0)
-    return cv2.boxFilter(ratio, -1, (smooth, smooth))
+    m = mean(g, window)
+    ratio = np.sqrt(mean(lap * lap, window)) / (np.sqrt(np.maximum(mean(g * g, window) - m * m, 0)) + 1.0)
+    return mean(ratio, smooth)
 
 
 def local_density(image: np.ndarray, tissue: np.ndarray, glass: np.ndarray, window: int) -> np.ndarray:
@@ -164,9 +168,11 @@ def qc_image(image: np.ndarray, um: float, qc) -> np.ndarray:
         labels[dark] = FOLD
         body &= ~dark
     if body.any() and qc.BLUR_SHARPNESS > 0 and um <= BLUR_MPP * 1.01:  # blur is measured at BLUR_MPP
-        small = cv2.resize(gray, None, fx=um / BLUR_MPP, fy=um / BLUR_MPP, interpolation=cv2.INTER_AREA) \
-            if um < BLUR_MPP * 0.99 else gray
-        sharp = sharpness(small, _odd(_SHARPNESS_WINDOW_UM / BLUR_MPP), _odd(_SMOOTH_WINDOW_UM / BLUR_MPP))
+        f = um / BLUR_MPP
+        resize = (lambda a: cv2.resize(a, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)) if f < 0.99 else (lambda a: a)
+        weight = resize((body & ~_morph(pen, cv2.MORPH_DILATE, 5)).astype(np.float32))
+        sharp = sharpness(resize(gray), _odd(_SHARPNESS_WINDOW_UM / BLUR_MPP), _odd(_SMOOTH_WINDOW_UM / BLUR_MPP),
+                          weight)
         if sharp.shape != gray.shape:
             sharp = cv2.resize(sharp, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_LINEAR)
         blurred = _drop_small(body & (sharp < qc.BLUR_SHARPNESS), min_artefact)
@@ -233,28 +239,84 @@ def overlay(image: np.ndarray, labels: np.ndarray, max_side: int = 2048) -> np.n
     return np.concatenate([out, legend])
 
 
+def labels_on_grid(labels: np.ndarray, downsample: float, grid) -> np.ndarray:
+    """The QC label map (at ``downsample`` level-0 px per pixel) on the padded low-res grid of
+    ``grid`` (``data.tiling.TileGrid``: ``n_rows * size`` x ``n_cols * size``), nearest pixel;
+    background off the slide."""
+    r = grid.reduce
+    rows = (np.arange(grid.n_rows * grid.size) * r - grid.pad_top + r / 2) / downsample
+    cols = (np.arange(grid.n_cols * grid.size) * r - grid.pad_left + r / 2) / downsample
+    inside_r = (rows >= 0) & (rows < labels.shape[0])
+    inside_c = (cols >= 0) & (cols < labels.shape[1])
+    out = labels[np.clip(rows.astype(int), 0, labels.shape[0] - 1)][:, np.clip(cols.astype(int), 0, labels.shape[1] - 1)]
+    out[~inside_r] = BACKGROUND
+    out[:, ~inside_c] = BACKGROUND
+    return out
+
+
+def drop_flagged(prob: np.ndarray, qc_lr: np.ndarray, threshold: float) -> Dict[str, int]:
+    """Remove from ``prob`` (in place) every object (8-connected above ``threshold``) that lies
+    mostly on a flagged region, and every probability on one; returns the objects dropped per
+    reason (pen, blur, fold_dark, other)."""
+    flagged = np.isin(qc_lr, FLAGGED)
+    dropped = {CLASSES[c]: 0 for c in FLAGGED}
+    mask = (prob > threshold).astype(np.uint8)
+    if flagged.any() and mask.any():
+        n, comps, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        area = stats[:, cv2.CC_STAT_AREA]
+        gone = np.zeros(n, dtype=bool)
+        for cls in FLAGGED:
+            on = np.bincount(comps[qc_lr == cls], minlength=n)
+            hit = on * 2 > area
+            hit[0] = False
+            dropped[CLASSES[cls]] = int((hit & ~gone).sum())
+            gone |= hit
+        prob[gone[comps]] = 0
+    prob[flagged] = 0
+    return dropped
+
+
+def write_pictures(folder: str, slide_id: str, result: QCResult, image: np.ndarray) -> None:
+    """``<id>_qc.png`` (the label map) and ``<id>_qc_overlay.jpg`` into ``folder``, atomically."""
+    from utils.io import atomic_write_bytes
+
+    os.makedirs(folder, exist_ok=True)
+    _, png = cv2.imencode(".png", result.labels)
+    atomic_write_bytes(os.path.join(folder, f"{slide_id}_qc.png"), png.tobytes())
+    _, jpg = cv2.imencode(".jpg", cv2.cvtColor(overlay(image, result.labels), cv2.COLOR_RGB2BGR),
+                          [cv2.IMWRITE_JPEG_QUALITY, 90])
+    atomic_write_bytes(os.path.join(folder, f"{slide_id}_qc_overlay.jpg"), jpg.tobytes())
+
+
+def summary(result: QCResult) -> Dict[str, object]:
+    """The QC of a slide as plain JSON (a test_net record's ``qc``)."""
+    return {"downsample": result.downsample, "qc_mpp": result.qc_mpp, "unit": result.unit,
+            "areas": {k: float(v) for k, v in result.areas.items()}, "flagged_fraction": float(result.flagged_fraction), "verdict": result.verdict, "rule": result.rule}
+
+
+def csv_row(slide_id: str, qc: Dict[str, object]) -> List[object]:
+    """A ``qc.csv`` row from :func:`summary`'s dict."""
+    return [slide_id, f"{qc['downsample']:.6g}", f"{qc['qc_mpp']:.6g}" if qc["qc_mpp"] else "", qc["unit"],
+            *(f"{qc['areas'][c]:.6g}" for c in CLASSES), f"{qc['flagged_fraction']:.4f}", qc["verdict"], qc["rule"]]
+
+
 def run_qc(cfg, slides: Sequence[Tuple[str, str]], out_dir: str) -> List[Tuple[str, QCResult]]:
     """QC of every ``(id, path)``: the pictures of each slide as it is done, then ``qc.csv``.
     Every slide is opened and its pixel size checked before any is processed."""
     from data.readers import open_image_slide, resolve_mpp
-    from utils.io import atomic_write_bytes, atomic_write_csv
+    from utils.io import atomic_write_csv
 
     channels, backend = tuple(cfg.INPUT.CHANNELS), cfg.INPUT.SLIDE_READER
     for _, path in slides:  # bad input fails before anything is written
         with open_image_slide(path, channels, backend) as slide:
             resolve_mpp(slide, cfg.DATASETS.MPP, "DATASETS.MPP")
     folder = os.path.join(out_dir, "qc")
-    os.makedirs(folder, exist_ok=True)
     results = []
     for slide_id, path in slides:
         with open_image_slide(path, channels, backend) as slide:
             mpp = resolve_mpp(slide, cfg.DATASETS.MPP, "DATASETS.MPP")
             result, image = qc_slide(slide, mpp.mpp if mpp else None, cfg.QC)
-        ok, png = cv2.imencode(".png", result.labels)
-        atomic_write_bytes(os.path.join(folder, f"{slide_id}_qc.png"), png.tobytes())
-        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(overlay(image, result.labels), cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_JPEG_QUALITY, 90])
-        atomic_write_bytes(os.path.join(folder, f"{slide_id}_qc_overlay.jpg"), jpg.tobytes())
+        write_pictures(folder, slide_id, result, image)
         unit = "mm2" if result.qc_mpp else "of the slide"
         logger.info("%s: %s (%s); usable tissue %.4g %s, pen %.4g, blur %.4g, fold/dark %.4g (QC at 1/%.3g%s)",
                     slide_id, result.verdict, result.rule, result.areas["usable"], unit, result.areas["pen"],

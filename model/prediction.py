@@ -61,6 +61,8 @@ import numpy as np
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
+from data.qc import QC_COLUMNS, USABLE, drop_flagged, labels_on_grid, qc_slide
+from data.qc import csv_row as qc_csv_row, summary as qc_summary, write_pictures as write_qc_pictures
 from data.readers.dicom import is_dicom_slide, source_of
 from data.masks import RLEMask, mask_runs, slide_labels
 from data.sources import IMAGE_EXTENSIONS, annotation_files, files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_entries
@@ -260,6 +262,8 @@ class _Input:
     roi: Optional[object] = None  # the region of interest (a data.masks mask), None: the whole slide
     roi_lr: Optional[np.ndarray] = None  # the ROI on the padded low-res grid (0/1 uint8, the image's shape)
     read_seconds: float = 0.0  # reading and decoding it (on the reader thread)
+    qc: Optional[Dict[str, object]] = None  # with INPUT.QC: the slide's QC (data.qc.summary)
+    qc_lr: Optional[np.ndarray] = None  # ... and its label map on the padded low-res grid
 
 
 def _scale(slide, ckpt_mpp: Optional[float], reduce: int, override: float) -> Tuple[float, Optional[PixelSize], str]:
@@ -320,10 +324,24 @@ def _read(item: _Item, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: C
         grid = TileGrid(height, width, size, integer_reduction(factor))
         image = lowres_image(slide, grid)
         dicom_source = source_of(slide)
+        qc = quality_control(slide, mpp, grid, item.id, cfg) if cfg.INPUT.QC else None
     roi = item.roi((height, width))
     roi_lr = grid_window(roi, grid) if roi is not None else None
-    tissue = _tissue_pixels(image, grid, cfg.TEST.S_TH, roi_lr=roi_lr)
-    return _Input(image, grid, factor, mpp, note, tissue, dicom_source, roi, roi_lr, time.perf_counter() - start)
+    if qc is None:
+        tissue = _tissue_pixels(image, grid, cfg.TEST.S_TH, roi_lr=roi_lr)
+    else:  # usable tissue only: QC's, not the saturation test's
+        usable = qc[1] == USABLE
+        tissue = int(np.count_nonzero(usable if roi_lr is None else usable & (roi_lr > 0))) * grid.reduce ** 2
+    return _Input(image, grid, factor, mpp, note, tissue, dicom_source, roi, roi_lr, time.perf_counter() - start,
+                  *(qc or (None, None)))
+
+
+def quality_control(slide, mpp: Optional[PixelSize], grid: TileGrid, slide_id: str, cfg: CN):
+    """``INPUT.QC``: the slide's QC (``data.qc``), its pictures in ``OUTPUT_DIR/qc/``, and its label
+    map on the prediction grid."""
+    result, thumbnail = qc_slide(slide, mpp.mpp if mpp else None, cfg.QC)
+    write_qc_pictures(os.path.join(cfg.OUTPUT_DIR, "qc"), slide_id, result, thumbnail)
+    return qc_summary(result), labels_on_grid(result.labels, result.downsample, grid)
 
 
 def _predict(cfg: CN, item: _Input, predict, progress, helper, times: Optional[StageTimes] = None
@@ -451,6 +469,7 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
     start = time.perf_counter()
     prob, n_windows = _predict(cfg, item, times.wrap("forward", predict), progress, helper, times)
     windows_s = time.perf_counter() - start
+    dropped = drop_flagged(prob, item.qc_lr, threshold) if item.qc_lr is not None else None
     with times("threshold_rle"):
         mask = _final_mask(cfg, item, prob, threshold, slide_id)
     # the pictures are drawn while the RLE is encoded (and the objects measured)
@@ -470,6 +489,10 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
             record["dicom_seg"] = os.path.relpath(seg_path, out_dir)
             logger.info("%s: DICOM Segmentation %s (%d frames) of %s", slide_id, seg_path, frames,
                         item.dicom_source)
+    if item.qc is not None:
+        record["qc"] = {**item.qc, "objects_dropped": dropped}
+        logger.info("%s: QC %s (%s); objects dropped on flagged regions: %s", slide_id, item.qc["verdict"],
+                    item.qc["rule"], ", ".join(f"{k} {v}" for k, v in dropped.items()))
     wall = time.perf_counter() - start
     record["seconds"] = {"windows": round(windows_s, 3), "outputs": round(wall - windows_s, 3),
                          "wall": round(wall, 3), "stages": times.as_dict()}
@@ -599,7 +622,8 @@ def _settings(cfg: CN, paths: List[str], reduce: int, size: int, threshold: floa
             # (these two are absent at their defaults: records of earlier versions stay valid)
             **({"dicom_seg": True} if t.DICOM_SEG else {}),
             **({"backend": t.BACKEND} if t.BACKEND != "torch" else {}),
-            **({"roi": [os.path.abspath(t.ANNOTATIONS_FOLDER), list(t.ROI)]} if t.ROI else {})}
+            **({"roi": [os.path.abspath(t.ANNOTATIONS_FOLDER), list(t.ROI)]} if t.ROI else {}),
+            **({"qc": {k: cfg.QC[k] for k in sorted(cfg.QC)}} if cfg.INPUT.QC else {})}
 
 
 def _finished(record_path: str, settings: Dict[str, object], source: str):
@@ -875,6 +899,13 @@ def _write_outputs(records: List[Dict[str, object]], scored: List[Dict[str, obje
         summary["seconds_by_stage"] = stages
         logger.info("Seconds by stage, all slides: %s (reading and blending overlap the forward passes)",
                     ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    qc = [r for r in records if r.get("qc")]
+    if qc:  # INPUT.QC: qc.csv, and the objects dropped on flagged regions
+        atomic_write_csv(os.path.join(out_dir, "qc.csv"), QC_COLUMNS, (qc_csv_row(r["id"], r["qc"]) for r in qc))
+        summary["objects_dropped_by_qc"] = {k: int(sum(r["qc"]["objects_dropped"][k] for r in qc))
+                                            for k in qc[0]["qc"]["objects_dropped"]}
+        for r in qc:
+            summary["per_slide"][r["id"]]["qc"] = r["qc"]
     if cfg.TEST.MEASURE:
         objects_csv = os.path.join(out_dir, "objects.csv")
         atomic_write_csv(objects_csv, OBJECT_COLUMNS, (row for r in records for row in r.get("object_table", [])))

@@ -166,3 +166,53 @@ def test_a_corrupt_slide_is_one_error_line_and_nothing_written(tmp_path):
 def test_qc_keys_are_checked():
     result = _run_qc("DATASETS.WSI_FOLDER", REPO, "QC.WARN_FRACTION", 0.5, "QC.FAIL_FRACTION", 0.2)
     assert result.returncode == 2 and "QC.WARN_FRACTION" in result.stderr
+
+
+def test_test_net_with_qc_predicts_nothing_on_pen_and_counts_what_it_dropped(tmp_path):
+    """INPUT.QC True in test_net: a black marker stroke (which the dark-blob stand-in model takes for
+    an object) gives no prediction and one object dropped for "pen"; the density uses the usable
+    tissue QC found; qc.csv and the pictures are written; without QC the stroke is an object."""
+    import json
+
+    from tests.blob_model import save_blob_checkpoint
+    from utils.rle import parse_rle
+
+    slides, models = tmp_path / "slides", tmp_path / "models"
+    slides.mkdir()
+    models.mkdir()
+    image, _ = draw_slide(SampleSpec("p", "x", 2400, 2400, 5))
+    image[1100:1160, 200:2200] = (20, 20, 20)  # a 60 µm black marker line across the slide
+    write_pyramid(str(slides / "p.tif"), image, mpp=1.0)
+    save_blob_checkpoint(models / "blobs.pth", size=64, reduce=4, mpp=4.0)
+
+    def run(out, *extra):
+        result = subprocess.run([sys.executable, "-m", "tests.blob_model", "test_net.py", "TEST.WSI_FOLDER", str(slides),
+                                 "TEST.MODEL_WEIGHTS_FOLDER", str(models), "TEST.BACKEND", "torch", "OUTPUT_DIR", str(out),
+                                 *map(str, extra)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.load(open(out / "metrics.json"))
+        rle = next(csv.DictReader(open(out / "submission.csv", newline="")))["predicted"]
+        return metrics, parse_rle(rle, (2400, 2400))
+
+    plain, runs_plain = run(tmp_path / "plain")
+    checked, runs_qc = run(tmp_path / "qc", "INPUT.QC", True)
+
+    def on_line(runs):  # foreground pixels on the stroke (column-major runs of the full-resolution mask)
+        mask = np.zeros(2400 * 2400, bool)
+        for start, end in runs:
+            mask[start:end] = True
+        return int(mask.reshape(2400, 2400, order="F")[1100:1160, 200:2200].sum())
+
+    assert on_line(runs_plain) > 10000, "without QC the stroke is predicted"
+    assert on_line(runs_qc) == 0
+    assert checked["objects_dropped_by_qc"]["pen"] >= 1 and "objects_dropped_by_qc" not in plain
+    qc = checked["per_slide"]["p"]["qc"]
+    assert qc["areas"]["pen"] > 0.05 and qc["objects_dropped"]["pen"] >= 1
+    usable_mm2 = qc["areas"]["usable"]
+    assert checked["per_slide"]["p"]["tissue_mm2"] == pytest.approx(usable_mm2, rel=0.05)
+    assert (tmp_path / "qc" / "qc.csv").exists() and (tmp_path / "qc" / "qc" / "p_qc_overlay.jpg").exists()
+    rerun = subprocess.run([sys.executable, "-m", "tests.blob_model", "test_net.py", "TEST.WSI_FOLDER", str(slides),
+                            "TEST.MODEL_WEIGHTS_FOLDER", str(models), "TEST.BACKEND", "torch", "OUTPUT_DIR",
+                            str(tmp_path / "qc"), "INPUT.QC", "True", "QC.PEN_BLACK_VALUE", "0"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "predicted earlier, skipped" not in rerun.stderr  # a QC key is a setting
