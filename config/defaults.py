@@ -52,9 +52,10 @@ _C.INPUT.SIZE_REDUCTION_TRAIN = 16
 # Background filter: a pixel is "tissue" when its HSV saturation (0..255, OpenCV) exceeds
 # this value.
 _C.INPUT.SATURATION_THRESHOLD = 40
-# Slide quality control (data.qc, the QC.* keys) in test_net: no prediction on pen, blur or fold
-# regions (objects there are dropped and counted per reason in metrics.json), densities per mm2 of
-# usable tissue, OUTPUT_DIR/qc.csv and qc/<id>_qc.png / _qc_overlay.jpg. The tiler does not use it yet.
+# Slide quality control (data.qc, the QC.* keys). tiles_creator: tiles QC flags (pen, blur, fold:
+# half of the tile or more) are not written, stats_*.json counts them per reason, TRAIN_FOLDER/qc.csv
+# and qc/ pictures. test_net: no prediction on flagged regions (objects there are dropped and counted
+# per reason in metrics.json), densities per mm2 of usable tissue, OUTPUT_DIR/qc.csv and qc/ pictures.
 _C.INPUT.QC = False
 # Background filter: a tile is kept when it has more than PIXEL_THRESHOLD * size // 256
 # tissue pixels and its pixel sum exceeds the same number (so black padding is dropped).

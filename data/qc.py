@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-__all__ = ["labels_on_grid", "drop_flagged", "write_pictures", "summary", "csv_row", "local_density", "CLASSES", "BACKGROUND", "USABLE", "PEN", "BLUR", "FOLD", "OTHER", "QCResult", "qc_image", "qc_slide",
+__all__ = ["tile_flags", "labels_on_grid", "drop_flagged", "write_pictures", "summary", "csv_row", "local_density", "CLASSES", "BACKGROUND", "USABLE", "PEN", "BLUR", "FOLD", "OTHER", "QCResult", "qc_image", "qc_slide",
            "verdict", "overlay", "run_qc", "QC_COLUMNS"]
 
 logger = logging.getLogger(__name__)
@@ -252,6 +252,27 @@ def labels_on_grid(labels: np.ndarray, downsample: float, grid) -> np.ndarray:
     out[~inside_r] = BACKGROUND
     out[:, ~inside_c] = BACKGROUND
     return out
+
+
+def tile_flags(labels: np.ndarray, downsample: float, grid) -> np.ndarray:
+    """Per tile of ``grid`` (``(n_rows, n_cols)``, row-major as the tiler numbers them): the flagged
+    class covering at least half of the tile (by area, the most common one), else 0."""
+    flags = np.zeros((grid.n_rows, grid.n_cols), dtype=np.uint8)
+    span, qh, qw = grid.span, labels.shape[0], labels.shape[1]
+    for row in range(grid.n_rows):
+        y0 = max(0, int((row * span - grid.pad_top) / downsample))
+        y1 = min(qh, max(y0 + 1, int(round(((row + 1) * span - grid.pad_top) / downsample))))
+        for col in range(grid.n_cols):
+            x0 = max(0, int((col * span - grid.pad_left) / downsample))
+            x1 = min(qw, max(x0 + 1, int(round(((col + 1) * span - grid.pad_left) / downsample))))
+            part = labels[y0:y1, x0:x1]
+            if part.size == 0:
+                continue
+            counts = np.bincount(part.ravel(), minlength=len(CLASSES))
+            worst = max(FLAGGED, key=lambda c: counts[c])
+            if counts[list(FLAGGED)].sum() * 2 >= part.size and counts[worst] > 0:
+                flags[row, col] = worst
+    return flags
 
 
 def drop_flagged(prob: np.ndarray, qc_lr: np.ndarray, threshold: float) -> Dict[str, int]:

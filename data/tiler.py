@@ -34,11 +34,13 @@ from yacs.config import CfgNode as CN
 from data.annotations import Annotations, describe_classes, read_annotations
 from data.readers.dicom import dicom_files
 from data.masks import LabelRules, LabelSource, open_labels
+from data.qc import CLASSES as QC_CLASSES, QC_COLUMNS, csv_row as qc_csv_row, qc_slide, summary as qc_summary, tile_flags
+from data.qc import write_pictures as write_qc_pictures
 from data.sources import TileJob, annotation_jobs, pairs_jobs, source_views, wsi_jobs
 from data.tiling import TileGrid, iter_tile_rows, mask_band, pixel_limit, tile_panels, tissue_columns
 from data.readers import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, decode_image, same_scale,
                       image_pixel_size, open_image_slide, open_slide, read_image)
-from utils.io import atomic_write_bytes, atomic_write_json, read_json
+from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, read_json
 from utils.setup import pause_point, save_config
 
 __all__ = ["TilerOutput", "create_tiles", "tile_slide", "tiles_variant", "stats_path"]
@@ -90,6 +92,9 @@ def _settings(cfg: CN) -> Dict[str, object]:
     if cfg.DATASETS.FORMAT == "annotations":
         settings.update({f"DATASETS.{key}": list(cfg.DATASETS[key])
                          for key in ("ANNOTATION_CLASSES", "ANNOTATION_EXCLUDE", "ANNOTATION_ROI")})
+    if cfg.INPUT.QC:  # slide QC leaves flagged tiles out
+        settings["INPUT.QC"] = True
+        settings.update({f"QC.{key}": cfg.QC[key] for key in sorted(cfg.QC)})
     if cfg.DATASETS.SOURCES:  # each source's settings (its folders and keys): which tiles it makes
         settings["DATASETS.SOURCES"] = [dict(entry) for entry in cfg.DATASETS.SOURCES]
     return settings
@@ -125,6 +130,8 @@ class SlideRecord:
     roi_dropped: int = 0  # tissue tiles not written because they lie (mostly) outside the ROI
     roi: List[list] = field(default_factory=list)  # ROI shapes (rings of [x, y]) in the tiles' grid px
     source_name: str = ""  # its DATASETS.SOURCES entry ("": a single-source config)
+    qc: Dict[str, object] = field(default_factory=dict)  # INPUT.QC: the slide's QC (data.qc.summary)
+    qc_dropped: Dict[str, int] = field(default_factory=dict)  # tissue tiles not written, per QC reason
 
 
 def _fingerprint(job: TileJob) -> str:
@@ -289,9 +296,12 @@ def tile_slide(
     writer: Optional[_Writer] = None,
     progress: Optional[tqdm] = None,
     roi=None,
+    flags: Optional[np.ndarray] = None,
 ) -> SlideRecord:
     """Tile one slide into ``writer``; fill ``record`` with kept indices and pixel sums. With
-    ``roi`` (a mask of the region of interest), only tiles at least half inside it are kept."""
+    ``roi`` (a mask of the region of interest), only tiles at least half inside it are kept; with
+    ``flags`` (``data.qc.tile_flags``: a QC class per tile, 0 = usable), tiles QC flags are not
+    written, and ``record.qc_dropped`` counts them per reason."""
     size, limit = grid.size, pixel_limit(pixel_threshold, grid.size)
     # Per-channel histograms give exact integer sums and sums of squares, independent of
     # the order tiles are visited in (so a resumed run has identical stats).
@@ -307,6 +317,12 @@ def tile_slide(
                 inside = mask_band(roi, grid, tile_row, (c0, c1)).reshape(size, -1, size).mean(axis=(0, 2)) >= 0.5
                 record.roi_dropped += int((~inside[keep]).sum())
                 keep = keep[inside[keep]]
+            if flags is not None and keep.size:
+                reasons = flags[tile_row, c0 + keep]
+                for cls in np.unique(reasons[reasons > 0]).tolist():
+                    name = QC_CLASSES[cls]
+                    record.qc_dropped[name] = record.qc_dropped.get(name, 0) + int((reasons == cls).sum())
+                keep = keep[reasons == 0]
             masks = mask_band(mask, grid, tile_row, (c0, c1)) if keep.size else None
             for col in keep.tolist():
                 tile = np.ascontiguousarray(band[:, col * size:(col + 1) * size])
@@ -495,10 +511,23 @@ def _stats(records: List[SlideRecord], size: int, reduce: int, weights: Optional
                           "foreground_px": r.foreground_px,
                           **({"labels": r.labels} if r.labels else {}),
                           **({"source": r.source_name} if r.source_name else {}),
-                          **({"roi": r.roi, "roi_dropped": r.roi_dropped} if r.roi else {})}
+                          **({"roi": r.roi, "roi_dropped": r.roi_dropped} if r.roi else {}),
+                          **({"qc": {"verdict": r.qc["verdict"], "rule": r.qc["rule"],
+                                     "flagged_fraction": r.qc["flagged_fraction"],
+                                     "tiles_dropped": dict(sorted(r.qc_dropped.items()))}} if r.qc else {})}
                    for r in records},
+        **({"qc_tiles_dropped": _qc_dropped(records)} if any(r.qc for r in records) else {}),
         **({"sources": _source_stats(records, weights)} if weights else {}),
     }
+
+
+def _qc_dropped(records: List[SlideRecord]) -> Dict[str, int]:
+    """Tissue tiles not written because QC flags them, per reason, over every slide."""
+    total: Dict[str, int] = {}
+    for r in records:
+        for reason, n in r.qc_dropped.items():
+            total[reason] = total.get(reason, 0) + n
+    return dict(sorted(total.items()))
 
 
 def _source_stats(records: List[SlideRecord], weights: Dict[str, float]) -> Dict[str, object]:
@@ -549,10 +578,11 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
         record.shape = [int(v) for v in slide.shape]
         grid = TileGrid(*slide.shape, size, reduce)
         record.roi = _roi_on_grid(labels, factor, grid)
+        flags = _quality_control(slide, mpp, factor, grid, record, cfg) if cfg.INPUT.QC else None
         bar = tqdm(total=grid.n_rows, desc=label, unit="row", leave=False, dynamic_ncols=True)
         try:
             tile_slide(slide, labels.mask, grid, cfg.INPUT.SATURATION_THRESHOLD,
-                       cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar, labels.roi)
+                       cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar, labels.roi, flags)
             writer.drain()
         except BaseException:
             writer.close()
@@ -566,6 +596,16 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
                 len(record.kept), record.n_tiles, _label_note(record, job))
     pause_point("tiler.slide_done")
     return record
+
+
+def _quality_control(slide: Slide, mpp: Optional[PixelSize], factor: float, grid: TileGrid, record: SlideRecord,
+                     cfg: CN) -> np.ndarray:
+    """``INPUT.QC``: the slide's QC (``data.qc``; its pictures in ``TRAIN_FOLDER/qc/``), saved in
+    its record; returns the QC class of every tile of ``grid``."""
+    result, thumbnail = qc_slide(slide, mpp.mpp * factor if mpp else None, cfg.QC)
+    write_qc_pictures(os.path.join(cfg.DATASETS.TRAIN_FOLDER, "qc"), record.id, result, thumbnail)
+    record.qc = qc_summary(result)
+    return tile_flags(result.labels, result.downsample, grid)
 
 
 def _label_note(record: SlideRecord, job: TileJob) -> str:
@@ -613,6 +653,9 @@ def create_tiles(cfg: CN) -> Dict[str, object]:
             records.append(record)
         stats = _stats(records, size, reduce, {name: weight for name, weight, _ in source_views(cfg) if name})
         atomic_write_json(output.stats, stats)
+        if cfg.INPUT.QC:
+            atomic_write_csv(os.path.join(cfg.DATASETS.TRAIN_FOLDER, "qc.csv"), QC_COLUMNS,
+                             (qc_csv_row(r.id, r.qc) for r in records if r.qc))
     except BaseException:
         output.rollback_if_empty()
         raise

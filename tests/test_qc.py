@@ -216,3 +216,46 @@ def test_test_net_with_qc_predicts_nothing_on_pen_and_counts_what_it_dropped(tmp
                             str(tmp_path / "qc"), "INPUT.QC", "True", "QC.PEN_BLACK_VALUE", "0"], cwd=REPO,
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and "predicted earlier, skipped" not in rerun.stderr  # a QC key is a setting
+
+
+def test_the_tiler_with_qc_leaves_flagged_tiles_out_and_says_why(tmp_path):
+    """INPUT.QC True in tiles_creator: the tiles under a blue marker line are not written (the rest
+    are those of a run without QC, byte for byte), stats_*.json counts them under "pen", and the QC
+    outputs land in the tile folder."""
+    import json
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    image, mask = draw_slide(SampleSpec("t", "x", 2048, 2048, 9))
+    image[800:1300, :] = (35, 70, 190)  # a 500 µm blue marker band across the slide
+    write_pyramid(str(slides / "t.tif"), image, mpp=1.0)
+    from utils.rle import rle_encode
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"id,encoding\nt,{rle_encode(mask)}\n")
+
+    def tile(folder, *extra):
+        result = subprocess.run([sys.executable, "tiles_creator.py", "DATASETS.WSI_FOLDER", str(slides),
+                                 "DATASETS.LABELS_CSV", str(labels), "DATASETS.TRAIN_FOLDER", str(folder),
+                                 "INPUT.SIZE_TRAIN", "128", "INPUT.SIZE_REDUCTION_TRAIN", "2", *map(str, extra)],
+                                cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.load(open(folder / "stats_128_red2.json")), sorted((folder / "images_128_red2").iterdir())
+
+    plain, plain_tiles = tile(tmp_path / "plain")
+    checked, qc_tiles = tile(tmp_path / "qc", "INPUT.QC", True)
+    dropped = checked["slides"]["t"]["qc"]["tiles_dropped"]
+    assert dropped.get("pen", 0) >= 8 and checked["qc_tiles_dropped"] == dropped
+    names = {p.name for p in qc_tiles}
+    assert names < {p.name for p in plain_tiles}
+    assert len(plain_tiles) - len(qc_tiles) == sum(dropped.values())
+    for p in qc_tiles:  # the tiles kept are the same pixels
+        assert p.read_bytes() == (tmp_path / "plain" / "images_128_red2" / p.name).read_bytes()
+    for p in plain_tiles:  # the tiles left out are the ones on the band (tile rows 3 and 4 hold rows 768-1279)
+        if p.name not in names:
+            index = int(p.name.split("_")[1].split("red")[0])
+            assert index // 8 in (3, 4), p.name
+    assert "qc" not in plain["slides"]["t"] and "qc_tiles_dropped" not in plain
+    rows = list(csv.DictReader(open(tmp_path / "qc" / "qc.csv", newline="")))
+    assert [r["id"] for r in rows] == ["t"] and float(rows[0]["pen"]) > 0.05
+    assert (tmp_path / "qc" / "qc" / "t_qc.png").exists()
