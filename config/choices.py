@@ -3,7 +3,7 @@ else from the project, so the readers, the losses and the model registry take th
 (and a test checks that each list matches its implementation)."""
 from __future__ import annotations
 
-__all__ = ["SLIDE_READERS", "MAX_MPP", "LOSS_NAMES", "ARCHITECTURES", "SMP_ARCHITECTURES", "SAME_SCALE_TOLERANCE", "BACKENDS",
+__all__ = ["STAIN_METHODS", "SLIDE_READERS", "MAX_MPP", "LOSS_NAMES", "ARCHITECTURES", "SMP_ARCHITECTURES", "SAME_SCALE_TOLERANCE", "BACKENDS",
            "TRAINING_SECTIONS", "NOT_LEARNED"]
 
 # INPUT.SLIDE_READER: which library reads slides (data.readers.open_slide).
@@ -28,6 +28,9 @@ SMP_ARCHITECTURES = ("DPT", "DeepLabV3", "DeepLabV3Plus", "FPN", "Linknet", "MAn
 # as an integer (read without a resize), slides' or checkpoints' pixel sizes as one. 1 % of
 # scale is far below what the training augmentation varies (data.readers.base.same_scale).
 SAME_SCALE_TOLERANCE = 0.01
+
+# INPUT.STAIN_NORM (data.stain).
+STAIN_METHODS = ("none", "macenko", "reinhard", "vahadane")
 
 # TEST.BACKEND: what runs the model at inference (model.prediction).
 BACKENDS = ("auto", "torch", "onnx")

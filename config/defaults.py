@@ -57,6 +57,13 @@ _C.INPUT.SATURATION_THRESHOLD = 40
 # and qc/ pictures. test_net: no prediction on flagged regions (objects there are dropped and counted
 # per reason in metrics.json), densities per mm2 of usable tissue, OUTPUT_DIR/qc.csv and qc/ pictures.
 _C.INPUT.QC = False
+# Stain normalisation of the tiles (data.stain, torch-staintools): "none", "macenko", "reinhard" or
+# "vahadane" (its fit takes minutes per slide on a CPU). Fitted per slide on its tissue and applied
+# to every tile; the fitted reference goes into the stats file and every checkpoint, and test_net
+# applies the checkpoint's normalisation to every slide it predicts (this key is not read there).
+_C.INPUT.STAIN_NORM = "none"
+# The image to normalise to (its tissue); "" = the built-in Macenko H&E reference (macenko only).
+_C.INPUT.STAIN_REFERENCE = ""
 # Background filter: a tile is kept when it has more than PIXEL_THRESHOLD * size // 256
 # tissue pixels and its pixel sum exceeds the same number (so black padding is dropped).
 # A negative value keeps every tile.

@@ -19,7 +19,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from config.defaults import get_cfg_defaults
-from config.choices import ARCHITECTURES, BACKENDS, LOSS_NAMES, MAX_MPP, SLIDE_READERS, SMP_ARCHITECTURES
+from config.choices import STAIN_METHODS, ARCHITECTURES, BACKENDS, LOSS_NAMES, MAX_MPP, SLIDE_READERS, SMP_ARCHITECTURES
 
 __all__ = ["ConfigError", "load_cfg", "merge_dict", "merge_opts", "validate_cfg", "source_entries", "SOURCE_ONLY_KEYS"]
 
@@ -227,6 +227,11 @@ def _check_scales_and_test(cfg: CN) -> None:
 
 
 def _check_qc(cfg: CN) -> None:
+    i = cfg.INPUT
+    _check(i.STAIN_NORM in STAIN_METHODS, f"INPUT.STAIN_NORM must be one of {STAIN_METHODS}, got {i.STAIN_NORM!r}")
+    _check(i.STAIN_NORM in ("none", "macenko") or bool(i.STAIN_REFERENCE),
+           f"INPUT.STAIN_NORM {i.STAIN_NORM} needs INPUT.STAIN_REFERENCE (an image to normalise to); only macenko "
+           "has a built-in reference")
     q = cfg.QC
     _check(q.MPP > 0, f"QC.MPP must be > 0, got {q.MPP}")
     for key in ("TISSUE_SATURATION", "TISSUE_CONTRAST", "PEN_SATURATION", "PEN_RED_SATURATION", "PEN_BLACK_VALUE"):

@@ -52,6 +52,14 @@ class TileSet:
         self.groups = [tile_group(n) for n in self.names]
 
     @property
+    def stain(self) -> Optional[Dict[str, object]]:
+        """The stain reference the tiles were normalised to (``data.stain``), or None."""
+        if not os.path.isfile(self.stats_file):
+            return None
+        with open(self.stats_file, "r", encoding="utf-8") as fh:
+            return json.load(fh).get("stain") or None
+
+    @property
     def mpp(self) -> Optional[float]:
         """The tiles' pixel size (um/px) recorded by the tiler, when every slide's was known."""
         if not os.path.isfile(self.stats_file):

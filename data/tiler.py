@@ -24,6 +24,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Deque, Dict, List, Optional, Tuple
 
 import cv2
@@ -35,12 +36,14 @@ from data.annotations import Annotations, describe_classes, read_annotations
 from data.readers.dicom import dicom_files
 from data.masks import LabelRules, LabelSource, open_labels
 from data.qc import CLASSES as QC_CLASSES, QC_COLUMNS, csv_row as qc_csv_row, qc_slide, summary as qc_summary, tile_flags
-from data.qc import write_pictures as write_qc_pictures
+from data.qc import USABLE as QC_USABLE, write_pictures as write_qc_pictures
+from data.stain import apply as stain_apply, fit_scale as stain_fit_scale, reference as stain_reference
+from data.stain import slide_transform as stain_transform, thumbnail_tissue as stain_tissue
 from data.sources import TileJob, annotation_jobs, pairs_jobs, source_views, wsi_jobs
 from data.tiling import TileGrid, iter_tile_rows, mask_band, pixel_limit, tile_panels, tissue_columns
 from data.readers import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, decode_image, same_scale,
                       image_pixel_size, open_image_slide, open_slide, read_image)
-from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, read_json
+from utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, file_sha256, read_json
 from utils.setup import pause_point, save_config
 
 __all__ = ["TilerOutput", "create_tiles", "tile_slide", "tiles_variant", "stats_path"]
@@ -92,6 +95,10 @@ def _settings(cfg: CN) -> Dict[str, object]:
     if cfg.DATASETS.FORMAT == "annotations":
         settings.update({f"DATASETS.{key}": list(cfg.DATASETS[key])
                          for key in ("ANNOTATION_CLASSES", "ANNOTATION_EXCLUDE", "ANNOTATION_ROI")})
+    if cfg.INPUT.STAIN_NORM != "none":  # normalised tiles, to this reference (by content)
+        settings["INPUT.STAIN_NORM"] = cfg.INPUT.STAIN_NORM
+        reference = cfg.INPUT.STAIN_REFERENCE
+        settings["INPUT.STAIN_REFERENCE"] = [reference, file_sha256(reference) if os.path.isfile(reference) else ""]
     if cfg.INPUT.QC:  # slide QC leaves flagged tiles out
         settings["INPUT.QC"] = True
         settings.update({f"QC.{key}": cfg.QC[key] for key in sorted(cfg.QC)})
@@ -132,6 +139,7 @@ class SlideRecord:
     source_name: str = ""  # its DATASETS.SOURCES entry ("": a single-source config)
     qc: Dict[str, object] = field(default_factory=dict)  # INPUT.QC: the slide's QC (data.qc.summary)
     qc_dropped: Dict[str, int] = field(default_factory=dict)  # tissue tiles not written, per QC reason
+    stain: Dict[str, object] = field(default_factory=dict)  # INPUT.STAIN_NORM: the slide's transform (data.stain)
 
 
 def _fingerprint(job: TileJob) -> str:
@@ -297,11 +305,13 @@ def tile_slide(
     progress: Optional[tqdm] = None,
     roi=None,
     flags: Optional[np.ndarray] = None,
+    normalise=None,
 ) -> SlideRecord:
     """Tile one slide into ``writer``; fill ``record`` with kept indices and pixel sums. With
     ``roi`` (a mask of the region of interest), only tiles at least half inside it are kept; with
     ``flags`` (``data.qc.tile_flags``: a QC class per tile, 0 = usable), tiles QC flags are not
-    written, and ``record.qc_dropped`` counts them per reason."""
+    written, and ``record.qc_dropped`` counts them per reason; ``normalise`` (a function of an RGB
+    tile: the slide's stain normalisation) is applied to every tile written."""
     size, limit = grid.size, pixel_limit(pixel_threshold, grid.size)
     # Per-channel histograms give exact integer sums and sums of squares, independent of
     # the order tiles are visited in (so a resumed run has identical stats).
@@ -326,6 +336,8 @@ def tile_slide(
             masks = mask_band(mask, grid, tile_row, (c0, c1)) if keep.size else None
             for col in keep.tolist():
                 tile = np.ascontiguousarray(band[:, col * size:(col + 1) * size])
+                if normalise is not None:
+                    tile = normalise(tile)
                 tile_mask = np.ascontiguousarray(masks[:, col * size:(col + 1) * size])
                 index = tile_row * grid.n_cols + c0 + col
                 for channel in range(3):
@@ -512,6 +524,7 @@ def _stats(records: List[SlideRecord], size: int, reduce: int, weights: Optional
                           **({"labels": r.labels} if r.labels else {}),
                           **({"source": r.source_name} if r.source_name else {}),
                           **({"roi": r.roi, "roi_dropped": r.roi_dropped} if r.roi else {}),
+                          **({"stain_source": r.stain["source"]} if r.stain else {}),
                           **({"qc": {"verdict": r.qc["verdict"], "rule": r.qc["rule"],
                                      "flagged_fraction": r.qc["flagged_fraction"],
                                      "tiles_dropped": dict(sorted(r.qc_dropped.items()))}} if r.qc else {})}
@@ -563,7 +576,8 @@ def _common_tile_mpp(records: List[SlideRecord]) -> Optional[float]:
 
 
 def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, workers: int,
-              fingerprint: str, label: str, annotations: Optional[Annotations] = None) -> SlideRecord:
+              fingerprint: str, label: str, annotations: Optional[Annotations] = None,
+              target: Optional[Dict[str, object]] = None) -> SlideRecord:
     """Tile one job; on any failure its tiles written so far are removed."""
     size, reduce = cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN
     slide, labels, mpp, factor = _open_job(job, cfg, workers, annotations)
@@ -578,11 +592,16 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
         record.shape = [int(v) for v in slide.shape]
         grid = TileGrid(*slide.shape, size, reduce)
         record.roi = _roi_on_grid(labels, factor, grid)
-        flags = _quality_control(slide, mpp, factor, grid, record, cfg) if cfg.INPUT.QC else None
+        qc = _quality_control(slide, mpp, factor, grid, record, cfg) if cfg.INPUT.QC else None
+        flags = qc[0] if qc else None
+        normalise = None
+        if target:
+            record.stain = _stain_transform(slide, mpp, factor, qc, target, job.id)
+            normalise = partial(stain_apply, transform=record.stain)
         bar = tqdm(total=grid.n_rows, desc=label, unit="row", leave=False, dynamic_ncols=True)
         try:
             tile_slide(slide, labels.mask, grid, cfg.INPUT.SATURATION_THRESHOLD,
-                       cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar, labels.roi, flags)
+                       cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar, labels.roi, flags, normalise)
             writer.drain()
         except BaseException:
             writer.close()
@@ -601,11 +620,23 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
 def _quality_control(slide: Slide, mpp: Optional[PixelSize], factor: float, grid: TileGrid, record: SlideRecord,
                      cfg: CN) -> np.ndarray:
     """``INPUT.QC``: the slide's QC (``data.qc``; its pictures in ``TRAIN_FOLDER/qc/``), saved in
-    its record; returns the QC class of every tile of ``grid``."""
+    its record; returns the QC class of every tile of ``grid``, the QC thumbnail and its usable
+    tissue."""
     result, thumbnail = qc_slide(slide, mpp.mpp * factor if mpp else None, cfg.QC)
     write_qc_pictures(os.path.join(cfg.DATASETS.TRAIN_FOLDER, "qc"), record.id, result, thumbnail)
     record.qc = qc_summary(result)
-    return tile_flags(result.labels, result.downsample, grid)
+    return tile_flags(result.labels, result.downsample, grid), thumbnail, result.labels == QC_USABLE
+
+
+def _stain_transform(slide: Slide, mpp: Optional[PixelSize], factor: float, qc, target: Dict[str, object],
+                     slide_id: str) -> Dict[str, object]:
+    """The slide's stain transform (``data.stain``), fitted on its tissue: QC's usable tissue when
+    QC ran (on its thumbnail), else the saturated pixels of a thumbnail at 4 um/px."""
+    if qc is not None:
+        return stain_transform(qc[1], qc[2], target, slide_id)
+    height, width = slide.shape
+    thumb = slide.read(0, 0, height, width, stain_fit_scale(slide.shape, mpp.mpp * factor if mpp else None))
+    return stain_transform(thumb, stain_tissue(thumb), target, slide_id)
 
 
 def _label_note(record: SlideRecord, job: TileJob) -> str:
@@ -633,6 +664,7 @@ def create_tiles(cfg: CN) -> Dict[str, object]:
         what = f"slides/images of {len(cfg.DATASETS.SOURCES)} sources"
     jobs = _jobs(cfg)
     annotations = _validate(jobs, workers)
+    target = stain_reference(cfg.INPUT.STAIN_NORM, cfg.INPUT.STAIN_REFERENCE) if cfg.INPUT.STAIN_NORM != "none" else None
     output = TilerOutput(cfg.DATASETS.TRAIN_FOLDER, size, reduce, cfg.TILER.PNG_COMPRESSION)
     output.prepare(_settings(cfg), cfg.OVERWRITE)
     logger.info("Tiling %d %s at %d px, reduction %d%s -> %s", len(jobs), what, size, reduce,
@@ -649,9 +681,11 @@ def create_tiles(cfg: CN) -> Dict[str, object]:
                 skipped += 1
             else:
                 record = _tile_job(job, view, output, writer, workers, fingerprint,
-                                   f"[{n}/{len(jobs)}] {job.id}", annotations.get(job.annotation_path))
+                                   f"[{n}/{len(jobs)}] {job.id}", annotations.get(job.annotation_path), target)
             records.append(record)
         stats = _stats(records, size, reduce, {name: weight for name, weight, _ in source_views(cfg) if name})
+        if target:  # the reference every tile was normalised to: training copies it into the checkpoints
+            stats["stain"] = target
         atomic_write_json(output.stats, stats)
         if cfg.INPUT.QC:
             atomic_write_csv(os.path.join(cfg.DATASETS.TRAIN_FOLDER, "qc.csv"), QC_COLUMNS,

@@ -95,7 +95,7 @@ def model_card(ckpt: Dict[str, object], path: str) -> Dict[str, object]:
         "version": version,
         "architecture": spec.get("ARCHITECTURE"), "encoder": spec.get("ENCODER_NAME") or None,
         "norm": spec.get("NORM", "batch"), "classes": ["Glomerulus"],
-        "input": {k: inputs.get(k) for k in ("size", "reduce", "mean", "std", "mpp")},
+        "input": {k: inputs.get(k) for k in ("size", "reduce", "mean", "std", "mpp", "stain") if k != "stain" or inputs.get(k)},
         "input_format": INPUT_FORMAT, "output_format": OUTPUT_FORMAT,
         "pixel_size_um": inputs.get("mpp"),
         "threshold": float(threshold) if isinstance(threshold, (int, float)) else None,

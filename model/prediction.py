@@ -64,6 +64,8 @@ from yacs.config import CfgNode as CN
 from data.qc import QC_COLUMNS, USABLE, drop_flagged, labels_on_grid, qc_slide
 from data.qc import csv_row as qc_csv_row, summary as qc_summary, write_pictures as write_qc_pictures
 from data.readers.dicom import is_dicom_slide, source_of
+from data.stain import apply as stain_apply, slide_transform as stain_transform, stain_note
+from data.stain import thumbnail_tissue as stain_tissue
 from data.masks import RLEMask, mask_runs, slide_labels
 from data.sources import IMAGE_EXTENSIONS, annotation_files, files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_entries
 from data.tiling import TileGrid, mask_band
@@ -264,6 +266,7 @@ class _Input:
     read_seconds: float = 0.0  # reading and decoding it (on the reader thread)
     qc: Optional[Dict[str, object]] = None  # with INPUT.QC: the slide's QC (data.qc.summary)
     qc_lr: Optional[np.ndarray] = None  # ... and its label map on the padded low-res grid
+    stain: Optional[Dict[str, object]] = None  # the slide's own stain, fitted when the checkpoints normalise
 
 
 def _scale(slide, ckpt_mpp: Optional[float], reduce: int, override: float) -> Tuple[float, Optional[PixelSize], str]:
@@ -314,7 +317,8 @@ def grid_window(mask, grid: TileGrid) -> np.ndarray:
                        (-grid.pad_left, grid.n_cols * grid.span - grid.pad_left), grid.reduce)
 
 
-def _read(item: _Item, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: CN) -> _Input:
+def _read(item: _Item, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: CN,
+          stain_target: Optional[Dict[str, object]] = None) -> _Input:
     """Stage 1: open the item, choose its scale, read it as the padded low-res image (and its
     region of interest, when it has one)."""
     start = time.perf_counter()
@@ -327,13 +331,38 @@ def _read(item: _Item, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: C
         qc = quality_control(slide, mpp, grid, item.id, cfg) if cfg.INPUT.QC else None
     roi = item.roi((height, width))
     roi_lr = grid_window(roi, grid) if roi is not None else None
+    transform = None
+    if stain_target:  # the checkpoints' stain normalisation, fitted on this slide's tissue
+        usable = qc[1] == USABLE if qc is not None else stain_tissue(image, cfg.TEST.S_TH)
+        transform = _fit_stain(image, usable, stain_target, item.id)
+        image = stain_apply(image, transform)
     if qc is None:
         tissue = _tissue_pixels(image, grid, cfg.TEST.S_TH, roi_lr=roi_lr)
     else:  # usable tissue only: QC's, not the saturation test's
         usable = qc[1] == USABLE
         tissue = int(np.count_nonzero(usable if roi_lr is None else usable & (roi_lr > 0))) * grid.reduce ** 2
     return _Input(image, grid, factor, mpp, note, tissue, dicom_source, roi, roi_lr, time.perf_counter() - start,
-                  *(qc or (None, None)))
+                  *(qc or (None, None)), transform["source"] if transform else None)
+
+
+def _fit_stain(image: np.ndarray, tissue: np.ndarray, target: Dict[str, object], slide_id: str) -> Dict[str, object]:
+    """A slide's stain transform, fitted on its low-res image (at most 2048 px a side) over ``tissue``."""
+    scale = min(1.0, 2048 / max(image.shape[:2]))
+    if scale < 1:
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        tissue = cv2.resize(tissue.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    return stain_transform(image, tissue, target, slide_id)
+
+
+def ensemble_stain(ckpts: List[Dict[str, object]], paths: List[str]) -> Optional[Dict[str, object]]:
+    """The stain normalisation the checkpoints were trained with (their tiles'), the same for all."""
+    targets = [c["input"].get("stain") or None for c in ckpts]
+    for path, target in zip(paths, targets):
+        if target != targets[0]:
+            raise CheckpointError(f"{path}: stain normalisation {stain_note([target])}, but {paths[0]} has "
+                                  f"{stain_note([targets[0]])}: checkpoints of one ensemble must share it")
+    return targets[0]
 
 
 def quality_control(slide, mpp: Optional[PixelSize], grid: TileGrid, slide_id: str, cfg: CN):
@@ -489,6 +518,8 @@ def _predict_one(cfg, slide_id, item: _Input, truth_rle, predict, out_dir, progr
             record["dicom_seg"] = os.path.relpath(seg_path, out_dir)
             logger.info("%s: DICOM Segmentation %s (%d frames) of %s", slide_id, seg_path, frames,
                         item.dicom_source)
+    if item.stain is not None:
+        record["stain"] = item.stain
     if item.qc is not None:
         record["qc"] = {**item.qc, "objects_dropped": dropped}
         logger.info("%s: QC %s (%s); objects dropped on flagged regions: %s", slide_id, item.qc["verdict"],
@@ -755,6 +786,10 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     ckpt_mpp = _checkpoint_mpp(ckpts, paths)
     threshold, threshold_source = ensemble_threshold(t.TH, ckpts)
     logger.info("Threshold %.3f: %s", threshold, threshold_source)
+    stain_target = ensemble_stain(ckpts, paths)
+    if stain_target:
+        logger.info("Stain normalisation of every slide: %s (the checkpoints were trained on tiles normalised so)",
+                    stain_note([stain_target]))
     settings = _settings(cfg, paths, reduce, size, threshold)
     out_dir = cfg.OUTPUT_DIR
     state = os.path.join(out_dir, ".predictions")
@@ -797,7 +832,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as helper:
         # Slide reading (C code, outside the GIL) overlaps building the models, then each next
         # slide is read while the current one is predicted.
-        queue = [reader.submit(_read, item, size, ckpt_mpp, reduce, cfg) for item in todo[:1]]
+        queue = [reader.submit(_read, item, size, ckpt_mpp, reduce, cfg, stain_target) for item in todo[:1]]
         predict = _predictor(cfg, models, device) if todo else None
         del ckpts, models
         bar = tqdm(total=0, unit="window", dynamic_ncols=True, leave=False, position=rank)
@@ -805,7 +840,7 @@ def predict_slides(cfg: CN) -> Dict[str, object]:
             for n, (slide_id, path, _, truth, _) in enumerate(todo):
                 item = queue.pop(0).result()
                 if n + 1 < len(todo):
-                    queue.append(reader.submit(_read, todo[n + 1], size, ckpt_mpp, reduce, cfg))
+                    queue.append(reader.submit(_read, todo[n + 1], size, ckpt_mpp, reduce, cfg, stain_target))
                 bar.set_description(f"[{n + 1}/{len(todo)}] {slide_id}")
                 logger.info("%s: %s%s", slide_id, item.scale_note, "; inside its region of interest only"
                             if item.roi is not None else "")

@@ -411,7 +411,9 @@ def _report(fold: _Fold, model, valid_ds, mean, std, device, what: str,
     info = {
         "model": model_spec(cfg),
         "input": {"size": cfg.INPUT.SIZE_TRAIN, "reduce": cfg.INPUT.SIZE_REDUCTION_TRAIN, "mean": mean, "std": std,
-                  "mpp": fold.tiles.mpp},
+                  "mpp": fold.tiles.mpp,
+                  # the stain normalisation of the tiles: test_net applies it to every slide
+                  **({"stain": fold.tiles.stain} if fold.tiles.stain else {})},
         "fold": -1 if fold.fold == ALL else int(fold.fold),
         "n_folds": int(cfg.SOLVER.N_FOLDS),
         "loss": cfg.SOLVER.LOSS_FUNCTION_NAME,
