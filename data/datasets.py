@@ -6,9 +6,7 @@ image id (pairs), so no slide is in both training and validation.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from typing import Optional, Dict, List, Sequence, Tuple
 
 import cv2
@@ -16,27 +14,28 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.tiler import TilerOutput
+from data.tile_store import TILE_NAME, TileLayout, TileStats, list_tiles, parse_tile_name
 
 __all__ = ["TILE_NAME", "EpochSeeded", "TileSet", "list_tiles", "tile_group", "tile_index", "kfold_groups", "tile_sources", "read_stats",
            "read_tile_pair", "normalize_tile", "TileDataset"]
 
-TILE_NAME = re.compile(r"^(?P<id>.+)_(?P<index>\d+)red(?P<reduce>\d+)\.png$")
-
 
 def tile_group(name: str) -> str:
     """The slide (or image) id of a tile file name ``<id>_<i>red<r>.png``."""
-    match = TILE_NAME.match(name)
-    if not match:
-        raise ValueError(f"{name}: not a tile name <id>_<i>red<r>.png")
-    return match.group("id")
+    return parse_tile_name(name).id
+
+
+def tile_index(name: str) -> int:
+    """The grid index ``i`` of a tile file name ``<id>_<i>red<r>.png``."""
+    return parse_tile_name(name).index
 
 
 class TileSet:
-    """The tiles of one ``<size>_red<reduce>`` variant in ``train_folder``."""
+    """The tiles of one ``<size>_red<reduce>`` variant in ``train_folder`` and their stats
+    (``data.tile_store``: read once)."""
 
     def __init__(self, train_folder: str, size: int, reduce: int):
-        layout = TilerOutput(train_folder, size, reduce)  # the tiler's folder layout
+        layout = TileLayout(train_folder, size, reduce)
         self.images, self.masks, self.stats_file = layout.images, layout.masks, layout.stats
         if not os.path.isdir(self.images) or not os.path.isdir(self.masks):
             raise FileNotFoundError(
@@ -50,35 +49,17 @@ class TileSet:
         if missing:
             raise FileNotFoundError(f"{self.masks}: no mask for {len(missing)} tile(s), e.g. {missing[:3]}")
         self.groups = [tile_group(n) for n in self.names]
+        self.stats: Optional[TileStats] = TileStats.load(self.stats_file)
 
     @property
     def stain(self) -> Optional[Dict[str, object]]:
         """The stain reference the tiles were normalised to (``data.stain``), or None."""
-        if not os.path.isfile(self.stats_file):
-            return None
-        with open(self.stats_file, "r", encoding="utf-8") as fh:
-            return json.load(fh).get("stain") or None
+        return self.stats.stain if self.stats else None
 
     @property
     def mpp(self) -> Optional[float]:
         """The tiles' pixel size (um/px) recorded by the tiler, when every slide's was known."""
-        if not os.path.isfile(self.stats_file):
-            return None
-        with open(self.stats_file, "r", encoding="utf-8") as fh:
-            value = json.load(fh).get("tile_mpp")
-        return float(value) if value else None
-
-
-def tile_index(name: str) -> int:
-    """The grid index ``i`` of a tile file name ``<id>_<i>red<r>.png``."""
-    match = TILE_NAME.match(name)
-    if not match:
-        raise ValueError(f"{name}: not a tile name <id>_<i>red<r>.png")
-    return int(match.group("index"))
-
-
-def list_tiles(folder: str) -> List[str]:
-    return sorted(n for n in os.listdir(folder) if TILE_NAME.match(n))
+        return self.stats.tile_mpp if self.stats else None
 
 
 def kfold_groups(groups: Sequence[str], n_folds: int, strata: Optional[Dict[str, str]] = None) -> Dict[str, int]:
@@ -114,26 +95,20 @@ def kfold_groups(groups: Sequence[str], n_folds: int, strata: Optional[Dict[str,
 
 def tile_sources(tiles: "TileSet") -> Dict[str, str]:
     """``{slide id: source name}`` recorded by the tiler (DATASETS.SOURCES); empty for one source."""
-    if not os.path.isfile(tiles.stats_file):
-        return {}
-    with open(tiles.stats_file, "r", encoding="utf-8") as fh:
-        slides = json.load(fh).get("slides", {})
-    return {slide_id: info["source"] for slide_id, info in slides.items() if info.get("source")}
+    return tiles.stats.sources() if tiles.stats else {}
 
 
 def read_stats(tiles: TileSet, mean: Sequence[float] = (), std: Sequence[float] = ()) -> Tuple[List[float], List[float]]:
     """Normalisation stats: the config's when set, else the tiler's stats file."""
     if len(mean) == 3 and len(std) == 3:
         return [float(v) for v in mean], [float(v) for v in std]
-    if not os.path.isfile(tiles.stats_file):
+    if tiles.stats is None:
         raise FileNotFoundError(
             f"{tiles.stats_file}: tiler stats not found; rerun tiles_creator.py or set "
             "INPUT.PIXEL_MEAN and INPUT.PIXEL_STD"
         )
-    with open(tiles.stats_file, "r", encoding="utf-8") as fh:
-        stats = json.load(fh)
-    mean = list(mean) if len(mean) == 3 else stats["mean"]
-    std = list(std) if len(std) == 3 else stats["std"]
+    mean = list(mean) if len(mean) == 3 else tiles.stats.mean
+    std = list(std) if len(std) == 3 else tiles.stats.std
     return [float(v) for v in mean], [float(v) for v in std]
 
 

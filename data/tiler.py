@@ -18,7 +18,6 @@ import glob
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 from collections import deque
@@ -40,6 +39,7 @@ from data.qc import USABLE as QC_USABLE, write_pictures as write_qc_pictures
 from data.stain import apply as stain_apply, fit_scale as stain_fit_scale, reference as stain_reference
 from data.stain import slide_transform as stain_transform, thumbnail_tissue as stain_tissue
 from data.sources import TileJob, annotation_jobs, pairs_jobs, source_views, wsi_jobs
+from data.tile_store import TileLayout, TileStats, slide_tile_pattern, tile_name, variant
 from data.tiling import TileGrid, iter_tile_rows, mask_band, pixel_limit, tile_panels, tissue_columns
 from data.readers import (ArraySlide, PixelSize, ResampledSlide, Slide, SlideError, choose_mpp, decode_image, same_scale,
                       image_pixel_size, open_image_slide, open_slide, read_image)
@@ -52,16 +52,12 @@ logger = logging.getLogger(__name__)
 
 
 def tiles_variant(size: int, reduce: int) -> str:
-    """The ``<size>_red<reduce>`` suffix of the tile folders."""
-    return f"{size}_red{reduce}"
+    """The ``<size>_red<reduce>`` suffix of the tile folders (``data.tile_store``)."""
+    return variant(size, reduce)
 
 
 def stats_path(train_folder: str, size: int, reduce: int) -> str:
-    return os.path.join(train_folder, f"stats_{tiles_variant(size, reduce)}.json")
-
-
-def tile_name(slide_id: str, index: int, reduce: int) -> str:
-    return f"{slide_id}_{index}red{reduce}.png"
+    return TileLayout(train_folder, size, reduce).stats
 
 
 def _settings(cfg: CN) -> Dict[str, object]:
@@ -161,12 +157,9 @@ class TilerOutput:
     def __init__(self, train_folder: str, size: int, reduce: int, png_compression: int = 1):
         self.root = train_folder
         self.size, self.reduce = size, reduce
-        variant = tiles_variant(size, reduce)
-        self.images = os.path.join(train_folder, f"images_{variant}")
-        self.masks = os.path.join(train_folder, f"masks_{variant}")
-        self.state = os.path.join(train_folder, f".tiles_{variant}")
-        self.stats = stats_path(train_folder, size, reduce)
-        self.config = os.path.join(train_folder, f"config_{variant}.yaml")
+        layout = TileLayout(train_folder, size, reduce)  # the tile store's contract
+        self.images, self.masks, self.state = layout.images, layout.masks, layout.state
+        self.stats, self.config = layout.stats, layout.config
         # One fixed PNG filter + run-length deflate: 3x faster than libpng's per-row filter
         # search at the same or smaller size on tissue tiles (pixels are lossless either way).
         self._png = [cv2.IMWRITE_PNG_COMPRESSION, int(png_compression),
@@ -253,7 +246,7 @@ class TilerOutput:
 
     def remove_stale(self, slide_id: str, keep: set) -> None:
         """Delete tiles of ``slide_id`` that are not in ``keep`` (earlier runs, other input)."""
-        pattern = re.compile(rf"^{re.escape(slide_id)}_(\d+)red{self.reduce}\.png$")
+        pattern = slide_tile_pattern(slide_id, self.reduce)
         for folder in (self.images, self.masks):
             for name in os.listdir(folder):
                 match = pattern.match(name)
@@ -686,7 +679,7 @@ def create_tiles(cfg: CN) -> Dict[str, object]:
         stats = _stats(records, size, reduce, {name: weight for name, weight, _ in source_views(cfg) if name})
         if target:  # the reference every tile was normalised to: training copies it into the checkpoints
             stats["stain"] = target
-        atomic_write_json(output.stats, stats)
+        TileStats(stats).save(output.stats)
         if cfg.INPUT.QC:
             atomic_write_csv(os.path.join(cfg.DATASETS.TRAIN_FOLDER, "qc.csv"), QC_COLUMNS,
                              (qc_csv_row(r.id, r.qc) for r in records if r.qc))

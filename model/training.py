@@ -189,18 +189,14 @@ def _train_transform(cfg: CN, margin: int = 0):
 
 def _grids(tiles: TileSet, cfg: CN) -> Dict[str, TileGrid]:
     """Each slide's tile grid, from the shapes the tiler recorded in its stats file."""
-    stats = read_json(tiles.stats_file) if os.path.isfile(tiles.stats_file) else {}
-    grids = {}
-    for slide_id, info in stats.get("slides", {}).items():
-        if len(info.get("shape", [])) == 2:
-            grids[slide_id] = TileGrid(*info["shape"], cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN)
-    return grids
+    shapes = tiles.stats.shapes() if tiles.stats else {}
+    return {slide_id: TileGrid(*shape, cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_REDUCTION_TRAIN)
+            for slide_id, shape in shapes.items()}
 
 
 def _rois(tiles: TileSet) -> Dict[str, list]:
     """Each slide's region of interest (shapes in grid pixels) recorded by the tiler, if any."""
-    stats = read_json(tiles.stats_file) if os.path.isfile(tiles.stats_file) else {}
-    return {slide_id: info["roi"] for slide_id, info in stats.get("slides", {}).items() if info.get("roi")}
+    return tiles.stats.rois() if tiles.stats else {}
 
 
 def make_dataloaders(cfg, tiles, train_names, valid_names, mean, std, device):
