@@ -338,6 +338,8 @@ def run_qc(cfg, slides: Sequence[Tuple[str, str]], out_dir: str) -> List[Tuple[s
             mpp = resolve_mpp(slide, cfg.DATASETS.MPP, "DATASETS.MPP")
             result, image = qc_slide(slide, mpp.mpp if mpp else None, cfg.QC)
         write_pictures(folder, slide_id, result, image)
+        if result.rule == "no tissue found":
+            logger.warning("%s: QC found no tissue (a 'fail' row in qc.csv)", slide_id)
         unit = "mm2" if result.qc_mpp else "of the slide"
         logger.info("%s: %s (%s); usable tissue %.4g %s, pen %.4g, blur %.4g, fold/dark %.4g (QC at 1/%.3g%s)",
                     slide_id, result.verdict, result.rule, result.areas["usable"], unit, result.areas["pen"],

@@ -36,7 +36,7 @@ from data.readers.dicom import dicom_files
 from data.masks import LabelRules, LabelSource, open_labels
 from data.qc import CLASSES as QC_CLASSES, QC_COLUMNS, csv_row as qc_csv_row, qc_slide, summary as qc_summary, tile_flags
 from data.qc import USABLE as QC_USABLE, write_pictures as write_qc_pictures
-from data.stain import apply as stain_apply, fit_scale as stain_fit_scale, reference as stain_reference
+from data.stain import StainError, apply as stain_apply, fit_scale as stain_fit_scale, reference as stain_reference
 from data.stain import slide_transform as stain_transform, thumbnail_tissue as stain_tissue
 from data.sources import TileJob, annotation_jobs, pairs_jobs, source_views, wsi_jobs
 from data.tile_store import TileLayout, TileStats, slide_tile_pattern, tile_name, variant
@@ -588,13 +588,23 @@ def _tile_job(job: TileJob, cfg: CN, output: TilerOutput, writer: _Writer, worke
         qc = _quality_control(slide, mpp, factor, grid, record, cfg) if cfg.INPUT.QC else None
         flags = qc[0] if qc else None
         normalise = None
-        if target:
-            record.stain = _stain_transform(slide, mpp, factor, qc, target, job.id)
-            normalise = partial(stain_apply, transform=record.stain)
+        skip = qc is not None and record.qc.get("rule") == "no tissue found"
+        if skip:
+            logger.warning("%s: QC found no tissue: no tiles written (a 'fail' row in qc.csv)", job.id)
+        elif target:
+            try:
+                record.stain = _stain_transform(slide, mpp, factor, qc, target, job.id)
+            except StainError as exc:  # a near-white slide: nothing to normalise, nothing to learn from
+                logger.warning("%s; no tiles written for it", exc)
+                skip = True
+            normalise = partial(stain_apply, transform=record.stain) if record.stain else None
         bar = tqdm(total=grid.n_rows, desc=label, unit="row", leave=False, dynamic_ncols=True)
         try:
-            tile_slide(slide, labels.mask, grid, cfg.INPUT.SATURATION_THRESHOLD,
-                       cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar, labels.roi, flags, normalise)
+            if skip:
+                record.n_tiles = grid.n_tiles
+            else:
+                tile_slide(slide, labels.mask, grid, cfg.INPUT.SATURATION_THRESHOLD,
+                           cfg.INPUT.PIXEL_THRESHOLD, record, writer, bar, labels.roi, flags, normalise)
             writer.drain()
         except BaseException:
             writer.close()

@@ -64,7 +64,7 @@ from yacs.config import CfgNode as CN
 from data.qc import QC_COLUMNS, USABLE, drop_flagged, labels_on_grid, qc_slide
 from data.qc import csv_row as qc_csv_row, summary as qc_summary, write_pictures as write_qc_pictures
 from data.readers.dicom import is_dicom_slide, source_of
-from data.stain import apply as stain_apply, slide_transform as stain_transform, stain_note
+from data.stain import StainError, apply as stain_apply, slide_transform as stain_transform, stain_note
 from data.stain import thumbnail_tissue as stain_tissue
 from data.masks import RLEMask, mask_runs, slide_labels
 from data.sources import IMAGE_EXTENSIONS, annotation_files, files_by_stem, load_pair_mask, read_labels_csv, select_ids, slide_entries
@@ -334,8 +334,12 @@ def _read(item: _Item, size: int, ckpt_mpp: Optional[float], reduce: int, cfg: C
     transform = None
     if stain_target:  # the checkpoints' stain normalisation, fitted on this slide's tissue
         usable = qc[1] == USABLE if qc is not None else stain_tissue(image, cfg.TEST.S_TH)
-        transform = _fit_stain(image, usable, stain_target, item.id)
-        image = stain_apply(image, transform)
+        try:
+            transform = _fit_stain(image, usable, stain_target, item.id)
+            image = stain_apply(image, transform)
+        except StainError as exc:  # (almost) no tissue: nothing the model could find either
+            logger.warning("%s; predicted without normalisation (the record says so)", exc)
+            transform = {"source": {"not_fitted": str(exc)}}
     if qc is None:
         tissue = _tissue_pixels(image, grid, cfg.TEST.S_TH, roi_lr=roi_lr)
     else:  # usable tissue only: QC's, not the saturation test's

@@ -259,3 +259,26 @@ def test_the_tiler_with_qc_leaves_flagged_tiles_out_and_says_why(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "qc" / "qc.csv", newline="")))
     assert [r["id"] for r in rows] == ["t"] and float(rows[0]["pen"]) > 0.05
     assert (tmp_path / "qc" / "qc" / "t_qc.png").exists()
+
+
+def test_a_slide_without_tissue_is_a_warning_a_fail_row_and_no_tiles(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    from utils.rle import rle_encode
+
+    image, mask = draw_slide(SampleSpec("a", "x", 1024, 1024, 8))
+    write_pyramid(str(slides / "a.tif"), image, mpp=1.0)
+    write_pyramid(str(slides / "empty.tif"), np.full((1024, 1024, 3), 240, np.uint8), mpp=1.0)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"id,encoding\na,{rle_encode(mask)}\nempty,\n")
+    result = subprocess.run([sys.executable, "tiles_creator.py", "DATASETS.WSI_FOLDER", str(slides),
+                             "DATASETS.LABELS_CSV", str(labels), "DATASETS.TRAIN_FOLDER", str(tmp_path / "tiles"),
+                             "INPUT.SIZE_TRAIN", "64", "INPUT.SIZE_REDUCTION_TRAIN", "4", "INPUT.QC", "True",
+                             "INPUT.PIXEL_THRESHOLD", "-1"],  # keep every tile: only QC may leave the empty slide out
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "empty: QC found no tissue: no tiles written" in result.stderr
+    rows = {r["id"]: r for r in csv.DictReader(open(tmp_path / "tiles" / "qc.csv", newline=""))}
+    assert rows["empty"]["verdict"] == "fail" and rows["empty"]["rule"] == "no tissue found"
+    names = [p.name for p in (tmp_path / "tiles" / "images_64_red4").iterdir()]
+    assert names and all(n.startswith("a_") for n in names)

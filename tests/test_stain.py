@@ -134,3 +134,34 @@ def test_the_reference_goes_from_the_tiles_into_the_checkpoint_and_test_net_appl
     errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert result.returncode != 0 and len(errors) == 1 and "b.pth" in errors[0] and "stain" in errors[0]
     assert torch is not None
+
+
+def test_bad_stain_input_is_one_line_or_a_skipped_slide(tmp_path):
+    """A reference image with no tissue stops tiles_creator with one line before anything is
+    written; a near-white slide (nothing to fit) is skipped with a warning, the others tiled."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    from utils.rle import rle_encode
+
+    image, mask = draw_slide(SampleSpec("a", "x", 768, 768, 21))
+    write_pyramid(str(slides / "a.tif"), image, mpp=1.0)
+    write_pyramid(str(slides / "blank.tif"), np.full((768, 768, 3), 244, np.uint8), mpp=1.0)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"id,encoding\na,{rle_encode(mask)}\nblank,\n")
+    white = tmp_path / "white.png"
+    cv2.imwrite(str(white), np.full((300, 300, 3), 250, np.uint8))
+    common = ["DATASETS.WSI_FOLDER", slides, "DATASETS.LABELS_CSV", labels, "INPUT.SIZE_TRAIN", 64,
+              "INPUT.SIZE_REDUCTION_TRAIN", 4, "INPUT.STAIN_NORM", "reinhard"]
+    bad = run_script("tiles_creator.py", *common, "INPUT.STAIN_REFERENCE", white, "DATASETS.TRAIN_FOLDER",
+                     tmp_path / "bad")
+    errors = [line for line in bad.stderr.splitlines() if "ERROR" in line]
+    assert bad.returncode != 0 and len(errors) == 1 and "white.png" in errors[0] and "too little tissue" in errors[0]
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*.png"))
+    reference = tmp_path / "ref.png"
+    cv2.imwrite(str(reference), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    good = run_script("tiles_creator.py", *common, "INPUT.STAIN_REFERENCE", reference, "DATASETS.TRAIN_FOLDER",
+                      tmp_path / "tiles")
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert "blank: too little tissue" in good.stderr and "no tiles written for it" in good.stderr
+    names = [p.name for p in (tmp_path / "tiles" / "images_64_red4").iterdir()]
+    assert names and all(n.startswith("a_") for n in names)
