@@ -190,6 +190,10 @@ _C.QC.MIN_TISSUE_UM2 = 1000.0
 _C.QC.PEN_SATURATION = 150
 # Red marker: saturation above this (hue within 6 of red); eosin reaches ~200 at 4 um/px.
 _C.QC.PEN_RED_SATURATION = 230
+# Translucent marker: hue (0..180) at least this far from the slide's mean stain hue (0 disables) ...
+_C.QC.PEN_HUE_DISTANCE = 25
+# ... with saturation above this.
+_C.QC.PEN_TRANSLUCENT_SATURATION = 60
 # Black marker: HSV value below this, with saturation under 80 (0 disables).
 _C.QC.PEN_BLACK_VALUE = 50
 # Pen, fold and blur regions smaller than this (um^2) are ignored (larger than most glomeruli,

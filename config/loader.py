@@ -234,7 +234,9 @@ def _check_qc(cfg: CN) -> None:
            "has a built-in reference")
     q = cfg.QC
     _check(q.MPP > 0, f"QC.MPP must be > 0, got {q.MPP}")
-    for key in ("TISSUE_SATURATION", "TISSUE_CONTRAST", "PEN_SATURATION", "PEN_RED_SATURATION", "PEN_BLACK_VALUE"):
+    _check(0 <= q.PEN_HUE_DISTANCE <= 90, f"QC.PEN_HUE_DISTANCE must be within 0..90, got {q.PEN_HUE_DISTANCE}")
+    for key in ("TISSUE_SATURATION", "TISSUE_CONTRAST", "PEN_SATURATION", "PEN_RED_SATURATION", "PEN_BLACK_VALUE",
+                "PEN_TRANSLUCENT_SATURATION"):
         _check(0 <= q[key] <= 255, f"QC.{key} must be within 0..255, got {q[key]}")
     _check(q.MIN_TISSUE_UM2 >= 0 and q.MIN_ARTEFACT_UM2 >= 0, "QC.MIN_TISSUE_UM2 and QC.MIN_ARTEFACT_UM2 must be >= 0")
     _check(q.FOLD_OD_RATIO == 0 or q.FOLD_OD_RATIO > 1, f"QC.FOLD_OD_RATIO must be 0 (off) or > 1, got {q.FOLD_OD_RATIO}")

@@ -155,6 +155,14 @@ def qc_image(image: np.ndarray, um: float, qc) -> np.ndarray:
     colour_pen = (hue >= 35) & (hue < 125) & (sat > qc.PEN_SATURATION)
     red_pen = ((hue < 6) | (hue >= 174)) & (sat > qc.PEN_RED_SATURATION)
     black_pen = (val < qc.PEN_BLACK_VALUE) & (sat < 80)
+    if qc.PEN_HUE_DISTANCE > 0:  # translucent ink: a hue far from the slide's own stain, moderately saturated
+        stained = tissue & (sat > 40)
+        if stained.sum() > 100:
+            angle = hue[stained].astype(np.float64) * (np.pi / 90)
+            centre = (np.degrees(np.arctan2(np.sin(angle).mean(), np.cos(angle).mean())) / 2) % 180
+            distance = np.abs(((hue.astype(np.float64) - centre + 90) % 180) - 90)
+            colour_pen |= (distance > qc.PEN_HUE_DISTANCE) & (sat > qc.PEN_TRANSLUCENT_SATURATION)
+        black_pen |= (sat < 30) & (gray < 0.6 * glass)  # grey and dark: black ink on glass
     pen = _morph((colour_pen | red_pen | black_pen) & ~nodata, cv2.MORPH_OPEN)
     pen = _drop_small(_morph(pen, cv2.MORPH_DILATE), min_artefact)
     labels = np.full(gray.shape, BACKGROUND, dtype=np.uint8)
