@@ -170,7 +170,10 @@ def resolve_models(folder: str, requested: str, device: str, cache_setting: str 
             how.append(got)
         counts = {g: how.count(g) for g in dict.fromkeys(how)}
         detail = ", ".join(f"{n} {g}" for g, n in counts.items())
-        return Models(_onnx_infos(run_paths), checkpoints, run_paths, "onnx", f"{reason} ({detail}; {cache})")
+        infos = _onnx_infos(run_paths)
+        for info in infos:  # provenance as the torch backend gives it: the checkpoint's own card, the current file
+            info["card"] = info["card"].get("shipped") or {}
+        return Models(infos, checkpoints, run_paths, "onnx", f"{reason} ({detail}; {cache})")
     if backend == "onnx":
         infos, paths = load_onnx_models(folder)
         return Models(infos, paths, paths, "onnx", reason)

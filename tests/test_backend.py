@@ -237,3 +237,19 @@ def test_stage_times_add_up_across_threads():
     assert list(got) == ["read", "forward", "blend"] and got["forward"] == 2.0 and got["read"] >= 0.01
     assert sum_stages([{"forward": 1.0, "extra": 1}, {"forward": 0.5, "read": 2}]) == {
         "read": 2.0, "forward": 1.5, "extra": 1.0}
+
+
+def test_a_cached_export_reports_the_current_files_name(tmp_path):
+    """One cache entry serves every copy of a checkpoint (same content): the provenance (DICOM
+    Segmentation, logs) names the file the run was given, not the one first exported."""
+    from model.card import model_identity
+
+    first, second, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    first.mkdir()
+    second.mkdir()
+    save_blob_checkpoint(first / "model.pth", size=64, reduce=4)
+    (second / "blobs.pth").write_bytes((first / "model.pth").read_bytes())
+    resolve_models(str(first), "auto", "cpu", str(cache))
+    again = resolve_models(str(second), "auto", "cpu", str(cache))
+    assert "1 cached" in again.reason
+    assert model_identity(again.infos, again.paths)[0] == "blobs"
