@@ -101,6 +101,7 @@ def test_annotations_give_the_tiles_of_pairs_for_plain_images(tmp_path):
         assert _files(tmp_path / "a" / "masks_64_red4") == _files(tmp_path / "b" / "masks_64_red4")
 
 
+@pytest.mark.slow
 def test_labelme_images_found_through_image_path_and_image_data(tmp_path):
     if not has_shared():
         pytest.skip("needs ../shared/data/hubmap_ftu")
@@ -197,6 +198,7 @@ def _predict(root, out, *extra):
                                           "OUTPUT_DIR", str(out), *map(str, extra)]))
 
 
+@pytest.mark.slow
 def test_test_net_scores_from_annotations_as_from_the_csv_and_round_trips_its_geojson(slides, tmp_path):
     root, masks = slides
     save_blob_checkpoint(root / "model.pth", size=64, reduce=4, mpp=4.0)
@@ -244,6 +246,7 @@ def test_test_net_roi_predicts_and_scores_inside_it_only(slides, tmp_path):
     assert summary["per_slide"]["s1"]["tissue_mm2"] < whole["per_slide"]["s1"]["tissue_mm2"]
 
 
+@pytest.mark.slow
 def test_round_trip_through_test_nets_dicom_segmentation(tmp_path):
     """A DICOM slide (a generated slide converted with wsidicomizer: no ../shared needed) predicted
     with TEST.DICOM_SEG; its Segmentation read back as labels by test_net and the tiler equals the

@@ -64,6 +64,7 @@ def slides(tmp_path_factory):
     return _slides(tmp_path_factory.mktemp("slides") / "wsi")
 
 
+@pytest.mark.slow
 def test_auto_runs_onnx_runtime_on_a_cpu_from_a_cached_export(slides, tmp_path):
     """The default command on a CPU: the shipped model exported once into the cache (its SHA-256
     names the entry), its masks those of the torch backend (RLE Dice >= 0.999, same objects); a
@@ -128,6 +129,7 @@ def test_a_replaced_checkpoint_gets_a_new_export(tmp_path):
     assert os.path.basename(replaced.run_paths[0]).startswith(file_sha256(str(folder / "m.pth")))
 
 
+@pytest.mark.slow
 def test_two_shards_started_together_share_one_export(slides, tmp_path):
     """Two shards of an array job start at once on an empty cache: one exports while the other
     waits for it, both predict, one entry lands (whole: ONNX Runtime loads it), and the merge

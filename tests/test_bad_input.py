@@ -264,6 +264,7 @@ def _broken_annotations(kind, root, case):
                                                                 *classes]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, script, needle, needs_shared", CASES, ids=[f"{c[1][:-3]}-{c[0]}" for c in CASES])
 def test_bad_input_one_error_line_nothing_written(world, tmp_path, kind, script, needle, needs_shared):
     if needs_shared and not has_shared():
@@ -290,6 +291,7 @@ def test_bad_input_one_error_line_nothing_written(world, tmp_path, kind, script,
     ("TEST.UPSAMPLE", "cubic", "TEST.UPSAMPLE"),
     ("MODEL.NO_SUCH_KEY", "1", "MODEL.NO_SUCH_KEY"),
 ])
+@pytest.mark.slow
 def test_bad_config_values_exit_2_before_any_work(world, key, value, needle):
     for script in ("tiles_creator.py", "train_net.py", "test_net.py"):
         before = _tree(world / OUTPUTS[script])

@@ -62,6 +62,7 @@ def _real_tile(size: int) -> np.ndarray:
     return small[y:y + size, x:x + size]
 
 
+@pytest.mark.slow
 def test_export_writes_onnx_torchscript_and_a_card_that_match_pytorch_on_a_real_tile(exported):
     import onnxruntime as ort
 
@@ -141,6 +142,7 @@ def _rles(out):
         return {row["id"]: row["predicted"] for row in csv.DictReader(fh)}
 
 
+@pytest.mark.slow
 def test_onnx_backend_gives_the_torch_backends_masks(exported, tmp_path):
     """The shipped model through ONNX Runtime and through torch, with flips (TTA): RLE Dice >= 0.999
     on every slide, the same objects; the records say which backend made them."""
@@ -217,6 +219,7 @@ def _outputs(out):
     return files, metrics
 
 
+@pytest.mark.slow
 def test_readme_slurm_array_script_two_shards_and_merge_equal_one_process(tmp_path):
     """The deploy page's SLURM script (docs/deploy.md) run as two array tasks (the variables SLURM
     sets), then its merge: submission.csv, objects.csv, dice.csv, the GeoJSON and metrics.json are those of one
@@ -270,6 +273,7 @@ def test_readme_slurm_array_script_two_shards_and_merge_equal_one_process(tmp_pa
     assert _outputs(tmp_path / "sharded") == _outputs(tmp_path / "single")
 
 
+@pytest.mark.slow
 def test_train_net_writes_a_card_beside_every_checkpoint(tmp_path):
     """Every checkpoint train_net writes has its card: the same as model.card makes of it, with the
     training config."""

@@ -264,6 +264,7 @@ def test_ensemble_threshold_comes_from_the_key_or_the_checkpoints():
     assert th == 0.45 and "carry no threshold" in source
 
 
+@pytest.mark.slow
 @requires_shared
 def test_test_net_uses_the_learned_thresholds_unless_test_th_is_set(tmp_path):
     pairs = tmp_path / "pairs"
@@ -288,6 +289,7 @@ def test_test_net_uses_the_learned_thresholds_unless_test_th_is_set(tmp_path):
             (tmp_path / "explicit" / "submission.csv").read_text())
 
 
+@pytest.mark.slow
 @requires_shared
 def test_test_net_end_to_end_resume_and_mismatch(tmp_path):
     wsi = tmp_path / "wsi"
@@ -395,6 +397,7 @@ def _slides(folder, n, height=1500, width=1300):
     return folder
 
 
+@pytest.mark.slow
 @requires_shared
 def test_torchrun_shards_slides_and_rank_0_assembles_the_csv(tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU): each rank predicts its share of the slides, and

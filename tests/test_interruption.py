@@ -1,4 +1,5 @@
 """Scripts killed with SIGKILL and started again end with the files of an uninterrupted run."""
+import pytest
 import os
 
 from tests.conftest import kill_9_at_pause, requires_shared, run_script, start_script
@@ -19,6 +20,7 @@ def _tree(folder):
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_identical_tiles(tmp_path):
     import numpy as np
 
@@ -60,6 +62,7 @@ def test_kill_9_then_rerun_gives_identical_tiles(tmp_path):
     assert _tree(interrupted) == expected
 
 
+@pytest.mark.slow
 def test_test_net_kill_9_keeps_the_old_csv_then_rerun_is_byte_identical(tmp_path):
     """A killed test_net leaves the previous CSV whole; the rerun skips the finished slides and
     writes the same bytes as an uninterrupted run (deterministic model)."""

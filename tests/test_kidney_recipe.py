@@ -156,6 +156,7 @@ def test_the_default_weights_folder_is_the_shipped_one_from_anywhere(tmp_path, m
     json.dumps(card)  # plain types
 
 
+@pytest.mark.slow
 def test_the_shipped_model_counts_the_glomeruli_of_the_sample_slide(tmp_path):
     """The README's example, as written: the shipped model (no TEST.MODEL_WEIGHTS_FOLDER given)
     on the quick start's held-out sample slide (generated tissue, 1 um/px, 12 glomeruli)."""

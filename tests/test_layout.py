@@ -2,6 +2,7 @@
 no cycle between modules or between packages, ``config`` imports nothing else of the project,
 the reader backends import only the reader base, config's lists match what they name, and no
 module changes process-wide state when it is imported."""
+import pytest
 import ast
 import json
 import os
@@ -156,6 +157,7 @@ print(json.dumps(calls))
 """
 
 
+@pytest.mark.slow
 def test_no_module_changes_process_wide_state_on_import():
     """Importing every module of the project calls nothing that changes the process: warning
     filters, the csv field limit, matplotlib's backend, logging handlers or levels (the

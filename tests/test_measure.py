@@ -260,6 +260,7 @@ def test_same_tissue_at_two_resolutions_gives_the_same_objects(tmp_path):
     assert abs(len(areas) - count) > 0.2 * count or abs(sum(areas) - area) > 0.2 * area
 
 
+@pytest.mark.slow
 @requires_shared
 def test_bad_and_missing_pixel_sizes_through_test_net(tmp_path):
     """No pixel size and no key: a warning and the reduction fallback. An impossible pixel size

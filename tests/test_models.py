@@ -103,6 +103,7 @@ def test_pretrained_weights_offline_give_a_clear_error(monkeypatch):
         build_model(_cfg("UneXt", "resnet18", "no_such_tag"))
 
 
+@pytest.mark.slow
 def test_pretrained_weights_fail_fast_with_one_line_when_unreachable(tmp_path):
     """No cache and no connection: the one clear line from our reachability check (not the hub
     client's five retries), and no third-party line printed twice. (How fast: tests/bench.)"""

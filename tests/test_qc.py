@@ -168,6 +168,7 @@ def test_qc_keys_are_checked():
     assert result.returncode == 2 and "QC.WARN_FRACTION" in result.stderr
 
 
+@pytest.mark.slow
 def test_test_net_with_qc_predicts_nothing_on_pen_and_counts_what_it_dropped(tmp_path):
     """INPUT.QC True in test_net: a black marker stroke (which the dark-blob stand-in model takes for
     an object) gives no prediction and one object dropped for "pen"; the density uses the usable

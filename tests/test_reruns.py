@@ -1,5 +1,6 @@
 """A rerun never reuses work done with another model, slide or training setting (no ../shared
 needed: generated slides and the dark-blob model)."""
+import pytest
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ def _test_net(*args):
     return result.stderr
 
 
+@pytest.mark.slow
 def test_test_net_predicts_again_when_a_checkpoint_or_a_slide_is_replaced_under_its_name(tmp_path):
     specs = [SampleSpec("one", "test", 1024, 1280, 11), SampleSpec("two", "test", 1024, 1280, 12)]
     generate_sample(str(tmp_path / "sample"), specs)

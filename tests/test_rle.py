@@ -64,6 +64,7 @@ def test_window_decode_does_not_allocate_the_whole_mask():
     assert decode_window(runs, shape, (0, 20), (5000, 5001))[4:14, 0].all()
 
 
+@pytest.mark.slow
 @requires_shared
 @pytest.mark.parametrize("slide_id", ["2f6ecfcdf", "8242609fa"])
 def test_real_slides_round_trip_exactly(slide_id):

@@ -126,6 +126,7 @@ def test_crops_are_drawn_by_source_weight(two_sources):
     assert draws({"pairs": 3.0}, 200, with_sources=False) == draws({}, 200, with_sources=False)
 
 
+@pytest.mark.slow
 def test_training_reports_out_of_fold_dice_per_source(two_sources, tmp_path):
     root, sources = two_sources
     result = run_script("train_net.py", "DATASETS.SOURCES", sources, "DATASETS.TRAIN_FOLDER", root / "tiles", *TILES,

@@ -71,6 +71,7 @@ def test_a_reference_is_needed_except_for_macenko_and_bad_keys_are_refused():
     assert bad.returncode == 2 and "needs INPUT.STAIN_REFERENCE" in bad.stderr
 
 
+@pytest.mark.slow
 def test_the_reference_goes_from_the_tiles_into_the_checkpoint_and_test_net_applies_it(tmp_path):
     """tiles_creator writes normalised tiles and the reference into stats_*.json; train_net copies
     it into the checkpoint (and its card); test_net applies it to the slide it predicts (the record
@@ -136,6 +137,7 @@ def test_the_reference_goes_from_the_tiles_into_the_checkpoint_and_test_net_appl
     assert torch is not None
 
 
+@pytest.mark.slow
 def test_bad_stain_input_is_one_line_or_a_skipped_slide(tmp_path):
     """A reference image with no tissue stops tiles_creator with one line before anything is
     written; a near-white slide (nothing to fit) is skipped with a warning, the others tiled."""

@@ -69,6 +69,7 @@ def _train_args(tiles, out, *extra):
             "SOLVER.N_FOLDS", 3, "SOLVER.IMS_PER_BATCH", 8, "DATALOADER.NUM_WORKERS", 0, "OUTPUT_DIR", out, *extra]
 
 
+@pytest.mark.slow
 def test_one_epoch_writes_every_output(aidpath_tiles, tmp_path):
     out = tmp_path / "out"
     result = run_script("train_net.py", *_train_args(aidpath_tiles, out, "SOLVER.MAX_EPOCHS", 1, "SOLVER.FOLDS", "[0, 2]"))
@@ -118,6 +119,7 @@ def test_one_epoch_writes_every_output(aidpath_tiles, tmp_path):
     assert (out / "model_UneXt_resnet18_fold_0.pth").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("views", ["tiles", "crops"])
 def test_a_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(aidpath_tiles, tmp_path, views):
     """kill -9 right after a resume state is saved, rerun: the same epochs, and bit for bit the
@@ -154,6 +156,7 @@ def test_a_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(
     assert [(r["train_loss"], r["valid_loss"]) for r in history] == [(r["train_loss"], r["valid_loss"]) for r in rows]
 
 
+@pytest.mark.slow
 def test_swa_end_to_end_saves_the_equal_average_of_its_epochs(aidpath_tiles, tmp_path):
     """SOLVER.AVERAGE swa from SWA_START: the checkpoint holds the equal average of the epochs
     from ceil(SWA_START x epochs) on (here epochs 2 and 3 of 3), as the resume state records it."""
@@ -172,6 +175,7 @@ def test_swa_end_to_end_saves_the_equal_average_of_its_epochs(aidpath_tiles, tmp
     assert not all(torch.equal(saved[k], last["model"][k]) for k in saved)  # not the last epoch's weights
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(aidpath_tiles, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo): one short epoch, rank 0 writes the checkpoint."""
     out = tmp_path / "ddp"
@@ -188,6 +192,7 @@ def test_two_process_ddp_on_cpu(aidpath_tiles, tmp_path):
     assert result.stderr.count("out-of-fold Dice") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("views", ["tiles", "crops"])
 def test_same_seed_same_run(aidpath_tiles, tmp_path, views):
     """Two runs with the same MODEL.SEED train identically (augmentation and crops included)."""
@@ -228,6 +233,7 @@ def test_weight_averager_is_an_ema_or_an_equal_average():
     assert again.n_averaged == 6 and torch.equal(again.state["0.weight"], ema.state["0.weight"])
 
 
+@pytest.mark.slow
 def test_crops_ema_final_weights_and_a_model_on_all_images(aidpath_tiles, tmp_path):
     out = tmp_path / "out"
     result = run_script("train_net.py", *_train_args(
@@ -253,6 +259,7 @@ def test_crops_ema_final_weights_and_a_model_on_all_images(aidpath_tiles, tmp_pa
     assert log.count("Final model epoch") == 2 and "Final model: the EMA average" in log
 
 
+@pytest.mark.slow
 def test_deep_supervision_trains_and_saves_its_heads(aidpath_tiles, tmp_path):
     out = tmp_path / "out"
     result = run_script("train_net.py", *_train_args(
@@ -271,6 +278,7 @@ def test_deep_supervision_trains_and_saves_its_heads(aidpath_tiles, tmp_path):
     assert 0 <= json.load(open(out / "fold_0" / "result.json"))["dice_at_0.5"] <= 1
 
 
+@pytest.mark.slow
 def test_fine_tuning_on_every_image_keeps_the_starting_models_normalisation(aidpath_tiles, tmp_path):
     """SOLVER.CROSS_VALIDATION False with MODEL.WEIGHTS (config/finetune.yaml): no folds, only the
     model on every image, started from the checkpoint's weights and normalised with its mean/std."""
@@ -301,6 +309,7 @@ def test_fine_tuning_on_every_image_keeps_the_starting_models_normalisation(aidp
     assert json.load(open(out / "summary.json"))["folds"] == []
 
 
+@pytest.mark.slow
 def test_the_worker_count_does_not_change_what_a_fold_learns(aidpath_tiles, tmp_path):
     """Training items are seeded by (epoch, index) (data.datasets.EpochSeeded): 0, 1 or 2 loader
     workers draw the same crops and augmentation, and the training process's own generator (dropout)
@@ -325,6 +334,7 @@ def test_the_worker_count_does_not_change_what_a_fold_learns(aidpath_tiles, tmp_
     assert again.returncode == 0 and "Fold 0: finished earlier" in again.stderr, again.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_toggling_deep_supervision_trains_the_finished_fold_again_or_says_why(aidpath_tiles, tmp_path):
     """A key that changes what a fold learns needs no list: MODEL.DEEP_SUPERVISION (missing from
     the old hand-kept list: its finished folds were kept) is now refused with one line naming it."""
